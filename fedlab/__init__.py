@@ -1,0 +1,54 @@
+"""fedlab: federated analytics and training from a notebook, over data that stays on its nodes.
+
+The public names below are imported lazily, so ``import fedlab`` stays cheap and works
+without IPython, ipywidgets or torch; each feature imports what it needs when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Researcher": "fedlab.researcher",
+    "FederatedDataset": "fedlab.researcher",
+    "FederatedRequest": "fedlab.researcher",
+    "MessagesByNode": "fedlab.researcher",
+    "Requests": "fedlab.researcher",
+    "DiscardOnTimeout": "fedlab.researcher",
+    "StopOnTimeout": "fedlab.researcher",
+    "StopOnDisconnect": "fedlab.researcher",
+    "StopOnError": "fedlab.researcher",
+    "DataQualityWarning": "fedlab.researcher",
+    "FedlabError": "fedlab.errors",
+    "FedlabConfigError": "fedlab.errors",
+    "FedlabDatasetError": "fedlab.errors",
+    "FedlabDataQualityError": "fedlab.errors",
+    "FedlabNodeError": "fedlab.errors",
+    "FedlabProtocolError": "fedlab.errors",
+    "FedlabRequestStopped": "fedlab.errors",
+    "FedlabTimeoutError": "fedlab.errors",
+    "FedlabTransportError": "fedlab.errors",
+    "FedlabVersionError": "fedlab.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedlab.errors import *  # noqa: F403
+    from fedlab.researcher import *  # noqa: F403
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,108 @@
+"""The node's dispatch table: message type -> handler, and the rule "exactly one reply".
+
+A handler takes the request envelope and returns reply content (optionally with buffers).
+Whatever happens (an unknown type, a FedlabError, a bug) the caller gets exactly one reply
+envelope back, addressed to the request's msg_id, and the node keeps serving. Dataset paths
+on the node's disk never appear in a reply: registry records go out as ``DatasetInfo``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from fedlab.errors import (
+    FedlabApprovalError,
+    FedlabConfigError,
+    FedlabDatasetError,
+    FedlabDisclosureError,
+    FedlabError,
+    FedlabProtocolError,
+)
+from fedlab.node.registry import DatasetRegistry
+from fedlab.protocol import (
+    DatasetListReply,
+    DatasetSearchReply,
+    DatasetSearchRequest,
+    Envelope,
+    ErrorReply,
+    Message,
+    PingReply,
+    PingRequest,
+    make_envelope,
+)
+
+__all__ = ["Dispatcher", "HandlerResult", "error_code"]
+
+log = logging.getLogger("fedlab.node")
+HandlerResult = Message | tuple[Message, Sequence[bytes | memoryview]]
+Handler = Callable[[Envelope], HandlerResult]
+
+_CODES: list[tuple[type[FedlabError], str]] = [
+    (FedlabDatasetError, "dataset_error"),
+    (FedlabApprovalError, "not_approved"),
+    (FedlabDisclosureError, "disclosure_refused"),
+    (FedlabConfigError, "config_error"),
+    (FedlabProtocolError, "invalid_request"),
+]
+
+
+def error_code(exc: FedlabError) -> str:
+    if isinstance(exc, FedlabProtocolError):
+        return exc.code
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return "node_error"
+
+
+class Dispatcher:
+    def __init__(self, node_id: str, name: str, registry: DatasetRegistry) -> None:
+        self.node_id = node_id
+        self.name = name
+        self.registry = registry
+        self.table: dict[str, Handler] = {
+            "ping_request": self._ping,
+            "dataset_search_request": self._search,
+            "dataset_list_request": self._list,
+        }
+
+    def handle(self, envelope: Envelope) -> Envelope:
+        """Run the handler for ``envelope`` and return its one reply (an error reply on failure)."""
+        buffers: Sequence[bytes | memoryview] = ()
+        handler = self.table.get(envelope.msg_type)
+        if handler is None:
+            content: Message = ErrorReply(
+                code="unknown_type",
+                message=f"node {self.name} does not handle {envelope.msg_type!r} messages "
+                        f"(it handles {sorted(self.table)})",
+                node=self.node_id,
+            )
+        else:
+            try:
+                result = handler(envelope)
+                content, buffers = result if isinstance(result, tuple) else (result, ())
+            except FedlabError as exc:
+                log.warning("%s from %s refused: %s", envelope.msg_type, envelope.sender, exc)
+                content = ErrorReply(code=error_code(exc), message=str(exc), node=self.node_id)
+            except Exception as exc:
+                log.exception("handler for %s failed", envelope.msg_type)
+                content = ErrorReply(
+                    code="internal_error",
+                    message=f"node {self.name} failed on {envelope.msg_type}: {type(exc).__name__}: {exc}",
+                    node=self.node_id,
+                )
+        return make_envelope(content, self.node_id, parent_id=envelope.msg_id, buffers=buffers)
+
+    # -- handlers --------------------------------------------------------------------------
+    def _ping(self, envelope: Envelope) -> HandlerResult:
+        assert isinstance(envelope.content, PingRequest)
+        echoed = tuple(envelope.buffers) if envelope.content.echo_buffers else ()
+        return PingReply(node_name=self.name, n_buffers=len(echoed)), echoed
+
+    def _search(self, envelope: Envelope) -> HandlerResult:
+        assert isinstance(envelope.content, DatasetSearchRequest)
+        return DatasetSearchReply(datasets=[r.to_info() for r in self.registry.search(envelope.content.tags)])
+
+    def _list(self, envelope: Envelope) -> HandlerResult:
+        return DatasetListReply(datasets=[r.to_info() for r in self.registry.list()])

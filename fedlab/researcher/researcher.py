@@ -1,0 +1,180 @@
+"""The researcher's entry point: ``fedlab.Researcher``.
+
+It binds the socket nodes dial into (through the transport's daemon thread), tracks which
+nodes are online, and sends requests. Typical use in a notebook::
+
+    with fedlab.Researcher("tcp://127.0.0.1:5555") as r:
+        r.wait_for_nodes(3, timeout=30)
+        r.nodes()                       # DataFrame: node_id, name, status, last_seen
+        fds = r.search(["breast-cancer"])  # FederatedDataset, data-quality checked
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+
+from fedlab.errors import FedlabDatasetError, FedlabNodeError, FedlabTimeoutError
+from fedlab.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DatasetInfo,
+    DatasetListReply,
+    DatasetListRequest,
+    DatasetSearchReply,
+    DatasetSearchRequest,
+    PingRequest,
+    to_builtins,
+)
+from fedlab.researcher.federated_dataset import FederatedDataset, check_data_quality
+from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
+from fedlab.researcher.requests import FederatedRequest, Requests
+from fedlab.transport import OFFLINE, ZmqResearcherTransport
+
+__all__ = ["Researcher"]
+
+log = logging.getLogger("fedlab.researcher")
+
+
+class Researcher:
+    def __init__(
+        self,
+        address: str = "tcp://127.0.0.1:5555",
+        *,
+        heartbeat_interval: float = 1.0,
+        default_timeout: float = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        transport: Any = None,
+        start: bool = True,
+    ) -> None:
+        """``transport`` replaces the ZeroMQ transport (the in-memory twin in unit tests)."""
+        self.address = address
+        self._transport = transport or ZmqResearcherTransport(
+            address, heartbeat_interval=heartbeat_interval, max_message_bytes=max_message_bytes)
+        self.requests = Requests(self._transport, default_timeout=default_timeout)
+        self._started = False
+        if start:
+            self.start()
+
+    @property
+    def id(self) -> str:
+        return str(self._transport.researcher_id)
+
+    def start(self) -> Researcher:
+        if not self._started:
+            self._transport.start(self.requests.on_message)
+            self._started = True
+        return self
+
+    def close(self) -> None:
+        if self._started:
+            self._transport.close()
+            self._started = False
+
+    def __enter__(self) -> Researcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        online = sum(r.status != OFFLINE for r in self._transport.nodes())
+        return f"Researcher({self.id}, {self.address}, {online} nodes online)"
+
+    # -- nodes -------------------------------------------------------------------------------
+    def online_node_ids(self) -> list[str]:
+        return [r.node_id for r in self._transport.nodes() if r.status != OFFLINE]
+
+    def wait_for_nodes(self, n: int, timeout: float = 30.0) -> list[str]:
+        """Wait until ``n`` nodes are online; return their ids. Raise if the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            online = self.online_node_ids()
+            if len(online) >= n:
+                return online
+            if time.monotonic() >= deadline:
+                raise FedlabTimeoutError(
+                    f"only {len(online)} of {n} nodes came online within {timeout:g} s at {self.address}; "
+                    "check that the nodes are started (`fedlab node start DIR`) and that their "
+                    "researcher address matches this one"
+                )
+            time.sleep(0.02)
+
+    def nodes(self) -> pd.DataFrame:
+        """One row per node ever seen: node_id, name, status (online/busy/offline), last_seen."""
+        rows = [{"node_id": r.node_id, "name": r.name, "status": r.status,
+                 "last_seen": pd.Timestamp(r.last_seen, unit="s", tz="UTC")}
+                for r in self._transport.nodes()]
+        return pd.DataFrame(rows, columns=["node_id", "name", "status", "last_seen"])
+
+    def _names(self) -> dict[str, str]:
+        return {r.node_id: r.name for r in self._transport.nodes()}
+
+    def ping(self, nodes: Iterable[str] | None = None, timeout: float = 5.0) -> FederatedRequest:
+        return self.requests.send(PingRequest(), nodes, [DiscardOnTimeout(timeout)]).wait()
+
+    # -- datasets ----------------------------------------------------------------------------
+    def search(
+        self,
+        tags: str | Sequence[str],
+        *,
+        nodes: Iterable[str] | None = None,
+        timeout: float = 10.0,
+        policies: Sequence[RequestPolicy] | None = None,
+    ) -> FederatedDataset:
+        """Find, on each node, the dataset carrying all ``tags``; check the nodes agree."""
+        tag_list = [tags] if isinstance(tags, str) else list(tags)
+        if not tag_list:
+            raise FedlabDatasetError("search needs at least one tag, e.g. researcher.search(['cancer'])")
+        request = self.requests.send(DatasetSearchRequest(tags=tag_list), nodes,
+                                     policies or [DiscardOnTimeout(timeout)]).wait()
+        names = self._names()
+        found: dict[str, DatasetInfo] = {}
+        for node_id, env in request.replies().items():
+            assert isinstance(env.content, DatasetSearchReply)
+            matches = env.content.datasets
+            if len(matches) > 1:
+                raise FedlabDatasetError(
+                    f"node {names.get(node_id, node_id)} ({node_id}) holds {len(matches)} datasets tagged "
+                    f"{tag_list}: {[d.name for d in matches]}; add a tag that picks one of them"
+                )
+            if matches:
+                found[node_id] = matches[0]
+        self._raise_node_errors(request, "search")
+        missing = {n: str(m) for n, m in request.missing().items()}
+        for node_id, why in missing.items():
+            log.warning("node %s did not answer the search: %s", names.get(node_id, node_id), why)
+        if not found:
+            asked = len(request.node_ids)
+            raise FedlabDatasetError(
+                f"no node holds a dataset tagged {tag_list} (asked {asked} online nodes"
+                + (f"; no answer from {sorted(missing)}" if missing else "")
+                + "). Check the tags with researcher.list_datasets()."
+            )
+        check_data_quality(found)
+        return FederatedDataset(found, node_names=names, missing=missing)
+
+    def list_datasets(self, *, nodes: Iterable[str] | None = None, timeout: float = 10.0) -> pd.DataFrame:
+        """Every dataset on every online node, one row each (never the path on the node)."""
+        request = self.requests.send(DatasetListRequest(), nodes, [DiscardOnTimeout(timeout)]).wait()
+        self._raise_node_errors(request, "dataset list")
+        names = self._names()
+        rows = []
+        for node_id, env in request.replies().items():
+            assert isinstance(env.content, DatasetListReply)
+            for info in env.content.datasets:
+                row = {"node_id": node_id, "node": names.get(node_id, node_id)}
+                row.update(to_builtins(info))
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    @staticmethod
+    def _raise_node_errors(request: FederatedRequest, what: str) -> None:
+        errors = request.errors()
+        if errors:
+            detail = "; ".join(f"{n}: [{e.code}] {e.message}" for n, e in errors.items())
+            raise FedlabNodeError(f"{len(errors)} node(s) failed the {what}: {detail}",
+                                  {n: (e.code, e.message) for n, e in errors.items()})

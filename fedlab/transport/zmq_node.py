@@ -1,0 +1,201 @@
+"""The node's side of the wire: a DEALER socket, identity = node id, that dials out.
+
+Hospital firewalls allow outbound connections only, so the node connects to the researcher,
+never the reverse. The loop thread owns the socket: it sends heartbeats (which also
+introduce the node to a researcher that just started), notices when the researcher has been
+silent for three of its heartbeats and then rebuilds its socket, and hands every validated
+message to ``on_message``. Replies come back from worker threads through an outbox.
+
+``IMMEDIATE`` is set so nothing queues while no researcher is there: a node started first
+just keeps knocking, and a restarted researcher never receives a backlog of stale beats.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from fedlab.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Bye,
+    DecodeError,
+    Envelope,
+    Heartbeat,
+    decode,
+    encode,
+    error_reply_for,
+    make_envelope,
+)
+from fedlab.transport.outbox import Outbox, Outgoing
+from fedlab.transport.zmq_researcher import check_size, socket_options
+
+__all__ = ["ZmqNodeTransport"]
+
+log = logging.getLogger("fedlab.transport")
+_RETRY_SECONDS = 10.0
+
+
+class ZmqNodeTransport:
+    def __init__(
+        self,
+        address: str,
+        *,
+        node_id: str,
+        name: str,
+        heartbeat_interval: float = 1.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        state: Callable[[], str] = lambda: "online",
+    ) -> None:
+        self.address = address
+        self.node_id = node_id
+        self.name = name
+        self.heartbeat_interval = heartbeat_interval
+        self.max_message_bytes = max_message_bytes
+        self._state = state
+        self._on_message: Callable[[Envelope], None] = lambda env: None
+        self._outbox = Outbox()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self.researcher_connected = threading.Event()
+        self._last_heard = 0.0
+        self._researcher_interval = heartbeat_interval
+
+    def start(self, on_message: Callable[[Envelope], None]) -> None:
+        self._on_message = on_message
+        self._thread = threading.Thread(target=self._run, name="fedlab-node-io", daemon=True)
+        self._thread.start()
+
+    def send(self, envelope: Envelope) -> None:
+        """Queue a message for the researcher (thread-safe). Oversize replies become errors."""
+        frames = encode(envelope)
+        check_size(frames, self.max_message_bytes)
+        self._outbox.put(Outgoing(b"", frames))
+
+    def close(self, reason: str = "node stopped") -> None:
+        """Tell the researcher we leave, then stop the loop within a fraction of a second."""
+        if self._thread is None:
+            return
+        if self.researcher_connected.is_set():
+            self._outbox.put(Outgoing(b"", encode(make_envelope(Bye(reason=reason), self.node_id))))
+        self._stop.set()
+        self._outbox.wake()
+        self._thread.join(timeout=1.5)
+        self._thread = None
+        self._outbox.close()
+        self._ctx.term()
+
+    # -- loop ------------------------------------------------------------------------------
+    def _connect(self) -> zmq.Socket[Any]:
+        sock = self._ctx.socket(zmq.DEALER)
+        socket_options(sock, self.heartbeat_interval, self.max_message_bytes)
+        sock.setsockopt(zmq.IDENTITY, self.node_id.encode())
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(int(self.heartbeat_interval * 1000), 100))
+        sock.connect(self.address)
+        return sock
+
+    def _run(self) -> None:
+        sock = self._connect()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._outbox.fileno, zmq.POLLIN)
+        pending: list[tuple[float, Outgoing]] = []
+        next_beat = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._beat(sock)
+                    next_beat = now + self.heartbeat_interval
+                    if self._researcher_lost(now):
+                        poller.unregister(sock)
+                        sock.close(0)
+                        sock = self._connect()
+                        poller.register(sock, zmq.POLLIN)
+                timeout = 50 if pending else max(0, int((next_beat - time.monotonic()) * 1000)) + 1
+                events = dict(poller.poll(timeout))
+                if self._outbox.fileno in events or pending:
+                    pending += [(time.monotonic(), item) for item in self._outbox.drain() if item]
+                    pending = self._send_pending(sock, pending)
+                if sock in events:
+                    while True:
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._receive(frames)
+            # leaving: flush the goodbye and any last replies, briefly
+            deadline = time.monotonic() + 0.3
+            pending += [(time.monotonic(), item) for item in self._outbox.drain() if item]
+            while pending and time.monotonic() < deadline:
+                pending = self._send_pending(sock, pending)
+                if pending:
+                    time.sleep(0.02)
+        except Exception:  # pragma: no cover - a bug here must be visible
+            log.exception("node transport loop crashed")
+        finally:
+            sock.close(0)
+
+    def _send_pending(self, sock: zmq.Socket[Any], pending: list[tuple[float, Outgoing]]
+                      ) -> list[tuple[float, Outgoing]]:
+        """Send what can go now; keep what cannot (no researcher yet) for a few seconds."""
+        left = []
+        for queued_at, item in pending:
+            try:
+                sock.send_multipart(list(item.frames), zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if time.monotonic() - queued_at < _RETRY_SECONDS:
+                    left.append((queued_at, item))
+                else:
+                    log.warning("dropped a reply: no researcher reachable for %.0f s", _RETRY_SECONDS)
+        return left
+
+    def _beat(self, sock: zmq.Socket[Any]) -> None:
+        beat = make_envelope(
+            Heartbeat(name=self.name, state=self._state(), interval=self.heartbeat_interval),
+            self.node_id,
+        )
+        try:
+            sock.send_multipart(encode(beat), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # no researcher connected yet: keep knocking
+
+    def _researcher_lost(self, now: float) -> bool:
+        if not self.researcher_connected.is_set():
+            return False
+        if time.time() - self._last_heard <= 3 * self._researcher_interval:
+            return False
+        log.warning("researcher at %s silent for %.1f s; reconnecting", self.address,
+                    time.time() - self._last_heard)
+        self.researcher_connected.clear()
+        return True
+
+    def _receive(self, frames: list[zmq.Frame]) -> None:
+        try:
+            envelope = decode([f.buffer for f in frames], max_bytes=self.max_message_bytes)
+        except DecodeError as exc:
+            log.warning("refused a message: %s", exc)
+            if exc.header is None or exc.header.msg_type != "error_reply":
+                reply, parent = error_reply_for(exc, node=self.node_id)
+                self._outbox.put(Outgoing(b"", encode(
+                    make_envelope(reply, self.node_id, parent_id=parent))))
+            return
+        self._last_heard = time.time()
+        if not self.researcher_connected.is_set():
+            log.info("connected to researcher %s at %s", envelope.sender, self.address)
+            self.researcher_connected.set()
+        if isinstance(envelope.content, Heartbeat):
+            self._researcher_interval = envelope.content.interval
+            return
+        if isinstance(envelope.content, Bye):
+            log.info("researcher %s left: %s", envelope.sender, envelope.content.reason)
+            self.researcher_connected.clear()
+            return
+        self._on_message(envelope)

@@ -1,0 +1,234 @@
+"""The researcher's side of the wire: one ROUTER socket owned by one daemon thread.
+
+Nodes connect out to it with DEALER sockets whose identity is their node id. The loop:
+receives and validates messages, keeps the :class:`NodeDirectory` up to date from
+heartbeats, sends this side's heartbeats, and hands every other message to ``on_message``.
+Other threads send through :meth:`send`, which queues frames in an :class:`Outbox`; the
+same buffer objects can be queued for many nodes, so a model is serialized once and never
+copied per node.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from fedlab.errors import FedlabProtocolError, FedlabTransportError
+from fedlab.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Bye,
+    DecodeError,
+    Envelope,
+    ErrorReply,
+    Heartbeat,
+    decode,
+    encode,
+    encode_content,
+    error_reply_for,
+    make_envelope,
+)
+from fedlab.transport.directory import BUSY, ONLINE, NodeDirectory, NodeRecord
+from fedlab.transport.outbox import Outbox, Outgoing
+
+__all__ = ["MessageHandler", "ZmqResearcherTransport", "check_size"]
+
+log = logging.getLogger("fedlab.transport")
+MessageHandler = Callable[[str, Envelope], None]
+
+
+def check_size(frames: Sequence[Any], max_bytes: int) -> None:
+    size = sum(len(f) for f in frames)
+    if size > max_bytes:
+        raise FedlabProtocolError(
+            f"message of {size} bytes exceeds the limit of {max_bytes} bytes; send less data per "
+            "message or raise max_message_bytes on both the researcher and the nodes",
+            code="too_large",
+        )
+
+
+def socket_options(sock: zmq.Socket[Any], heartbeat_interval: float, max_bytes: int) -> None:
+    """Options shared by both ends: no linger, a frame-size backstop, zmq-level keepalive."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 1024 * 1024)
+    ivl = max(int(heartbeat_interval * 1000), 10)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+
+
+class ZmqResearcherTransport:
+    def __init__(
+        self,
+        address: str,
+        *,
+        researcher_id: str | None = None,
+        heartbeat_interval: float = 1.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.address = address
+        self.researcher_id = researcher_id or "researcher-" + uuid.uuid4().hex[:12]
+        self.heartbeat_interval = heartbeat_interval
+        self.max_message_bytes = max_message_bytes
+        self.directory = NodeDirectory()
+        self._on_message: MessageHandler = lambda node_id, env: None
+        self._outbox = Outbox()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx: zmq.Context[Any] | None = None
+        self._sock: zmq.Socket[Any] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, on_message: MessageHandler) -> None:
+        """Bind and start the loop thread. Raise FedlabTransportError if the address is unusable."""
+        self._on_message = on_message
+        ctx: zmq.Context[Any] = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        socket_options(sock, self.heartbeat_interval, self.max_message_bytes)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            sock.bind(self.address)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            ctx.term()
+            raise FedlabTransportError(
+                f"cannot listen on {self.address}: {exc.strerror}. Is another researcher running "
+                "there? Pick another address, e.g. Researcher('tcp://127.0.0.1:5556')."
+            ) from None
+        self._ctx, self._sock = ctx, sock
+        self._thread = threading.Thread(target=self._run, name="fedlab-researcher-io", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Say goodbye to the nodes, stop the loop and release the port (within a second)."""
+        if self._thread is None:
+            return
+        for rec in self.directory.records():
+            self.send_nowait(rec.node_id, make_envelope(Bye(reason="researcher closed"), self.researcher_id))
+        self._stop.set()
+        self._outbox.wake()
+        self._thread.join(timeout=2.0)
+        self._thread = None
+        self._outbox.close()
+        if self._ctx is not None:
+            self._ctx.term()
+
+    # -- API used by researcher/ -------------------------------------------------------------
+    def nodes(self) -> list[NodeRecord]:
+        return self.directory.records()
+
+    def send(
+        self,
+        node_id: str,
+        envelope: Envelope,
+        *,
+        content_frame: bytes | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        """Queue ``envelope`` for ``node_id``. ``on_failure(reason)`` runs if it cannot leave."""
+        frames = encode(envelope, content_frame)
+        check_size(frames, self.max_message_bytes)
+        if self._thread is None:
+            raise FedlabTransportError("the researcher's transport is not running; use it inside "
+                                       "`with Researcher(...)` or call .start()")
+        self._outbox.put(Outgoing(node_id.encode(), frames, on_failure))
+
+    def send_nowait(self, node_id: str, envelope: Envelope) -> None:
+        if self._thread is not None:
+            self._outbox.put(Outgoing(node_id.encode(), encode(envelope)))
+
+    # -- loop (owns the socket) --------------------------------------------------------------
+    def _run(self) -> None:
+        assert self._sock is not None
+        sock = self._sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._outbox.fileno, zmq.POLLIN)
+        next_beat = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._heartbeat(sock)
+                    next_beat = now + self.heartbeat_interval
+                timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000)) + 1
+                events = dict(poller.poll(timeout_ms))
+                if self._outbox.fileno in events or self._stop.is_set():
+                    stop = self._flush(sock)
+                    if stop or self._stop.is_set():
+                        self._flush(sock)
+                        return
+                if sock in events:
+                    for _ in range(1000):  # drain what is there, but keep heartbeats on time
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._receive(sock, frames)
+        except Exception:  # pragma: no cover - a bug here must be visible, not silent
+            log.exception("researcher transport loop crashed")
+        finally:
+            sock.close(0)
+
+    def _flush(self, sock: zmq.Socket[Any]) -> bool:
+        stop = False
+        for item in self._outbox.drain():
+            if item is None:
+                stop = True
+                continue
+            self._send_frames(sock, item)
+        return stop
+
+    def _send_frames(self, sock: zmq.Socket[Any], item: Outgoing) -> None:
+        try:
+            sock.send_multipart([item.peer, *item.frames], copy=False)
+        except zmq.ZMQError as exc:
+            reason = ("not connected" if exc.errno == zmq.EHOSTUNREACH else exc.strerror)
+            log.debug("could not send to %s: %s", item.peer, reason)
+            if item.on_failure is not None:
+                item.on_failure(reason)
+
+    def _heartbeat(self, sock: zmq.Socket[Any]) -> None:
+        self.directory.sweep()
+        beat = make_envelope(
+            Heartbeat(name=self.researcher_id, state=ONLINE, interval=self.heartbeat_interval),
+            self.researcher_id,
+        )
+        content = encode_content(beat.content)
+        for rec in self.directory.records():
+            if self.directory.is_connected(rec.node_id):
+                self._send_frames(sock, Outgoing(rec.node_id.encode(), encode(beat, content)))
+
+    def _receive(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
+        node_id = frames[0].bytes.decode("utf-8", "replace")
+        try:
+            envelope = decode([f.buffer for f in frames[1:]], max_bytes=self.max_message_bytes)
+        except DecodeError as exc:
+            log.warning("refused a message from %s: %s", node_id, exc)
+            if exc.header is None or exc.header.msg_type != "error_reply":
+                reply, parent = error_reply_for(exc)
+                self._send_frames(sock, Outgoing(frames[0].bytes, encode(
+                    make_envelope(reply, self.researcher_id, parent_id=parent))))
+            return
+        content = envelope.content
+        if isinstance(content, Heartbeat):
+            state = BUSY if content.state == BUSY else ONLINE
+            self.directory.seen(node_id, content.name, state, content.interval)
+            return
+        if isinstance(content, Bye):
+            log.info("node %s said goodbye: %s", node_id, content.reason)
+            self.directory.offline(node_id)
+            return
+        self.directory.seen(node_id)
+        if isinstance(content, ErrorReply) and envelope.parent_id is None:
+            log.warning("node %s reported: [%s] %s", node_id, content.code, content.message)
+            return
+        try:
+            self._on_message(node_id, envelope)
+        except Exception:
+            log.exception("handling a message from %s failed", node_id)
