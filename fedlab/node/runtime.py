@@ -88,13 +88,10 @@ def run_node(directory: str | Path, *, researcher: str | None = None,
              heartbeat_interval: float | None = None) -> int:
     """Run the node in ``directory`` in the foreground until SIGINT or SIGTERM; return 0."""
     config = load_config(directory)
-    overrides: dict[str, object] = {}
     if researcher:
-        overrides["researcher"] = researcher
+        config = dataclasses.replace(config, researcher=researcher)
     if heartbeat_interval:
-        overrides["heartbeat_interval"] = heartbeat_interval
-    if overrides:
-        config = dataclasses.replace(config, **overrides)
+        config = dataclasses.replace(config, heartbeat_interval=heartbeat_interval)
     _setup_logging(config)
     stop = threading.Event()
 

@@ -34,7 +34,7 @@ def pack_array(array: np.ndarray, buffer_index: int) -> tuple[ArraySpec, memoryv
             code="invalid_field",
         )
     spec = ArraySpec(buffer=buffer_index, dtype=arr.dtype.str, shape=list(arr.shape))
-    return spec, memoryview(arr).cast("B")
+    return spec, arr.data.cast("B")
 
 
 def unpack_array(spec: ArraySpec, buffers: Sequence[bytes | memoryview]) -> np.ndarray:

@@ -157,8 +157,13 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYT
         )
     size = sum(len(f) for f in frames)
     if size > max_bytes:
+        try:  # name the request in the refusal when its header is readable
+            known: Header | None = _header_decoder.decode(frames[0]) if len(frames[0]) < 4096 else None
+        except msgspec.MsgspecError:
+            known = None
         raise DecodeError(
-            f"message of {size} bytes exceeds the limit of {max_bytes} bytes", code="too_large"
+            f"message of {size} bytes exceeds the limit of {max_bytes} bytes", code="too_large",
+            header=known,
         )
     try:
         header = _header_decoder.decode(frames[0])

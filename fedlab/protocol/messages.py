@@ -40,7 +40,7 @@ class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Base of every message content."""
 
 
-class ArraySpec(Message):
+class ArraySpec(Message, frozen=True):
     """Describes one raw buffer frame that carries an array: which frame, its dtype and shape."""
 
     buffer: Annotated[int, msgspec.Meta(ge=0)]
@@ -48,7 +48,7 @@ class ArraySpec(Message):
     shape: list[Annotated[int, msgspec.Meta(ge=0)]]
 
 
-class Heartbeat(Message):
+class Heartbeat(Message, frozen=True):
     """Sent both ways every heartbeat interval.
 
     From a node it also introduces the node (``name``) so a researcher that just started, or
@@ -60,24 +60,24 @@ class Heartbeat(Message):
     interval: float = 1.0
 
 
-class Bye(Message):
+class Bye(Message, frozen=True):
     """A peer is shutting down cleanly; the other side marks it offline at once."""
 
     reason: Text = ""
 
 
-class PingRequest(Message):
+class PingRequest(Message, frozen=True):
     """Asks a node to answer at once. Any raw buffers are echoed back (used by the benchmark)."""
 
     echo_buffers: bool = True
 
 
-class PingReply(Message):
+class PingReply(Message, frozen=True):
     node_name: Name
     n_buffers: int = 0
 
 
-class DatasetInfo(Message):
+class DatasetInfo(Message, frozen=True):
     """What a node tells about one dataset. Never its path on the node's disk."""
 
     dataset_id: Name
@@ -94,25 +94,25 @@ class DatasetInfo(Message):
     channels: int = 0
 
 
-class DatasetSearchRequest(Message):
+class DatasetSearchRequest(Message, frozen=True):
     """Datasets carrying all of ``tags``."""
 
     tags: Annotated[list[Tag], msgspec.Meta(min_length=1, max_length=64)]
 
 
-class DatasetSearchReply(Message):
+class DatasetSearchReply(Message, frozen=True):
     datasets: list[DatasetInfo]
 
 
-class DatasetListRequest(Message):
+class DatasetListRequest(Message, frozen=True):
     pass
 
 
-class DatasetListReply(Message):
+class DatasetListReply(Message, frozen=True):
     datasets: list[DatasetInfo]
 
 
-class ErrorReply(Message):
+class ErrorReply(Message, frozen=True):
     """Any request can be answered by this: an error as data.
 
     ``code`` is short and machine-readable; ``message`` says what went wrong and what to do;
@@ -146,7 +146,7 @@ def message_type_of(content: Message) -> str:
         raise ValueError(f"{type(content).__name__} is not a registered message type") from None
 
 
-for _name, _cls in {
+_BUILTIN: dict[str, type[Message]] = {
     "heartbeat": Heartbeat,
     "bye": Bye,
     "ping_request": PingRequest,
@@ -156,7 +156,8 @@ for _name, _cls in {
     "dataset_list_request": DatasetListRequest,
     "dataset_list_reply": DatasetListReply,
     "error_reply": ErrorReply,
-}.items():
+}
+for _name, _cls in _BUILTIN.items():
     register(_name, _cls)
 
 

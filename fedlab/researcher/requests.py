@@ -117,7 +117,7 @@ class FederatedRequest:
     # -- waiting -----------------------------------------------------------------------------
     def _apply_policies(self, now: float) -> None:
         if not any(p.handles_disconnect for p in self._policies):
-            for node_id, p in self._progress.items():  # no StopOnDisconnect: drop vanished nodes
+            for p in self._progress.values():  # no StopOnDisconnect: drop vanished nodes
                 if p.status == PENDING and p.offline_since is not None:
                     p.status, p.reason = MISSING, "disconnected"
                     p.detail = "the node went offline while the request was pending"

@@ -1,0 +1,221 @@
+"""The ``fedlab`` command: set up a node, register its datasets, start it, or run the demo.
+
+A data owner at a hospital uses this, not Python: every mistake they can make (a wrong
+directory, a file that is not a CSV, a name already taken) ends as one ``fedlab: error:``
+line that says what to do, with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedlab import __version__
+from fedlab.errors import FedlabError
+
+if TYPE_CHECKING:
+    from fedlab.node.registry import DatasetRegistry
+
+__all__ = ["build_parser", "main"]
+
+Handler = Callable[[argparse.Namespace], int]
+_DESCRIPTION_WIDTH = 40
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a number of seconds > 0")
+    return value
+
+
+def _split_tags(text: str) -> list[str]:
+    """``"a, b,"`` -> ``["a", "b"]``; the registry validates what is left."""
+    return [tag.strip() for tag in text.split(",") if tag.strip()]
+
+
+def _registry(directory: str) -> DatasetRegistry:
+    """The registry of the node in ``directory`` (imports are lazy so `fedlab --help` stays fast)."""
+    from fedlab.node.config import load_config
+    from fedlab.node.registry import DatasetRegistry
+
+    return DatasetRegistry(load_config(directory).db_path)
+
+
+def _cmd_node_init(args: argparse.Namespace) -> int:
+    from fedlab.node.config import init_node_dir
+
+    config = init_node_dir(args.dir, name=args.name, researcher=args.researcher)
+    print(f"initialised node {config.name!r} with node id {config.node_id}")
+    print(f"  directory:  {config.directory}")
+    print(f"  config:     {config.config_path}")
+    print(f"  registry:   {config.db_path}")
+    print(f"  researcher: {config.researcher}")
+    print(
+        f"next: fedlab node dataset add {shlex.quote(args.dir)} --name NAME --tags a,b --type csv --path FILE"
+    )
+    return 0
+
+
+def _cmd_dataset_add(args: argparse.Namespace) -> int:
+    record = _registry(args.dir).add(
+        name=args.name,
+        tags=_split_tags(args.tags),
+        data_type=args.data_type,
+        path=args.path,
+        description=args.description,
+    )
+    print(
+        f"registered {record.data_type} dataset {record.name!r} as {record.dataset_id}: "
+        f"{record.n_samples} samples, shape {record.shape}, tags {','.join(record.tags)}"
+    )
+    return 0
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _cmd_dataset_list(args: argparse.Namespace) -> int:
+    records = _registry(args.dir).list()
+    if not records:
+        print("no datasets registered")
+        return 0
+    header = ("NAME", "ID", "TYPE", "TAGS", "SHAPE", "DESCRIPTION")
+    rows = [
+        (
+            r.name,
+            r.dataset_id,
+            r.data_type,
+            ",".join(r.tags),
+            "x".join(map(str, r.shape)),
+            _one_line(r.description, _DESCRIPTION_WIDTH),
+        )
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cmd_dataset_remove(args: argparse.Namespace) -> int:
+    record = _registry(args.dir).remove(args.name)
+    print(
+        f"removed dataset {record.name!r} ({record.dataset_id}); its files at {record.path} were not touched"
+    )
+    return 0
+
+
+def _cmd_node_start(args: argparse.Namespace) -> int:
+    from fedlab.node.config import validate_researcher_address
+    from fedlab.node.runtime import run_node
+
+    if args.researcher is not None:
+        validate_researcher_address(args.researcher)
+    return int(run_node(args.dir, researcher=args.researcher, heartbeat_interval=args.heartbeat))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedlab.demo import run_demo
+
+    return int(
+        run_demo(n_nodes=args.nodes, directory=args.dir, port=args.port, keep_running=args.keep_running)
+    )
+
+
+def _add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    node = sub.add_parser("node", help="set up and run a node that holds datasets")
+    node_sub = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
+
+    init = node_sub.add_parser("init", help="make DIR a new node directory")
+    init.add_argument("dir", metavar="DIR", help="node directory (created if needed)")
+    init.add_argument("--name", required=True, help="a human-readable name for this node")
+    init.add_argument(
+        "--researcher", help="researcher address tcp://HOST:PORT (default tcp://127.0.0.1:5555)"
+    )
+    init.set_defaults(handler=_cmd_node_init)
+
+    start = node_sub.add_parser("start", help="run the node in DIR until interrupted")
+    start.add_argument("dir", metavar="DIR", help="node directory")
+    start.add_argument("--researcher", help="researcher address, overriding the config file")
+    start.add_argument("--heartbeat", type=_positive_float, metavar="SECONDS", help="heartbeat interval")
+    start.set_defaults(handler=_cmd_node_start)
+
+    dataset = node_sub.add_parser("dataset", help="register, list and remove the node's datasets")
+    ds_sub = dataset.add_subparsers(dest="dataset_command", required=True, metavar="COMMAND")
+
+    add = ds_sub.add_parser("add", help="inspect a dataset and register it")
+    add.add_argument("dir", metavar="DIR", help="node directory")
+    add.add_argument("--name", required=True, help="the name researchers will use for the dataset")
+    add.add_argument("--tags", required=True, help="comma-separated tags, e.g. cancer,tabular")
+    add.add_argument("--type", dest="data_type", required=True, choices=["csv", "images"])
+    add.add_argument("--path", required=True, help="CSV file, or folder with one sub-folder per class")
+    add.add_argument("--description", default="", help="free text shown to researchers")
+    add.set_defaults(handler=_cmd_dataset_add)
+
+    listing = ds_sub.add_parser("list", help="list the registered datasets")
+    listing.add_argument("dir", metavar="DIR", help="node directory")
+    listing.set_defaults(handler=_cmd_dataset_list)
+
+    remove = ds_sub.add_parser("remove", help="unregister a dataset (its files are kept)")
+    remove.add_argument("dir", metavar="DIR", help="node directory")
+    remove.add_argument("name", metavar="NAME", help="dataset name or id")
+    remove.set_defaults(handler=_cmd_dataset_remove)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fedlab`` command."""
+    parser = argparse.ArgumentParser(
+        prog="fedlab", description="Federated analytics over data that never leaves its node."
+    )
+    parser.add_argument("--version", action="version", version=f"fedlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_node_commands(sub)
+
+    demo = sub.add_parser("demo", help="start a researcher and local nodes with sample data")
+    demo.add_argument("--nodes", type=_positive_int, default=3, help="how many nodes to start (default 3)")
+    demo.add_argument("--dir", type=Path, default=None, help="where to put the node directories")
+    demo.add_argument("--port", type=_port, default=5555, help="researcher port (default 5555)")
+    demo.add_argument("--keep-running", action="store_true", help="keep the nodes running afterwards")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fedlab`` command; return its exit status."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except FedlabError as exc:
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"fedlab: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

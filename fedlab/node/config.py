@@ -1,0 +1,229 @@
+"""A node's directory and its configuration file.
+
+A node lives in one directory that holds everything it owns: ``config.toml`` (who the node
+is and which researcher it talks to), ``node.db`` (the dataset registry) and ``node.log``.
+This module creates such a directory (``fedlab node init``) and reads it back, turning every
+way the file can be wrong into a :class:`FedlabConfigError` that says what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import tomllib
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedlab.errors import FedlabConfigError
+
+__all__ = [
+    "CONFIG_FILE",
+    "DB_FILE",
+    "DEFAULT_RESEARCHER",
+    "LOG_FILE",
+    "NodeConfig",
+    "init_node_dir",
+    "load_config",
+    "validate_researcher_address",
+]
+
+CONFIG_FILE = "config.toml"
+DB_FILE = "node.db"
+LOG_FILE = "node.log"
+DEFAULT_RESEARCHER = "tcp://127.0.0.1:5555"
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_ADDRESS_RE = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})$")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The settings of one node, as read from ``DIR/config.toml`` (``directory`` is DIR itself)."""
+
+    node_id: str
+    name: str
+    researcher: str = DEFAULT_RESEARCHER
+    heartbeat_interval: float = 1.0
+    max_message_bytes: int = 256 * 1024 * 1024
+    log_level: str = "INFO"
+    directory: Path = field(kw_only=True)
+
+    @property
+    def db_path(self) -> Path:
+        return self.directory / DB_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / LOG_FILE
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / CONFIG_FILE
+
+
+# Keys of the file and the types they must have (``directory`` is not written in it).
+_KEYS: dict[str, tuple[type, ...]] = {
+    "node_id": (str,),
+    "name": (str,),
+    "researcher": (str,),
+    "heartbeat_interval": (int, float),
+    "max_message_bytes": (int,),
+    "log_level": (str,),
+}
+_REQUIRED = ("node_id", "name")
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+
+
+def validate_researcher_address(address: str) -> str:
+    """Return ``address`` if it looks like ``tcp://HOST:PORT``; raise FedlabConfigError otherwise."""
+    match = _ADDRESS_RE.match(address) if isinstance(address, str) else None
+    if match is None:
+        raise FedlabConfigError(
+            f"researcher address {address!r} is not of the form tcp://HOST:PORT (for example tcp://127.0.0.1:5555)"
+        )
+    port = int(match.group("port"))
+    if not 1 <= port <= 65535:
+        raise FedlabConfigError(f"researcher address {address!r} has port {port}; a port must be 1-65535")
+    return address
+
+
+def _validate_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise FedlabConfigError("the node name must not be empty: pass --name NAME")
+    if len(name) > 256:
+        raise FedlabConfigError(f"the node name is {len(name)} characters long; at most 256 are allowed")
+    return name.strip()
+
+
+def _render_toml(config: NodeConfig) -> str:
+    lines = ["# fedlab node configuration, written by `fedlab node init`."]
+    for f in fields(config):
+        if f.name == "directory":
+            continue
+        value = getattr(config, f.name)
+        # json.dumps of a str is a valid TOML basic string; of an int/float a valid TOML number.
+        rendered = json.dumps(value) if not isinstance(value, float) else repr(value)
+        lines.append(f"{f.name} = {rendered}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _existing_node_id(config_path: Path) -> str:
+    try:
+        return str(tomllib.loads(config_path.read_text(encoding="utf-8")).get("node_id", "unknown"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+def init_node_dir(directory: str | os.PathLike[str], name: str, researcher: str | None = None) -> NodeConfig:
+    """Make ``directory`` a node: write its config with a fresh node id and create its registry."""
+    from fedlab.node.registry import create_schema  # registry imports nothing from here
+
+    name = _validate_name(name)
+    researcher = validate_researcher_address(researcher if researcher is not None else DEFAULT_RESEARCHER)
+    path = Path(directory).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise FedlabConfigError(f"{path} exists and is not a directory; pick a directory for the node")
+    config_path = path / CONFIG_FILE
+    if config_path.exists():
+        raise FedlabConfigError(
+            f"{path} is already a fedlab node (node id {_existing_node_id(config_path)}); "
+            "use another directory or remove it"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedlabConfigError(f"cannot create node directory {path}: {exc.strerror or exc}") from exc
+    config = NodeConfig(
+        node_id="node-" + uuid.uuid4().hex[:12], name=name, researcher=researcher, directory=path
+    )
+    create_schema(config.db_path)
+    try:
+        _write_atomic(config_path, _render_toml(config))
+    except OSError as exc:
+        raise FedlabConfigError(f"cannot write {config_path}: {exc.strerror or exc}") from exc
+    return config
+
+
+def _check_types(data: dict[str, Any], config_path: Path) -> None:
+    unknown = sorted(set(data) - set(_KEYS))
+    if unknown:
+        raise FedlabConfigError(
+            f"{config_path} has unknown key(s) {', '.join(unknown)}; allowed keys are {', '.join(_KEYS)}"
+        )
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing:
+        raise FedlabConfigError(f"{config_path} is missing required key(s) {', '.join(missing)}")
+    for key, value in data.items():
+        types = _KEYS[key]
+        # bool is an int subclass in Python; TOML true/false is never a valid number here.
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise FedlabConfigError(
+                f"{config_path}: {key} must be {_TYPE_NAMES[types[-1]]}, not {type(value).__name__} {value!r}"
+            )
+
+
+def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
+    """Read ``DIR/config.toml``; raise FedlabConfigError saying what is wrong if it is not valid."""
+    path = Path(directory).expanduser().resolve()
+    if not path.exists():
+        raise FedlabConfigError(
+            f"node directory {path} does not exist: run `fedlab node init DIR --name NAME` first"
+        )
+    if not path.is_dir():
+        raise FedlabConfigError(f"{path} is not a directory; pass the node directory")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FedlabConfigError(
+            f"{path} is not a fedlab node directory: run `fedlab node init DIR --name NAME` first"
+        )
+    try:
+        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FedlabConfigError(f"cannot read {config_path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise FedlabConfigError(f"{config_path} is not UTF-8 text; fix or re-create it") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise FedlabConfigError(f"{config_path} is not valid TOML ({exc}); fix or re-create it") from exc
+    _check_types(data, config_path)
+    if not data["node_id"].strip():
+        raise FedlabConfigError(f"{config_path}: node_id must not be empty")
+    if not data["name"].strip():
+        raise FedlabConfigError(f"{config_path}: name must not be empty")
+    try:
+        validate_researcher_address(data.get("researcher", DEFAULT_RESEARCHER))
+    except FedlabConfigError as exc:
+        raise FedlabConfigError(f"{config_path}: {exc}") from None
+    heartbeat = float(data.get("heartbeat_interval", 1.0))
+    if not (heartbeat > 0 and math.isfinite(heartbeat)):
+        raise FedlabConfigError(
+            f"{config_path}: heartbeat_interval must be a finite number of seconds > 0, not {heartbeat}"
+        )
+    if data.get("max_message_bytes", 1) <= 0:
+        raise FedlabConfigError(f"{config_path}: max_message_bytes must be > 0")
+    log_level = data.get("log_level", "INFO").upper()
+    if log_level not in _LOG_LEVELS:
+        raise FedlabConfigError(
+            f"{config_path}: log_level {data['log_level']!r} is not one of {', '.join(_LOG_LEVELS)}"
+        )
+    return NodeConfig(
+        directory=path,
+        **{**data, "heartbeat_interval": heartbeat, "log_level": log_level},
+    )

@@ -1,0 +1,308 @@
+"""Node directory creation and config loading: the happy path and every way a config is wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sqlite3
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedlab.errors import FedlabConfigError
+from fedlab.node.config import (
+    CONFIG_FILE,
+    DB_FILE,
+    LOG_FILE,
+    NodeConfig,
+    init_node_dir,
+    load_config,
+    validate_researcher_address,
+)
+
+VALID = {
+    "node_id": "node-0123456789ab",
+    "name": "hospital",
+    "researcher": "tcp://127.0.0.1:5555",
+    "heartbeat_interval": 1.0,
+    "max_message_bytes": 1024,
+    "log_level": "INFO",
+}
+
+
+def write_config(directory: Path, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(text, encoding="utf-8")
+    return directory
+
+
+def toml_of(values: dict[str, object]) -> str:
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            rendered = "true" if value else "false"
+        elif isinstance(value, str):
+            rendered = '"' + value + '"'
+        else:
+            rendered = repr(value)
+        lines.append(f"{key} = {rendered}")
+    return "\n".join(lines) + "\n"
+
+
+# --- init_node_dir ----------------------------------------------------------------------------
+
+
+def test_init_creates_directory_config_and_database(tmp_path: Path) -> None:
+    directory = tmp_path / "a" / "b" / "node"
+    config = init_node_dir(directory, "Hospital A")
+    assert re.fullmatch(r"node-[0-9a-f]{12}", config.node_id)
+    assert config.name == "Hospital A"
+    assert config.directory == directory.resolve()
+    assert config.researcher == "tcp://127.0.0.1:5555"
+    assert config.heartbeat_interval == 1.0
+    assert config.max_message_bytes == 256 * 1024 * 1024
+    assert config.log_level == "INFO"
+    assert (directory / CONFIG_FILE).is_file()
+    assert config.db_path == directory.resolve() / DB_FILE
+    assert config.log_path == directory.resolve() / LOG_FILE
+    with sqlite3.connect(config.db_path) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    conn.close()
+    assert {"datasets", "schema_version"} <= tables
+
+
+def test_init_then_load_round_trips(tmp_path: Path) -> None:
+    config = init_node_dir(tmp_path / "n", "n1", researcher="tcp://researcher.example.org:6000")
+    assert load_config(tmp_path / "n") == config
+    assert load_config(str(tmp_path / "n")) == config
+
+
+def test_init_writes_valid_toml_without_directory_key(tmp_path: Path) -> None:
+    init_node_dir(tmp_path, "n1")
+    data = tomllib.loads((tmp_path / CONFIG_FILE).read_text(encoding="utf-8"))
+    assert set(data) == {
+        "node_id",
+        "name",
+        "researcher",
+        "heartbeat_interval",
+        "max_message_bytes",
+        "log_level",
+    }
+    assert isinstance(data["heartbeat_interval"], float)
+
+
+def test_init_escapes_awkward_names(tmp_path: Path) -> None:
+    name = 'Saint-Louis "Nord" \\ é # [x] = 1'
+    config = init_node_dir(tmp_path, name)
+    assert load_config(tmp_path).name == name == config.name
+
+
+def test_init_leaves_no_temporary_files(tmp_path: Path) -> None:
+    init_node_dir(tmp_path, "n1")
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_init_gives_each_node_a_fresh_id(tmp_path: Path) -> None:
+    ids = {init_node_dir(tmp_path / str(i), "n").node_id for i in range(5)}
+    assert len(ids) == 5
+
+
+def test_init_accepts_existing_directory_without_config(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    init_node_dir(tmp_path, "n1")
+    assert (tmp_path / "notes.txt").read_text() == "hello"
+
+
+def test_init_refuses_an_existing_node(tmp_path: Path) -> None:
+    first = init_node_dir(tmp_path, "n1")
+    before = (tmp_path / CONFIG_FILE).read_text()
+    with pytest.raises(FedlabConfigError, match="already a fedlab node") as info:
+        init_node_dir(tmp_path, "n2")
+    assert first.node_id in str(info.value)
+    assert "use another directory or remove it" in str(info.value)
+    assert (tmp_path / CONFIG_FILE).read_text() == before
+
+
+def test_init_refuses_a_file_as_directory(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(FedlabConfigError, match="not a directory"):
+        init_node_dir(target, "n1")
+
+
+@pytest.mark.parametrize("name", ["", "   ", "\t\n"])
+def test_init_refuses_empty_name(tmp_path: Path, name: str) -> None:
+    with pytest.raises(FedlabConfigError, match="node name must not be empty"):
+        init_node_dir(tmp_path, name)
+    assert not (tmp_path / CONFIG_FILE).exists()
+
+
+def test_init_refuses_overlong_name(tmp_path: Path) -> None:
+    with pytest.raises(FedlabConfigError, match="at most 256"):
+        init_node_dir(tmp_path, "x" * 257)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1:5555",
+        "tcp://127.0.0.1",
+        "tcp://:5555",
+        "http://127.0.0.1:5555",
+        "tcp://127.0.0.1:port",
+        "tcp://127.0.0.1:5555/x",
+        "tcp://host name:5555",
+        "",
+    ],
+)
+def test_init_refuses_malformed_researcher(tmp_path: Path, address: str) -> None:
+    with pytest.raises(FedlabConfigError, match="tcp://HOST:PORT"):
+        init_node_dir(tmp_path, "n1", researcher=address)
+    assert not (tmp_path / CONFIG_FILE).exists()
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:0", "tcp://127.0.0.1:65536", "tcp://h:99999"])
+def test_init_refuses_out_of_range_port(tmp_path: Path, address: str) -> None:
+    with pytest.raises(FedlabConfigError, match="1-65535"):
+        init_node_dir(tmp_path, "n1", researcher=address)
+
+
+@pytest.mark.parametrize(
+    "address", ["tcp://localhost:1", "tcp://10.0.0.2:65535", "tcp://[::1]:5555", "tcp://my-host.example:80"]
+)
+def test_valid_researcher_addresses(address: str) -> None:
+    assert validate_researcher_address(address) == address
+
+
+# --- load_config ------------------------------------------------------------------------------
+
+
+def test_load_valid_config(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, toml_of(VALID)))
+    assert config == NodeConfig(**VALID, directory=tmp_path.resolve())
+
+
+def test_load_applies_defaults(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, toml_of({"node_id": "node-1", "name": "n"})))
+    assert config.researcher == "tcp://127.0.0.1:5555"
+    assert config.heartbeat_interval == 1.0
+    assert config.max_message_bytes == 256 * 1024 * 1024
+    assert config.log_level == "INFO"
+
+
+def test_load_accepts_integer_heartbeat_and_lowercase_level(tmp_path: Path) -> None:
+    config = load_config(
+        write_config(tmp_path, toml_of({**VALID, "heartbeat_interval": 2, "log_level": "debug"}))
+    )
+    assert config.heartbeat_interval == 2.0
+    assert isinstance(config.heartbeat_interval, float)
+    assert config.log_level == "DEBUG"
+
+
+def test_load_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(FedlabConfigError, match="does not exist.*fedlab node init"):
+        load_config(tmp_path / "nope")
+
+
+def test_load_directory_that_is_not_a_node(tmp_path: Path) -> None:
+    with pytest.raises(FedlabConfigError, match="is not a fedlab node directory: run `fedlab node init DIR"):
+        load_config(tmp_path)
+
+
+def test_load_path_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FedlabConfigError, match="not a directory"):
+        load_config(tmp_path / "f")
+
+
+def test_load_broken_toml(tmp_path: Path) -> None:
+    write_config(tmp_path, 'node_id = "node-1"\nname = \n')
+    with pytest.raises(FedlabConfigError, match="not valid TOML"):
+        load_config(tmp_path)
+
+
+def test_load_non_utf8_file(tmp_path: Path) -> None:
+    (tmp_path / CONFIG_FILE).write_bytes(b'name = "\xff\xfe"\n')
+    with pytest.raises(FedlabConfigError, match="not UTF-8"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("missing", ["node_id", "name"])
+def test_load_missing_required_key(tmp_path: Path, missing: str) -> None:
+    values = {k: v for k, v in VALID.items() if k != missing}
+    with pytest.raises(FedlabConfigError, match=f"missing required key.*{missing}"):
+        load_config(write_config(tmp_path, toml_of(values)))
+
+
+def test_load_unknown_keys_are_named(tmp_path: Path) -> None:
+    write_config(tmp_path, toml_of({**VALID, "colour": "blue", "zeta": 1}))
+    with pytest.raises(FedlabConfigError, match="unknown key.*colour, zeta"):
+        load_config(tmp_path)
+
+
+def test_load_table_is_an_unknown_key(tmp_path: Path) -> None:
+    write_config(tmp_path, toml_of(VALID) + "[extra]\na = 1\n")
+    with pytest.raises(FedlabConfigError, match="unknown key.*extra"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("node_id", 12),
+        ("name", 1.5),
+        ("researcher", 5555),
+        ("heartbeat_interval", "1"),
+        ("heartbeat_interval", True),
+        ("max_message_bytes", 1.5),
+        ("max_message_bytes", "1024"),
+        ("max_message_bytes", False),
+        ("log_level", 10),
+    ],
+)
+def test_load_wrong_type(tmp_path: Path, key: str, value: object) -> None:
+    write_config(tmp_path, toml_of({**VALID, key: value}))
+    with pytest.raises(FedlabConfigError, match=f"{key} must be"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["0.0", "-1.0", "nan", "inf"])
+def test_load_bad_heartbeat(tmp_path: Path, value: str) -> None:
+    text = toml_of({k: v for k, v in VALID.items() if k != "heartbeat_interval"})
+    write_config(tmp_path, text + f"heartbeat_interval = {value}\n")
+    with pytest.raises(FedlabConfigError, match="heartbeat_interval must be a finite number of seconds > 0"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_load_bad_max_message_bytes(tmp_path: Path, value: int) -> None:
+    write_config(tmp_path, toml_of({**VALID, "max_message_bytes": value}))
+    with pytest.raises(FedlabConfigError, match="max_message_bytes must be > 0"):
+        load_config(tmp_path)
+
+
+def test_load_bad_researcher(tmp_path: Path) -> None:
+    write_config(tmp_path, toml_of({**VALID, "researcher": "localhost:5555"}))
+    with pytest.raises(FedlabConfigError, match=r"config\.toml.*tcp://HOST:PORT"):
+        load_config(tmp_path)
+
+
+def test_load_bad_log_level(tmp_path: Path) -> None:
+    write_config(tmp_path, toml_of({**VALID, "log_level": "LOUD"}))
+    with pytest.raises(FedlabConfigError, match="log_level 'LOUD' is not one of"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["node_id", "name"])
+def test_load_empty_identity(tmp_path: Path, key: str) -> None:
+    write_config(tmp_path, toml_of({**VALID, key: "  "}))
+    with pytest.raises(FedlabConfigError, match=f"{key} must not be empty"):
+        load_config(tmp_path)
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = init_node_dir(tmp_path, "n1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.name = "other"  # type: ignore[misc]
