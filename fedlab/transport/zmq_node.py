@@ -37,6 +37,7 @@ from fedlab.transport.zmq_researcher import check_size, socket_options
 __all__ = ["ZmqNodeTransport"]
 
 log = logging.getLogger("fedlab.transport")
+_GOODBYE_LINGER_MS = 300
 _RETRY_SECONDS = 10.0
 
 
@@ -81,8 +82,8 @@ class ZmqNodeTransport:
         """Tell the researcher we leave, then stop the loop within a fraction of a second."""
         if self._thread is None:
             return
-        if self.researcher_connected.is_set():
-            self._outbox.put(Outgoing(b"", encode(make_envelope(Bye(reason=reason), self.node_id))))
+        # always say goodbye: the researcher may know us before we have heard its first beat
+        self._outbox.put(Outgoing(b"", encode(make_envelope(Bye(reason=reason), self.node_id))))
         self._stop.set()
         self._outbox.wake()
         self._thread.join(timeout=1.5)
@@ -141,7 +142,7 @@ class ZmqNodeTransport:
         except Exception:  # pragma: no cover - a bug here must be visible
             log.exception("node transport loop crashed")
         finally:
-            sock.close(0)
+            sock.close(linger=_GOODBYE_LINGER_MS)  # let the goodbye leave; LINGER=0 would drop it
 
     def _send_pending(self, sock: zmq.Socket[Any], pending: list[tuple[float, Outgoing]]
                       ) -> list[tuple[float, Outgoing]]:

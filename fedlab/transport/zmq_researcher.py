@@ -39,6 +39,7 @@ from fedlab.transport.outbox import Outbox, Outgoing
 __all__ = ["MessageHandler", "ZmqResearcherTransport", "check_size"]
 
 log = logging.getLogger("fedlab.transport")
+_GOODBYE_LINGER_MS = 300
 MessageHandler = Callable[[str, Envelope], None]
 
 
@@ -173,7 +174,7 @@ class ZmqResearcherTransport:
         except Exception:  # pragma: no cover - a bug here must be visible, not silent
             log.exception("researcher transport loop crashed")
         finally:
-            sock.close(0)
+            sock.close(linger=_GOODBYE_LINGER_MS)  # let the goodbye leave; LINGER=0 would drop it
 
     def _flush(self, sock: zmq.Socket[Any]) -> bool:
         stop = False

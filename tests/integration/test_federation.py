@@ -134,3 +134,28 @@ def test_data_quality_check_names_nodes_and_columns(tmp_path, address):
     finally:
         a.stop()
         b.stop()
+
+
+def test_node_notices_a_vanished_researcher_and_rejoins_a_new_one(make_nodes, address):
+    import subprocess
+    import sys
+
+    (node,) = make_nodes(1)
+    node.start()
+    script = ("import sys, time\nfrom fedlab import Researcher\n"
+              f"r = Researcher({address!r}, heartbeat_interval={HEARTBEAT})\n"
+              "r.wait_for_nodes(1, timeout=30)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    researcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert researcher.stdout.readline().strip() == "ready"
+        wait_until(lambda: "connected to researcher" in node.log(), 10, "the node to hear the researcher")
+        researcher.kill()  # no goodbye: the node must notice the silence by itself
+        researcher.wait(5)
+        wait_until(lambda: "silent for" in node.log(), 10 * HEARTBEAT, "the node to notice the silence")
+    finally:
+        researcher.kill()
+        researcher.wait(5)
+        researcher.stdout.close()
+    with Researcher(address, heartbeat_interval=HEARTBEAT) as r:
+        r.wait_for_nodes(1, timeout=10)
+        assert node.node_id in r.ping().replies()
