@@ -1,7 +1,9 @@
 """A node's directory and its configuration file.
 
 A node lives in one directory that holds everything it owns: ``config.toml`` (who the node
-is and which researcher it talks to), ``node.db`` (the dataset registry) and ``node.log``.
+is, which researcher it talks to and, in its ``[disclosure]`` table, what analytics results
+may leave the node), ``node.db`` (the dataset registry) and ``node.log``. The disclosure
+rules come only from this file: nothing a researcher sends can change them.
 This module creates such a directory (``fedlab node init``) and reads it back, turning every
 way the file can be wrong into a :class:`FedlabConfigError` that says what to fix.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedlab.analytics.disclosure import RULE_HELP, DisclosureRules
 from fedlab.errors import FedlabConfigError
 
 __all__ = [
@@ -51,6 +54,7 @@ class NodeConfig:
     heartbeat_interval: float = 1.0
     max_message_bytes: int = 256 * 1024 * 1024
     log_level: str = "INFO"
+    disclosure: DisclosureRules = field(default_factory=DisclosureRules)
     directory: Path = field(kw_only=True)
 
     @property
@@ -74,9 +78,10 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "heartbeat_interval": (int, float),
     "max_message_bytes": (int,),
     "log_level": (str,),
+    "disclosure": (dict,),
 }
 _REQUIRED = ("node_id", "name")
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "a table ([disclosure])"}
 
 
 def validate_researcher_address(address: str) -> str:
@@ -100,15 +105,33 @@ def _validate_name(name: str) -> str:
     return name.strip()
 
 
+def _toml_value(value: object) -> str:
+    """``value`` (bool, int, finite float, str or a sequence of str) as a TOML value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    # json.dumps of a str is a TOML basic string, once characters outside the BMP (which json
+    # would write as surrogate pairs, invalid in TOML) are kept literal and DEL is escaped.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _render_toml(config: NodeConfig) -> str:
     lines = ["# fedlab node configuration, written by `fedlab node init`."]
     for f in fields(config):
-        if f.name == "directory":
-            continue
-        value = getattr(config, f.name)
-        # json.dumps of a str is a valid TOML basic string; of an int/float a valid TOML number.
-        rendered = json.dumps(value) if not isinstance(value, float) else repr(value)
-        lines.append(f"{f.name} = {rendered}")
+        if f.name not in ("directory", "disclosure"):
+            lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
+    lines += [
+        "",
+        "# What analytics results may leave this node. Only this file sets these rules; a researcher",
+        "# cannot change them. Edit a value and restart the node (`fedlab node start`) to apply it.",
+        "[disclosure]",
+    ]
+    for f in fields(config.disclosure):
+        lines.append(f"# {RULE_HELP[f.name]}")
+        lines.append(f"{f.name} = {_toml_value(getattr(config.disclosure, f.name))}")
     return "\n".join(lines) + "\n"
 
 
@@ -203,6 +226,10 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
     except tomllib.TOMLDecodeError as exc:
         raise FedlabConfigError(f"{config_path} is not valid TOML ({exc}); fix or re-create it") from exc
     _check_types(data, config_path)
+    try:
+        disclosure = DisclosureRules.from_mapping(data.pop("disclosure", {}))
+    except FedlabConfigError as exc:
+        raise FedlabConfigError(f"{config_path}: {exc}") from None
     if not data["node_id"].strip():
         raise FedlabConfigError(f"{config_path}: node_id must not be empty")
     if not data["name"].strip():
@@ -225,5 +252,6 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
         )
     return NodeConfig(
         directory=path,
+        disclosure=disclosure,
         **{**data, "heartbeat_interval": heartbeat, "log_level": log_level},
     )

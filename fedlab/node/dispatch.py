@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from fedlab.analytics.disclosure import DisclosureRules
+from fedlab.analytics.messages import FARequest
 from fedlab.errors import (
     FedlabApprovalError,
     FedlabConfigError,
@@ -19,6 +21,7 @@ from fedlab.errors import (
     FedlabError,
     FedlabProtocolError,
 )
+from fedlab.node.analytics_handler import AnalyticsHandler
 from fedlab.node.registry import DatasetRegistry
 from fedlab.protocol import (
     DatasetListReply,
@@ -57,14 +60,17 @@ def error_code(exc: FedlabError) -> str:
 
 
 class Dispatcher:
-    def __init__(self, node_id: str, name: str, registry: DatasetRegistry) -> None:
+    def __init__(self, node_id: str, name: str, registry: DatasetRegistry,
+                 rules: DisclosureRules | None = None) -> None:
         self.node_id = node_id
         self.name = name
         self.registry = registry
+        self.analytics = AnalyticsHandler(registry, rules or DisclosureRules(), node_id=node_id)
         self.table: dict[str, Handler] = {
             "ping_request": self._ping,
             "dataset_search_request": self._search,
             "dataset_list_request": self._list,
+            "fa_request": self._analytics,
         }
 
     def handle(self, envelope: Envelope) -> Envelope:
@@ -103,6 +109,10 @@ class Dispatcher:
     def _search(self, envelope: Envelope) -> HandlerResult:
         assert isinstance(envelope.content, DatasetSearchRequest)
         return DatasetSearchReply(datasets=[r.to_info() for r in self.registry.search(envelope.content.tags)])
+
+    def _analytics(self, envelope: Envelope) -> HandlerResult:
+        assert isinstance(envelope.content, FARequest)
+        return self.analytics(envelope.content)
 
     def _list(self, envelope: Envelope) -> HandlerResult:
         return DatasetListReply(datasets=[r.to_info() for r in self.registry.list()])

@@ -122,7 +122,13 @@ def make_envelope(
 
 def encode_content(content: Message) -> bytes:
     """The content frame alone: encode it once and reuse it for every node (serialize once)."""
-    return _encoder.encode(content)
+    try:
+        return _encoder.encode(content)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise FedlabProtocolError(
+            f"cannot encode a {type(content).__name__}: {exc} (use plain int, float, str, list and dict)",
+            code="invalid_field",
+        ) from None
 
 
 def encode(envelope: Envelope, content_frame: bytes | None = None) -> list[Buffer]:

@@ -38,6 +38,7 @@ class NodeProgress:
     reason: str = ""
     detail: str = ""
     offline_since: float | None = None
+    answered_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,7 @@ class FederatedRequest:
             if progress.status != PENDING:
                 log.info("late reply from %s ignored (%s)", node_id, progress.reason or progress.status)
                 return
+            progress.answered_at = time.monotonic()
             if isinstance(envelope.content, ErrorReply):
                 progress.status = ERROR
                 self._errors[node_id] = envelope.content
@@ -172,6 +173,11 @@ class FederatedRequest:
     def missing(self) -> dict[str, MissingNode]:
         self.wait()
         return {n: MissingNode(p.reason, p.detail) for n, p in self._progress.items() if p.status == MISSING}
+
+    def reply_times(self) -> dict[str, float]:
+        """When each node's reply or error arrived (monotonic clock, like ``started``)."""
+        self.wait()
+        return {n: p.answered_at for n, p in self._progress.items() if p.answered_at is not None}
 
     @property
     def node_ids(self) -> list[str]:

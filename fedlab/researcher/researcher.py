@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -29,6 +29,7 @@ from fedlab.protocol import (
     PingRequest,
     to_builtins,
 )
+from fedlab.researcher.fa_result import FAResult
 from fedlab.researcher.federated_dataset import FederatedDataset, check_data_quality
 from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.requests import FederatedRequest, Requests
@@ -170,6 +171,31 @@ class Researcher:
                 row.update(to_builtins(info))
                 rows.append(row)
         return pd.DataFrame(rows)
+
+    # -- analytics ---------------------------------------------------------------------------
+    def stats(
+        self,
+        federated_dataset: FederatedDataset,
+        stats: Sequence[str] = ("count", "mean", "std"),
+        columns: Sequence[str] | None = None,
+        stats_args: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        bins: int | Sequence[float] | None = None,
+        quantiles: Sequence[float] = (0.25, 0.5, 0.75),
+        crosstab: Sequence[str] = (),
+        timeout: float = 60.0,
+    ) -> FAResult:
+        """Federated statistics over ``federated_dataset``, equal to those of the pooled rows.
+
+        ``stats`` apply to every selected column (``columns``, default all); ``stats_args`` adds
+        per-column statistics with arguments, e.g. ``{"age": {"histogram": {"edges": [0, 40, 60, 100]}}}``;
+        ``bins`` is the default histogram (a bin count over the federated range, or edges).
+        """
+        from fedlab.researcher.fa_stats import federated_stats
+
+        return federated_stats(federated_dataset, researcher_id=self.id, requests=self.requests, stats=stats,
+                               columns=columns, stats_args=stats_args, bins=bins, quantiles=quantiles,
+                               crosstab=crosstab, node_names=self._names(), timeout=timeout)
 
     @staticmethod
     def _raise_node_errors(request: FederatedRequest, what: str) -> None:

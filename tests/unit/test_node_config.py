@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fedlab.analytics.disclosure import RULE_HELP, DisclosureRules
 from fedlab.errors import FedlabConfigError
 from fedlab.node.config import (
     CONFIG_FILE,
@@ -88,6 +89,7 @@ def test_init_writes_valid_toml_without_directory_key(tmp_path: Path) -> None:
         "heartbeat_interval",
         "max_message_bytes",
         "log_level",
+        "disclosure",
     }
     assert isinstance(data["heartbeat_interval"], float)
 
@@ -306,3 +308,116 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     config = init_node_dir(tmp_path, "n1")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.name = "other"  # type: ignore[misc]
+
+
+# --- [disclosure] -----------------------------------------------------------------------------
+
+
+def test_init_writes_every_disclosure_default_with_a_comment(tmp_path: Path) -> None:
+    config = init_node_dir(tmp_path, "n1")
+    assert config.disclosure == DisclosureRules()
+    text = (tmp_path / CONFIG_FILE).read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    assert data["disclosure"] == {
+        "enabled": True,
+        "min_count": 10,
+        "cell_threshold": 3,
+        "max_bins_fraction": 0.1,
+        "min_max": "off",
+        "min_max_noise": 0.05,
+        "excluded_columns": [],
+    }
+    lines = text.splitlines()
+    table = lines[lines.index("[disclosure]") + 1 :]
+    for key in data["disclosure"]:
+        at = next(i for i, line in enumerate(table) if line.startswith(f"{key} = "))
+        assert table[at - 1] == f"# {RULE_HELP[key]}"
+
+
+def test_disclosure_defaults_when_the_table_is_absent(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, toml_of(VALID)))
+    assert config.disclosure == DisclosureRules()
+
+
+def test_edited_disclosure_values_are_honoured(tmp_path: Path) -> None:
+    init_node_dir(tmp_path, "n1")
+    path = tmp_path / CONFIG_FILE
+    text = path.read_text(encoding="utf-8")
+    for old, new in [
+        ("min_count = 10", "min_count = 25"),
+        ("cell_threshold = 3", "cell_threshold = 5"),
+        ('min_max = "off"', 'min_max = "noisy"'),
+        ("min_max_noise = 0.05", "min_max_noise = 0.2"),
+        ("max_bins_fraction = 0.1", "max_bins_fraction = 1"),
+        ("excluded_columns = []", 'excluded_columns = ["patient_id", "notes"]'),
+        ("enabled = true", "enabled = false"),
+    ]:
+        assert old in text
+        text = text.replace(old, new)
+    path.write_text(text, encoding="utf-8")
+    assert load_config(tmp_path).disclosure == DisclosureRules(
+        enabled=False,
+        min_count=25,
+        cell_threshold=5,
+        max_bins_fraction=1.0,
+        min_max="noisy",
+        min_max_noise=0.2,
+        excluded_columns=("patient_id", "notes"),
+    )
+
+
+def test_partial_disclosure_table_keeps_other_defaults(tmp_path: Path) -> None:
+    write_config(tmp_path, toml_of(VALID) + '[disclosure]\nmin_max = "exact"\n')
+    assert load_config(tmp_path).disclosure == DisclosureRules(min_max="exact")
+
+
+def test_init_then_load_round_trips_with_disclosure(tmp_path: Path) -> None:
+    config = init_node_dir(tmp_path, "n1")
+    assert load_config(tmp_path).disclosure == config.disclosure
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("min_count = 0", "min_count"),
+        ('min_count = "10"', "min_count"),
+        ("cell_threshold = -1", "cell_threshold"),
+        ("max_bins_fraction = 1.5", "max_bins_fraction"),
+        ("max_bins_fraction = 0", "max_bins_fraction"),
+        ('min_max = "sometimes"', "min_max"),
+        ("min_max_noise = 0.0", "min_max_noise"),
+        ("min_max_noise = nan", "min_max_noise"),
+        ("enabled = 1", "enabled"),
+        ('excluded_columns = "patient_id"', "excluded_columns"),
+        ("excluded_columns = [1, 2]", "excluded_columns"),
+    ],
+)
+def test_bad_disclosure_values_name_the_key(tmp_path: Path, line: str, key: str) -> None:
+    write_config(tmp_path, toml_of(VALID) + f"[disclosure]\n{line}\n")
+    with pytest.raises(FedlabConfigError, match=rf"config\.toml: disclosure\.{key} must be"):
+        load_config(tmp_path)
+
+
+def test_unknown_disclosure_key_is_refused(tmp_path: Path) -> None:
+    write_config(tmp_path, toml_of(VALID) + "[disclosure]\nmin_cells = 3\n")
+    with pytest.raises(FedlabConfigError, match=r"config\.toml: disclosure has unknown key.*min_cells"):
+        load_config(tmp_path)
+
+
+def test_disclosure_must_be_a_table(tmp_path: Path) -> None:
+    write_config(tmp_path, toml_of({**VALID, "disclosure": 5}))
+    with pytest.raises(FedlabConfigError, match="disclosure must be a table"):
+        load_config(tmp_path)
+
+
+def test_other_tables_are_still_unknown_keys(tmp_path: Path) -> None:
+    write_config(tmp_path, toml_of(VALID) + "[disclosure]\nmin_count = 5\n[privacy]\nx = 1\n")
+    with pytest.raises(FedlabConfigError, match="unknown key.*privacy"):
+        load_config(tmp_path)
+
+
+def test_init_writes_names_outside_the_bmp_as_valid_toml(tmp_path: Path) -> None:
+    name = "Hôpital \U0001f3e5 \x7f"
+    config = init_node_dir(tmp_path, name)
+    assert load_config(tmp_path) == config
+    assert load_config(tmp_path).name == name

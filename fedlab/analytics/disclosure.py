@@ -1,0 +1,408 @@
+"""The node operator's disclosure rules, applied on the node to partials before they leave it.
+
+A node computes partials (see :mod:`fedlab.analytics.messages`) and then passes the reply
+through :func:`apply_rules`, which removes, suppresses or perturbs whatever this node's
+operator does not allow out. The rules come only from the node's ``config.toml``
+(``[disclosure]`` table); a researcher can never change them. The defaults follow the
+usual practice of federated analytics platforms (NVFlare's statistics privacy filters,
+DataSHIELD's ``nfilter`` settings):
+
+``enabled = true``
+    ``false`` switches analytics off on this node: every request is refused
+    (:func:`check_enabled`).
+``min_count = 10``
+    A statistic over fewer than this many values is refused: a numeric or categorical
+    column whose non-missing ``count`` is smaller is removed from the reply; a crosstab
+    whose total is smaller, or a covariance in which any pair of columns has fewer
+    complete rows, is refused whole. (DataSHIELD's ``nfilter.subset`` / ``nfilter.glm``.)
+``cell_threshold = 3``
+    A histogram bin, a value count or a crosstab cell with ``0 < count < cell_threshold``
+    is *suppressed*: sent as ``None`` (never as 0, never dropped, so the researcher sees
+    that it was suppressed). A count of 0 is sent as 0. (DataSHIELD's ``nfilter.tab``.)
+    So that a suppressed cell cannot be recovered by subtracting the others from a known
+    total, a second cell is suppressed too (*secondary suppression*) wherever exactly one
+    cell of a group is suppressed: the smallest positive cell of the group. The groups
+    are a histogram's bins (their total is the column's ``count`` when every value lies
+    within the edges), a column's value counts other than ``"<missing>"`` (their total
+    is ``count``), and every row and every column of a crosstab (their totals are the
+    value counts of its two columns).
+``max_bins_fraction = 0.1``
+    A histogram over ``count`` values may have at most
+    ``max(1, floor(max_bins_fraction * count))`` bins; a finer one is refused. Only the
+    histogram is dropped (refusal recorded under ``"COLUMN.histogram"``); the column's
+    other statistics are still sent. (NVFlare's ``max_bins_percent``.)
+``min_max = "off"``
+    ``"off"``: the minimum and maximum, which are single individuals' values, are never
+    sent (a refusal ``"COLUMN.min/max"`` is recorded for the columns they were asked for);
+    ``"noisy"``: they are sent moved outward by random noise; ``"exact"``: sent as they are.
+``min_max_noise = 0.05``
+    With ``"noisy"``: the true min is lowered and the true max raised by an amount
+    uniform in ``(0, min_max_noise * scale]`` where ``scale`` is the column's local range
+    (``max - min``), or ``|value|`` (1.0 when the value is 0) when the range is 0. The
+    noise is outward so that the federated range still covers all the data.
+    (NVFlare's ``min_noise_level`` / ``max_noise_level``.)
+``excluded_columns = []``
+    Columns that are never summarised (identifiers, free text, ...): removed from the
+    reply and listed in ``refused``; a crosstab or covariance that involves one is refused.
+
+What is *not* suppressed, by design: ``count`` and ``missing`` of a column that passes
+``min_count`` are sent exactly, and so are the quantile counts ``below`` (how many values
+are <= each threshold the researcher asked about). Cumulative counts at finely spaced
+thresholds can in principle be differenced to learn how many values lie between two
+thresholds; the protection there is ``min_count`` on the column, plus the fact that the
+researcher never sees the values themselves. Likewise ``count - sum(histogram)`` says how
+many values lie outside a histogram's edges.
+
+Noisy min/max and repeated requests: one-sided noise drawn afresh on every request could
+be averaged away (the largest noisy min of many requests approaches the true min). The
+noise of each column is therefore drawn from a generator derived from one number drawn
+from ``rng`` and the column's name: a caller that passes an ``rng`` seeded from a node
+secret and the dataset id gets the *same* noisy min/max for a column on every request,
+whichever other columns are asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Collection, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, fields
+from fractions import Fraction
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from fedlab.analytics.messages import (
+    CategoricalPartial,
+    CovariancePartial,
+    CrosstabPartial,
+    FAReply,
+    NumericPartial,
+)
+from fedlab.errors import FedlabConfigError, FedlabDisclosureError
+
+__all__ = [
+    "COVARIANCE_KEY",
+    "CROSSTAB_KEY",
+    "MIN_MAX_MODES",
+    "RULE_HELP",
+    "DisclosureRules",
+    "apply_rules",
+    "check_enabled",
+    "describe",
+]
+
+MIN_MAX_MODES = ("off", "noisy", "exact")
+# Keys of FAReply.refused for the table statistics (columns use their own name).
+CROSSTAB_KEY = "crosstab"
+COVARIANCE_KEY = "cov"
+MISSING_KEY = "<missing>"
+
+# One line per rule: what it does. Used by describe() and by the config file writer.
+RULE_HELP: dict[str, str] = {
+    "enabled": "whether this node answers analytics requests at all (false: every one is refused)",
+    "min_count": "a statistic over fewer than this many values (rows) is refused",
+    "cell_threshold": "a histogram bin, value count or crosstab cell with 0 < count < this is suppressed "
+    "(sent as None, 0 stays 0), plus one more cell wherever a single suppressed one could be recovered from a total",
+    "max_bins_fraction": "a histogram over N values may have at most max(1, floor(this * N)) bins, "
+    "else that histogram is refused",
+    "min_max": 'min and max: "off" never sent, "noisy" sent moved outward by random noise, "exact" sent as they are',
+    "min_max_noise": 'with min_max = "noisy": min is lowered and max raised by a random amount of up to '
+    "this fraction of the column's range on this node",
+    "excluded_columns": 'columns never summarised (identifiers, free text), e.g. ["patient_id", "notes"]',
+}
+
+
+def _bad(key: str, expected: str, value: object) -> FedlabConfigError:
+    return FedlabConfigError(f"disclosure.{key} must be {expected}, not {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True)
+class DisclosureRules:
+    """What this node lets out of analytics replies (see the module docstring for each rule).
+
+    Every value is checked on construction; a wrong one raises FedlabConfigError naming the
+    key (``disclosure.KEY``). ``excluded_columns`` may be given as any sequence of strings and
+    is stored as a tuple; integer fractions are stored as floats.
+    """
+
+    enabled: bool = True
+    min_count: int = 10
+    cell_threshold: int = 3
+    max_bins_fraction: float = 0.1
+    min_max: str = "off"
+    min_max_noise: float = 0.05
+    excluded_columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise _bad("enabled", "true or false", self.enabled)
+        for key in ("min_count", "cell_threshold"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _bad(key, "an integer >= 1", value)
+        fraction = self.max_bins_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+            raise _bad("max_bins_fraction", "a number > 0 and <= 1", fraction)
+        object.__setattr__(self, "max_bins_fraction", float(fraction))
+        if not isinstance(self.min_max, str) or self.min_max not in MIN_MAX_MODES:
+            raise _bad("min_max", "one of " + ", ".join(f'"{m}"' for m in MIN_MAX_MODES), self.min_max)
+        noise = self.min_max_noise
+        if (
+            isinstance(noise, bool)
+            or not isinstance(noise, int | float)
+            or not (noise > 0 and math.isfinite(noise))
+        ):
+            raise _bad("min_max_noise", "a finite number > 0", noise)
+        object.__setattr__(self, "min_max_noise", float(noise))
+        columns = self.excluded_columns
+        if isinstance(columns, str) or not isinstance(columns, Sequence) or not all(
+            isinstance(c, str) and c for c in columns
+        ):
+            raise _bad("excluded_columns", "a list of non-empty column names", columns)
+        object.__setattr__(self, "excluded_columns", tuple(columns))
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> DisclosureRules:
+        """Build the rules from a ``[disclosure]`` table: absent keys take their defaults,
+        unknown keys and wrong types or values raise FedlabConfigError naming the key."""
+        if not isinstance(mapping, Mapping):
+            raise FedlabConfigError(f"disclosure must be a table, not {type(mapping).__name__} {mapping!r}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(mapping) - set(allowed))
+        if unknown:
+            raise FedlabConfigError(
+                f"disclosure has unknown key(s) {', '.join(unknown)}; allowed keys are {', '.join(allowed)}"
+            )
+        return cls(**mapping)
+
+
+def check_enabled(rules: DisclosureRules) -> None:
+    """Raise FedlabDisclosureError if analytics are switched off on this node."""
+    if not rules.enabled:
+        raise FedlabDisclosureError(
+            "analytics are switched off on this node (rule disclosure.enabled = false); "
+            "ask the node's operator if you need them"
+        )
+
+
+def describe(rules: DisclosureRules) -> str:
+    """The rules as readable lines (for the node's log and the CLI)."""
+    values = {
+        "enabled": "true" if rules.enabled else "false",
+        "min_count": str(rules.min_count),
+        "cell_threshold": str(rules.cell_threshold),
+        "max_bins_fraction": repr(rules.max_bins_fraction),
+        "min_max": f'"{rules.min_max}"',
+        "min_max_noise": repr(rules.min_max_noise),
+        "excluded_columns": json.dumps(list(rules.excluded_columns), ensure_ascii=False),
+    }
+    lines = ["disclosure rules:"]
+    for key, help_text in RULE_HELP.items():
+        suffix = "" if key != "min_max_noise" or rules.min_max == "noisy" else " (unused: min_max is not noisy)"
+        lines.append(f"  {key} = {values[key]}: {help_text}{suffix}")
+    return "\n".join(lines)
+
+
+# --- applying the rules -----------------------------------------------------------------------
+
+
+def _too_few(what: str, rules: DisclosureRules) -> str:
+    return f"min_count: {what}, fewer than this node's minimum of {rules.min_count} (disclosure.min_count)"
+
+
+_EXCLUDED_COLUMN = "excluded by the node's operator (disclosure.excluded_columns)"
+
+
+def _excluded(columns: Iterable[str]) -> str:
+    return f"{_EXCLUDED_COLUMN}: {', '.join(columns)}"
+
+
+def _suppress_group(cells: MutableMapping[Any, int | None], group: Sequence[Any]) -> bool:
+    """Secondary suppression in one group of cells whose total may be known: if exactly one is
+    suppressed, also suppress the smallest positive one. Return whether a cell was changed."""
+    if sum(1 for k in group if cells[k] is None) != 1:
+        return False
+    positive = [(v, i) for i, k in enumerate(group) if (v := cells[k]) is not None and v > 0]
+    if not positive:
+        return False  # nothing left to hide it among (the others are 0)
+    cells[group[min(positive)[1]]] = None
+    return True
+
+
+def _primary(value: int | None, threshold: int) -> int | None:
+    return None if value is None or 0 < value < threshold else value
+
+
+def _suppress_list(counts: Sequence[int | None], threshold: int) -> list[int | None]:
+    cells: dict[int, int | None] = {i: _primary(c, threshold) for i, c in enumerate(counts)}
+    _suppress_group(cells, list(cells))
+    return [cells[i] for i in range(len(counts))]
+
+
+def _suppress_value_counts(counts: Mapping[str, int | None], threshold: int) -> dict[str, int | None]:
+    cells = {k: _primary(v, threshold) for k, v in counts.items()}
+    # "<missing>" is released exactly in CategoricalPartial.missing anyway: not part of the group.
+    _suppress_group(cells, [k for k in cells if k != MISSING_KEY])
+    return cells
+
+
+def _suppress_table(table: Mapping[str, Mapping[str, int | None]], threshold: int) -> dict[str, dict[str, int | None]]:
+    cells: dict[tuple[str, str], int | None] = {
+        (r, c): _primary(v, threshold) for r, row in table.items() for c, v in row.items()
+    }
+    rows: dict[str, list[tuple[str, str]]] = {}
+    cols: dict[str, list[tuple[str, str]]] = {}
+    for key in cells:
+        rows.setdefault(key[0], []).append(key)
+        cols.setdefault(key[1], []).append(key)
+    groups = [*rows.values(), *cols.values()]
+    changed = True
+    while changed:  # each pass only adds suppressions, so this ends
+        changed = False
+        for group in groups:
+            changed |= _suppress_group(cells, group)
+    return {r: {c: cells[(r, c)] for c in row} for r, row in table.items()}
+
+
+def _max_bins(rules: DisclosureRules, count: int) -> int:
+    # Fraction(repr(x)) is the decimal the operator wrote: floor(0.29 * 100) is 29, not 28.
+    return max(1, math.floor(Fraction(repr(rules.max_bins_fraction)) * count))
+
+
+def _column_rng(key: int, column: str) -> np.random.Generator:
+    digest = hashlib.sha256(column.encode("utf-8", "surrogatepass")).digest()
+    return np.random.default_rng([key, int.from_bytes(digest[:8], "big")])
+
+
+def _outward(value: float, bound: float, direction: float, rng: np.random.Generator) -> float:
+    """Move ``value`` by an amount uniform in (0, bound] in ``direction`` (-1 down, +1 up)."""
+    if not math.isfinite(value) or not (bound > 0 and math.isfinite(bound)):
+        return value  # +-inf is already as far out as it gets
+    shift = bound - float(rng.uniform(0.0, bound))  # uniform in (0, bound]
+    moved = value + direction * shift
+    if (moved - value) * direction <= 0:  # the shift vanished in rounding: move by one ulp
+        moved = math.nextafter(value, direction * math.inf)
+    return moved
+
+
+def _noisy_min_max(part: NumericPartial, noise: float, rng: np.random.Generator) -> NumericPartial:
+    lo, hi = part.min, part.max
+    if lo is not None and hi is not None and hi > lo and math.isfinite(hi - lo):
+        scale = hi - lo
+    else:
+        present = [abs(v) for v in (lo, hi) if v is not None and math.isfinite(v)]
+        scale = max(present, default=0.0) or 1.0
+    return msgspec.structs.replace(
+        part,
+        min=None if lo is None else _outward(lo, noise * scale, -1.0, rng),
+        max=None if hi is None else _outward(hi, noise * scale, +1.0, rng),
+    )
+
+
+def _numeric(
+    name: str,
+    part: NumericPartial,
+    rules: DisclosureRules,
+    refused: dict[str, str],
+    asked_min_max: Collection[str],
+    noise_key: int,
+) -> NumericPartial:
+    histogram = part.histogram
+    if histogram is not None:
+        limit = _max_bins(rules, part.count)
+        if len(histogram) > limit:
+            refused[f"{name}.histogram"] = (
+                f"max_bins_fraction: {len(histogram)} bins for {part.count} values exceeds this node's "
+                f"maximum of {limit} bins (disclosure.max_bins_fraction = {rules.max_bins_fraction})"
+            )
+            part = msgspec.structs.replace(part, histogram=None, histogram_edges=None)
+        else:
+            part = msgspec.structs.replace(part, histogram=_suppress_list(histogram, rules.cell_threshold))
+    if rules.min_max == "off":
+        if name in asked_min_max:
+            refused[f"{name}.min/max"] = (
+                'min_max: this node does not release minimum and maximum values (disclosure.min_max = "off")'
+            )
+        if part.min is not None or part.max is not None:
+            part = msgspec.structs.replace(part, min=None, max=None)
+    elif rules.min_max == "noisy" and (part.min is not None or part.max is not None):
+        part = _noisy_min_max(part, rules.min_max_noise, _column_rng(noise_key, name))
+    return part
+
+
+def _crosstab(table: CrosstabPartial, rules: DisclosureRules, refused: dict[str, str]) -> CrosstabPartial | None:
+    excluded = [c for c in (table.rows, table.cols) if c in rules.excluded_columns]
+    if excluded:
+        refused[CROSSTAB_KEY] = _excluded(excluded)
+        return None
+    total = sum(v for row in table.cells.values() for v in row.values() if v is not None)
+    if total < rules.min_count:
+        refused[CROSSTAB_KEY] = _too_few(f"crosstab total of {total}", rules)
+        return None
+    return msgspec.structs.replace(table, cells=_suppress_table(table.cells, rules.cell_threshold))
+
+
+def _covariance(cov: CovariancePartial, rules: DisclosureRules, refused: dict[str, str]) -> CovariancePartial | None:
+    excluded = [c for c in cov.columns if c in rules.excluded_columns]
+    if excluded:
+        refused[COVARIANCE_KEY] = _excluded(excluded)
+        return None
+    for i, row in enumerate(cov.n):
+        for j, n in enumerate(row):
+            if n < rules.min_count:
+                pair = f"the pair ({cov.columns[i]}, {cov.columns[j]})" if i != j else cov.columns[i]
+                refused[COVARIANCE_KEY] = _too_few(f"{pair} has {n} complete rows", rules)
+                return None
+    return cov
+
+
+def apply_rules(
+    reply: FAReply,
+    rules: DisclosureRules,
+    *,
+    rng: np.random.Generator,
+    asked_min_max: Collection[str] = (),
+) -> FAReply:
+    """Return ``reply`` as this node's rules let it leave: a new FAReply in which excluded
+    columns and columns under ``min_count`` are removed, small cells suppressed (None),
+    over-fine histograms, min/max (unless allowed), small crosstabs and covariances refused,
+    each refusal recorded in ``refused`` with the rule and threshold that made it.
+
+    ``asked_min_max``: the columns for which the request asked for min or max, so that a
+    refusal is recorded for them when ``min_max = "off"``. ``rng`` draws the noise of
+    ``min_max = "noisy"`` (see the module docstring for seeding it). Raises
+    FedlabDisclosureError if analytics are switched off (``enabled = false``).
+    """
+    check_enabled(rules)
+    refused = dict(reply.refused)
+    noise_key = int(rng.integers(0, 2**63)) if rules.min_max == "noisy" else 0
+
+    numeric: dict[str, NumericPartial] = {}
+    for name, part in reply.numeric.items():
+        if name in rules.excluded_columns:
+            refused[name] = _EXCLUDED_COLUMN
+        elif part.count < rules.min_count:
+            refused[name] = _too_few(f"{part.count} non-missing values", rules)
+        else:
+            numeric[name] = _numeric(name, part, rules, refused, asked_min_max, noise_key)
+
+    categorical: dict[str, CategoricalPartial] = {}
+    for name, cpart in reply.categorical.items():
+        if name in rules.excluded_columns:
+            refused[name] = _EXCLUDED_COLUMN
+        elif cpart.count < rules.min_count:
+            refused[name] = _too_few(f"{cpart.count} non-missing values", rules)
+        else:
+            categorical[name] = msgspec.structs.replace(
+                cpart, value_counts=_suppress_value_counts(cpart.value_counts, rules.cell_threshold)
+            )
+
+    crosstab = None if reply.crosstab is None else _crosstab(reply.crosstab, rules, refused)
+    covariance = None if reply.covariance is None else _covariance(reply.covariance, rules, refused)
+    return msgspec.structs.replace(
+        reply, numeric=numeric, categorical=categorical, crosstab=crosstab, covariance=covariance, refused=refused
+    )
+

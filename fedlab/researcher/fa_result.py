@@ -1,0 +1,178 @@
+"""FAResult: what a federated statistics call gives back, as pandas objects.
+
+It holds the merged (global) statistics, each node's own figures, and an honest account of
+who took part: which nodes answered, which refused (and by which rule), which failed, which
+did not answer, and which columns a node withheld. Nothing is silently partial: the
+``nodes`` column of ``global_stats()`` says how many nodes each figure is built from.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from fedlab.analytics.merge import MergedCategorical, MergedNumeric
+from fedlab.analytics.messages import FAReply
+
+__all__ = ["FAResult"]
+
+SCALAR_ORDER = ("count", "missing", "sum", "mean", "var", "std", "min", "max", "median")
+
+
+@dataclass
+class FAResult:
+    stats: list[str]
+    quantile_levels: list[float]
+    node_names: dict[str, str]
+    replies: dict[str, FAReply]
+    numeric: dict[str, MergedNumeric] = field(default_factory=dict)
+    categorical: dict[str, MergedCategorical] = field(default_factory=dict)
+    quantiles: dict[str, dict[float, float]] = field(default_factory=dict)
+    crosstab_table: pd.DataFrame | None = None
+    crosstab_suppressed: dict[Any, list[str]] = field(default_factory=dict)
+    covariance: pd.DataFrame | None = None
+    correlation: pd.DataFrame | None = None
+    refused: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    contributors: dict[str, list[str]] = field(default_factory=dict)
+
+    # -- who took part -----------------------------------------------------------------------
+    @property
+    def answered(self) -> list[str]:
+        return list(self.replies)
+
+    def column_refusals(self) -> dict[str, dict[str, str]]:
+        """``{node: {column or "column.stat": why}}`` for what a node withheld."""
+        return {n: dict(r.refused) for n, r in self.replies.items() if r.refused}
+
+    def participation(self) -> pd.DataFrame:
+        rows = [{"node": self.node_names.get(n, n), "node_id": n, "status": "answered",
+                 "detail": "; ".join(f"{k}: {v}" for k, v in r.refused.items())} for n, r in self.replies.items()]
+        for status, source in (("refused", self.refused), ("failed", self.failed), ("missing", self.missing)):
+            rows += [{"node": self.node_names.get(n, n), "node_id": n, "status": status, "detail": why}
+                     for n, why in source.items()]
+        return pd.DataFrame(rows, columns=["node", "node_id", "status", "detail"])
+
+    # -- global figures ----------------------------------------------------------------------
+    def _scalar_columns(self) -> list[str]:
+        wanted = [s for s in SCALAR_ORDER if s in self.stats]
+        if "quantiles" in self.stats:
+            wanted += [f"q{q:g}" for q in self.quantile_levels]
+        return wanted
+
+    def global_stats(self) -> pd.DataFrame:
+        """One row per column, one column per statistic, plus how many nodes contributed."""
+        rows: dict[str, dict[str, Any]] = {}
+        for column, merged in self.numeric.items():
+            row = {"count": merged.count, "missing": merged.missing, "sum": merged.sum, "mean": merged.mean,
+                   "var": merged.var, "std": merged.std, "min": _nan(merged.min), "max": _nan(merged.max)}
+            for q, value in self.quantiles.get(column, {}).items():
+                row[f"q{q:g}"] = value
+                if q == 0.5:
+                    row["median"] = value
+            rows[column] = row
+        for column, cat in self.categorical.items():
+            rows.setdefault(column, {"count": cat.count, "missing": cat.missing})
+        wanted = self._scalar_columns()
+        frame = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=wanted)
+        frame["nodes"] = [len(self.contributors.get(c, [])) for c in frame.index]
+        frame.index.name = "column"
+        return frame
+
+    def node_stats(self) -> pd.DataFrame:
+        """Each node's own figures: one row per (node, column)."""
+        records = []
+        for node_id, reply in self.replies.items():
+            name = self.node_names.get(node_id, node_id)
+            for column, p in reply.numeric.items():
+                var = p.m2 / (p.count - 1) if p.count > 1 else math.nan
+                records.append({"node": name, "column": column, "count": p.count, "missing": p.missing,
+                                "sum": p.sum, "mean": p.mean if p.count else math.nan, "var": var,
+                                "std": math.sqrt(var) if var == var else math.nan, "min": _nan(p.min),
+                                "max": _nan(p.max)})
+            for column, c in reply.categorical.items():
+                if column not in reply.numeric:
+                    records.append({"node": name, "column": column, "count": c.count, "missing": c.missing})
+        wanted = [s for s in ("count", "missing", "sum", "mean", "var", "std", "min", "max") if s in self.stats]
+        frame = pd.DataFrame(records)
+        if frame.empty:
+            return frame
+        return frame.set_index(["node", "column"]).reindex(columns=wanted)
+
+    def histogram(self, column: str) -> pd.DataFrame:
+        merged = self.numeric[column]
+        if merged.histogram is None or merged.histogram_edges is None:
+            raise KeyError(f"no histogram was computed for {column!r}")
+        edges = merged.histogram_edges
+        suppressed = merged.histogram_suppressed
+        holders = [n for n, r in self.replies.items() if column in r.numeric]
+        withheld = [self.node_names.get(n, n) for n in holders if self.replies[n].numeric[column].histogram is None]
+        frame = pd.DataFrame({
+            "left": edges[:-1], "right": edges[1:], "count": merged.histogram,
+            "suppressed_on": [", ".join(self.node_names.get(n, n) for n in suppressed.get(i, []))
+                              for i in range(len(edges) - 1)],
+            "nodes": len(holders) - len(withheld),
+        })
+        frame.attrs["withheld_by"] = withheld  # nodes whose rules refused this histogram (see notes())
+        return frame
+
+    def value_counts(self, column: str) -> pd.DataFrame:
+        """Counts per value; a value withheld by every node that has it shows <NA>, never 0."""
+        merged = self.categorical[column]
+        series = merged.to_series()
+        hidden = sorted(v for v in merged.suppressed if v not in merged.value_counts)
+        values = [*series.index, *hidden]
+        return pd.DataFrame({
+            "value": values,
+            "count": pd.array([*series.to_numpy().tolist(), *[None] * len(hidden)], dtype="Int64"),
+            "suppressed_on": [", ".join(self.node_names.get(n, n) for n in merged.suppressed.get(v, []))
+                              for v in values],
+        })
+
+    def crosstab(self) -> pd.DataFrame:
+        if self.crosstab_table is None:
+            raise KeyError("no crosstab was computed")
+        return self.crosstab_table
+
+    def cov(self) -> pd.DataFrame:
+        if self.covariance is None:
+            raise KeyError("no covariance was computed")
+        return self.covariance
+
+    def corr(self) -> pd.DataFrame:
+        if self.correlation is None:
+            raise KeyError("no correlation was computed")
+        return self.correlation
+
+    def notes(self) -> list[str]:
+        """One line per thing the reader must know: refusals, failures, silences, withheld columns."""
+        lines = []
+        for label, source in (("refused", self.refused), ("failed", self.failed), ("no answer", self.missing)):
+            lines += [f"{self.node_names.get(n, n)} {label}: {why}" for n, why in source.items()]
+        for node, withheld in self.column_refusals().items():
+            lines += [f"{self.node_names.get(node, node)} withheld {key}: {why}" for key, why in withheld.items()]
+        return lines
+
+    def __repr__(self) -> str:
+        head = f"FAResult: {len(self.replies)} nodes answered"
+        return "\n".join([head, *self.notes(), self.global_stats().to_string()])
+
+    def _repr_html_(self) -> str:
+        notes = "".join(f"<li>{html.escape(line)}</li>" for line in self.notes())
+        return (f"<p>{len(self.replies)} nodes answered</p>" + (f"<ul>{notes}</ul>" if notes else "")
+                + str(self.global_stats().to_html()))
+
+
+def _nan(value: float | None) -> float:
+    """Withheld figures show as NaN in frames (the notes say who withheld them and why)."""
+    return math.nan if value is None else value
+
+
+def contributors(replies: Mapping[str, FAReply], column: str) -> list[str]:
+    return [n for n, r in replies.items() if column in r.numeric or column in r.categorical]

@@ -1,0 +1,163 @@
+"""Federated statistics from real nodes equal pandas on the pooled rows; disclosure rules hold."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from federation import HEARTBEAT, NodeProcess
+
+from fedlab import FedlabError, FedlabNodeError, Researcher
+from fedlab.researcher.jobs import FARequestJob
+
+pytestmark = pytest.mark.integration
+
+NUMERIC = ["age", "bmi", "bp", "s1", "s5", "target"]
+
+
+def clinical_frame() -> pd.DataFrame:
+    """scikit-learn's diabetes data in its original units, with a categorical sex column, a
+    derived outcome category, and missing values blanked at seeded random places."""
+    from sklearn.datasets import load_diabetes
+
+    frame = load_diabetes(as_frame=True, scaled=False).frame
+    frame["sex"] = frame["sex"].map({1.0: "sex-1", 2.0: "sex-2"})
+    frame["outcome"] = np.where(frame["target"] > 140, "progressed", "stable")
+    rng = np.random.default_rng(3)
+    for column in ("bmi", "bp", "s1"):
+        frame.loc[rng.random(len(frame)) < 0.1, column] = np.nan
+    frame.loc[rng.random(len(frame)) < 0.05, "sex"] = None
+    return frame[["age", "sex", "bmi", "bp", "s1", "s5", "target", "outcome"]]
+
+
+def set_rules(node: NodeProcess, **rules) -> None:
+    path = node.directory / "config.toml"
+    lines = path.read_text().splitlines()
+    for key, value in rules.items():
+        rendered = {True: "true", False: "false"}.get(value, None) if isinstance(value, bool) else None
+        rendered = rendered or (f'"{value}"' if isinstance(value, str) else str(value).replace("'", '"'))
+        lines = [f"{key} = {rendered}" if line.startswith(f"{key} =") else line for line in lines]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def clinical(tmp_path, address):
+    """Three real nodes holding uneven parts (200, 150, 92 rows) of the clinical frame."""
+    frame = clinical_frame()
+    parts = [frame.iloc[:200], frame.iloc[200:350], frame.iloc[350:]]
+    nodes = [NodeProcess.create(tmp_path, f"site-{i}", address, frame=part.reset_index(drop=True),
+                                tags=("diabetes",)) for i, part in enumerate(parts)]
+    yield frame, nodes
+    for node in nodes:
+        node.stop()
+
+
+def start(nodes, address):
+    for node in nodes:
+        node.start()
+    researcher = Researcher(address, heartbeat_interval=HEARTBEAT)
+    researcher.wait_for_nodes(len(nodes), timeout=30)
+    return researcher
+
+
+def close(a, b, scale=1.0):
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12 * scale)
+
+
+def test_statistics_equal_pandas_on_the_pooled_rows(clinical, address):
+    pooled, nodes = clinical
+    for node in nodes:
+        set_rules(node, min_max="exact", cell_threshold=1, max_bins_fraction=1.0)
+    with start(nodes, address) as r:
+        fds = r.search("diabetes")
+        edges = [18, 30, 40, 50, 60, 80]
+        result = r.stats(fds, stats=["count", "missing", "sum", "mean", "var", "std", "min", "max", "median",
+                                     "quantiles", "value_counts", "cov", "corr"],
+                         stats_args={"age": {"histogram": {"edges": edges}}, "bmi": {"histogram": {"bins": 12}}},
+                         quantiles=[0.1, 0.25, 0.5, 0.9], crosstab=["sex", "outcome"])
+        assert sorted(result.answered) == sorted(n.node_id for n in nodes)
+        assert result.refused == {} and result.failed == {} and result.missing == {}
+        table = result.global_stats()
+        for column in NUMERIC:
+            values = pooled[column]
+            row = table.loc[column]
+            scale = float(values.abs().max())
+            assert row["count"] == values.count() and row["missing"] == values.isna().sum()
+            for stat, expected in (("sum", values.sum()), ("mean", values.mean()), ("var", values.var()),
+                                   ("std", values.std()), ("min", values.min()), ("max", values.max())):
+                assert close(row[stat], expected, scale), (column, stat, row[stat], expected)
+            span = values.max() - values.min()
+            for q in (0.1, 0.25, 0.5, 0.9):
+                assert abs(row[f"q{q:g}"] - values.quantile(q)) <= 1e-6 * span, (column, q)
+            assert abs(row["median"] - values.median()) <= 1e-6 * span
+            assert row["nodes"] == 3
+        hist = result.histogram("age")
+        assert hist["count"].tolist() == np.histogram(pooled["age"].dropna(), bins=edges)[0].tolist()
+        bmi = pooled["bmi"].dropna()
+        expected_counts, expected_edges = np.histogram(bmi, bins=12, range=(bmi.min(), bmi.max()))
+        hist = result.histogram("bmi")
+        assert hist["count"].tolist() == expected_counts.tolist() and set(hist["nodes"]) == {3}
+        np.testing.assert_allclose(hist["left"], expected_edges[:-1], rtol=1e-12)
+        counts = result.value_counts("sex").set_index("value")["count"]
+        assert counts.to_dict() == pooled["sex"].value_counts().to_dict()
+        assert table.loc["sex", "missing"] == pooled["sex"].isna().sum()
+        crosstab = result.crosstab()
+        expected = pd.crosstab(pooled["sex"], pooled["outcome"])
+        assert crosstab.loc[expected.index, expected.columns].to_numpy().tolist() == expected.to_numpy().tolist()
+        pooled_cov = pooled[NUMERIC].cov()
+        pooled_corr = pooled[NUMERIC].corr()
+        cov = result.cov().loc[NUMERIC, NUMERIC]
+        corr = result.corr().loc[NUMERIC, NUMERIC]
+        np.testing.assert_allclose(cov.to_numpy(), pooled_cov.to_numpy(), rtol=1e-9)
+        np.testing.assert_allclose(corr.to_numpy(), pooled_corr.to_numpy(), rtol=1e-9)
+        per_node = result.node_stats()
+        assert per_node.loc[("site-0", "age"), "count"] == 200
+
+
+def test_default_rules_suppress_withhold_and_say_so(clinical, address):
+    pooled, nodes = clinical
+    set_rules(nodes[1], excluded_columns=["age"])
+    set_rules(nodes[2], enabled=False)
+    with start(nodes, address) as r:
+        fds = r.search("diabetes")
+        result = r.stats(fds, stats=["count", "mean", "min", "max"], columns=["age", "bmi"])
+        assert sorted(result.answered) == sorted([nodes[0].node_id, nodes[1].node_id])
+        assert "disclosure.enabled" in result.refused[nodes[2].node_id]
+        withheld = result.column_refusals()
+        assert "age" in withheld[nodes[1].node_id]
+        assert "bmi.min/max" in withheld[nodes[0].node_id]  # min/max are off by default
+        table = result.global_stats()
+        assert table.loc["age", "nodes"] == 1 and table.loc["bmi", "nodes"] == 2
+        assert math.isnan(table.loc["bmi", "min"])
+        assert table.loc["age", "count"] == pooled["age"].iloc[:200].count()
+        assert any("site-2 refused" in line for line in result.notes())
+        # small cells are suppressed (None on the wire), never shown as 0
+        ages = r.stats(fds, stats=["value_counts"], columns=["age"]).value_counts("age")
+        pooled_ages = pooled["age"].iloc[:200].astype(str).value_counts()  # site-1 excludes age
+        shown = ages.dropna(subset=["count"]).set_index("value")["count"]
+        assert (ages["suppressed_on"] != "").any() and ages["count"].isna().any()
+        assert all(shown[v] <= pooled_ages[v] for v in shown.index)
+        assert set(ages["value"]) == set(pooled_ages.index)  # every value listed, none dropped
+        with pytest.raises(FedlabError, match="min_max"):
+            r.stats(fds, stats=["histogram"], columns=["bmi"], bins=10)
+
+
+def test_fa_request_job_keeps_the_seeds_semantics(clinical, address):
+    _, nodes = clinical
+    set_rules(nodes[2], enabled=False)
+    with start(nodes, address) as r:
+        fds = r.search("diabetes")
+        kw = dict(researcher_id=r.id, requests=r.requests)
+        with pytest.raises(FedlabError, match="either"):
+            FARequestJob("exp", "fa", fds, None, None, **kw)
+        with pytest.raises(FedlabError, match="mutually exclusive"):
+            FARequestJob("exp", "fa", fds, {"age": {"mean": {}}}, ["mean"], **kw)
+        with pytest.raises(FedlabError, match="dataset_schema"):
+            FARequestJob("exp", "fa", fds, {"age": {"mean": {}}}, None, ["age"], **kw)
+        ok = FARequestJob("exp", "fa", fds, None, ["mean"], ["age"], nodes=[nodes[0].node_id], **kw).execute()
+        assert list(ok) == [nodes[0].node_id] and ok[nodes[0].node_id].numeric["age"].count == 200
+        with pytest.raises(FedlabNodeError, match=nodes[2].node_id) as info:
+            FARequestJob("exp", "fa", fds, None, ["mean"], ["age"], **kw).execute()
+        assert info.value.errors[nodes[2].node_id][0] == "disclosure_refused"
