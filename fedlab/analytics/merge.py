@@ -13,7 +13,7 @@ form of Chan et al.'s parallel formula (deviations from the pooled mean, see
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from fedlab.analytics.messages import CategoricalPartial, CovariancePartial, CrosstabPartial, NumericPartial
-from fedlab.analytics.partials import _fsum
 from fedlab.errors import FedlabProtocolError
 
 __all__ = [
@@ -83,6 +82,16 @@ class MergedCrosstab:
     cols: str
     table: pd.DataFrame
     suppressed: dict[tuple[str, str], list[str]]
+
+
+def _fsum(values: Iterable[float] | np.ndarray) -> float:
+    """Correctly rounded sum; falls back to numpy where fsum refuses (inf - inf, overflow)."""
+    items = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    try:
+        return math.fsum(items)
+    except (OverflowError, ValueError):
+        with np.errstate(all="ignore"):
+            return float(np.sum(np.asarray(items, dtype=np.float64)))
 
 
 def merge_moments(parts: Sequence[tuple[int, float, float]]) -> tuple[int, float, float]:

@@ -5,7 +5,8 @@ histogram bin, per category or per crosstab cell, and pairwise co-moments. Every
 exact (no disclosure rules: the node applies those to the partials afterwards) and computed so
 that merging partials gives the pooled statistic to ~1e-12 relative error:
 
-* sums use :func:`math.fsum` (correctly rounded, so independent of row order);
+* sums use numpy's pairwise summation in float64 (error ~log2(n) * eps relative; the merge
+  step, over a handful of node figures, uses the correctly rounded :func:`math.fsum`);
 * ``m2`` is a *corrected* two-pass sum of squared deviations (Björck): the deviations are taken
   from the correctly rounded mean and the residual ``sum(x - mean)`` removes what rounding the
   mean left behind. The naive ``sum(x**2) - n*mean**2`` would lose every digit for data like
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -158,14 +159,12 @@ def covariance_partial(frame: pd.DataFrame, columns: Sequence[str]) -> Covarianc
     return CovariancePartial(columns=cols, n=n, mean_x=mx, mean_y=my, m2_x=m2x, m2_y=m2y, c=cm)
 
 
-def _fsum(values: Iterable[float] | np.ndarray) -> float:
-    """Correctly rounded sum; falls back to numpy where fsum refuses (inf - inf, overflow)."""
-    items = values.tolist() if isinstance(values, np.ndarray) else list(values)
-    try:
-        return math.fsum(items)
-    except (OverflowError, ValueError):
-        with np.errstate(all="ignore"):
-            return float(np.sum(np.asarray(items, dtype=np.float64)))
+def _array_sum(values: np.ndarray) -> float:
+    """Sum of a float64 array with numpy's pairwise summation: error grows like log2(n) * eps
+    (about 4e-15 relative at 100,000 values), far inside the 1e-9 we promise, and some 30 times
+    faster than ``math.fsum`` over a Python list, which dominated a node's answer time."""
+    with np.errstate(all="ignore"):
+        return float(np.add.reduce(values, dtype=np.float64))
 
 
 def _moments(values: np.ndarray) -> tuple[int, float, float, float]:
@@ -173,7 +172,7 @@ def _moments(values: np.ndarray) -> tuple[int, float, float, float]:
     count = int(values.size)
     if count == 0:
         return 0, 0.0, 0.0, 0.0
-    total = _fsum(values)
+    total = _array_sum(values)
     lo, hi = values.min(), values.max()
     if lo == hi:  # constant: exact mean, exactly zero spread
         return count, total, float(lo), 0.0
@@ -188,7 +187,7 @@ def _co_moment(dx: np.ndarray, dy: np.ndarray) -> float:
     if dx.size == 0:
         return 0.0
     with np.errstate(all="ignore"):
-        return _fsum(dx * dy) - _fsum(dx) * _fsum(dy) / dx.size
+        return _array_sum(dx * dy) - _array_sum(dx) * _array_sum(dy) / dx.size
 
 
 def _float_values(series: pd.Series) -> np.ndarray:

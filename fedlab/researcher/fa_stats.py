@@ -181,9 +181,8 @@ def _quantile_rounds(result: FAResult, run: Any, nodes: Sequence[str], max_round
     for column, merged in result.numeric.items():
         if merged.count == 0:
             continue
-        spread = merged.std if merged.std == merged.std and merged.std > 0 else max(abs(merged.mean), 1.0)
-        searches[column] = QuantileSearch(result.quantile_levels, merged.count,
-                                          (merged.mean - 4 * spread, merged.mean + 4 * spread))
+        searches[column] = QuantileSearch.from_moments(result.quantile_levels, merged.count, merged.mean,
+                                                       merged.std)
     contributing = {c: set(result.contributors.get(c, [])) for c in searches}
     for _ in range(max_rounds):
         thresholds = {c: t for c, s in list(searches.items()) if (t := s.next_thresholds())}

@@ -7,9 +7,12 @@ where the exact value is near 0 relative to the data (a sum of values that cance
 of 1e6 + tiny noise): there a relative error is not defined by the data but by rounding.
 
 * sum, mean: ``1e-12 x sum(|x|)`` and ``1e-12 x max|x|``: what any summation order may lose;
-* var, cov: ``16 eps x max|x| x (max - min)``: a partial carries each node's mean as a float,
-  off by up to half an ulp of ``max|x|``, and that moves the pooled M2 by up to
-  ``n x (max - min) x ulp / 2`` (pandas' own one-pass covariance has an error of the same size);
+* var: ``16 eps x max|x| x (max - min)``: a partial carries each node's mean as a float, off
+  by up to half an ulp of ``max|x|``, and that moves the pooled M2 by up to
+  ``n x (max - min) x ulp / 2``; cov(x, y): the same with each column's magnitude times the
+  other's spread. pandas' own one-pass (Welford) covariance, used when there are NaNs, has an
+  error of this size too (e.g. 4e-7 relative for a column 1e6 + 1e-5 against one of spread 2.5,
+  where ours is exact);
 * std: ``sqrt`` of the var floor (``|sqrt(a) - sqrt(b)| <= sqrt(|a - b|)``); corr: 1e-9 plus
   the cov and var floors relative to ``sqrt(var_i var_j)``.
 
@@ -97,10 +100,16 @@ def close(ours: float, expected: float, floor: float, rel: float = 1e-9) -> bool
     return math.isclose(ours, expected, rel_tol=rel, abs_tol=floor)
 
 
-def var_floor(x: np.ndarray) -> float:
+def cov_floor(x: np.ndarray, y: np.ndarray) -> float:
+    """Rounding floor of cov(x, y): each mean is off by ~ulp(max|.|), times the other's spread."""
     if x.size == 0:
         return 0.0
-    return 16 * EPS * float(np.max(np.abs(x))) * float(np.ptp(x)) + 1e-290
+    scale_x, scale_y = float(np.max(np.abs(x))), float(np.max(np.abs(y)))
+    return 16 * EPS * (scale_x * float(np.ptp(y)) + scale_y * float(np.ptp(x))) / 2 + 1e-290
+
+
+def var_floor(x: np.ndarray) -> float:
+    return cov_floor(x, x)
 
 
 # -- numeric ---------------------------------------------------------------------------------------
@@ -191,7 +200,7 @@ def test_covariance_merge_equals_pandas_pairwise(data):
         for j in "xyz":
             rows = frame[[i, j]].dropna()
             xi, xj = rows[i].to_numpy(), rows[j].to_numpy()
-            floor = max(var_floor(xi), var_floor(xj)) if xi.size else 0.0
+            floor = cov_floor(xi, xj)
             assert close(cov.loc[i, j], expected_cov.loc[i, j], floor), (i, j)
             if math.isnan(expected_corr.loc[i, j]) or math.isnan(corr.loc[i, j]):
                 assert math.isnan(expected_corr.loc[i, j]) and math.isnan(corr.loc[i, j]), (i, j)
