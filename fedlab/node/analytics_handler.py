@@ -105,7 +105,8 @@ class AnalyticsHandler:
         return list(request.stats)
 
     def _columns(self, request: FARequest, frame: pd.DataFrame) -> list[str]:
-        wanted = list(request.columns) or [c for c in frame.columns if c not in self.rules.excluded_columns]
+        wanted = list(request.columns) or list(request.stats_args) or [
+            c for c in frame.columns if c not in self.rules.excluded_columns]
         absent = [c for c in [*wanted, *request.crosstab] if c not in frame.columns]
         if absent:
             raise FedlabDatasetError(f"columns {absent} are not in this dataset; it has {list(frame.columns)}")
@@ -130,7 +131,7 @@ class AnalyticsHandler:
                 if "value_counts" not in stats:  # only count and missing were asked of this column
                     partial = CategoricalPartial(count=partial.count, missing=partial.missing, value_counts={})
                 categorical[column] = partial
-            if is_numeric(series):
+            if is_numeric(series) and stats - {"value_counts"}:
                 edges = args.get("histogram", {}).get("edges") if "histogram" in stats else None
                 numeric[column] = numeric_partial(
                     series,
