@@ -122,6 +122,10 @@ def _show(address: str, n_nodes: int) -> None:
         fds = researcher.search(["breast-cancer"])
         print("\nresearcher.search(['breast-cancer']):")
         print(fds.to_frame().drop(columns=["node_id"]).to_string(index=False))
+        result = researcher.stats(fds, stats=["count", "mean", "std", "median"],
+                                  columns=["mean radius", "mean texture", "mean area", "target"])
+        print("\nresearcher.stats(fds, ['count', 'mean', 'std', 'median'], columns=[...]).global_stats():")
+        print(result.global_stats().to_string())
         t0 = time.perf_counter()
         ping = researcher.ping()
         print(f"\nping to {len(ping.replies())} nodes and back: {1000 * (time.perf_counter() - t0):.1f} ms")

@@ -42,6 +42,8 @@ class Outbox:
         self.wake()
 
     def wake(self) -> None:
+        if self._closed:  # the fd number may already belong to another file
+            return
         try:
             os.write(self._write_fd, b"\0")
         except (BlockingIOError, OSError):

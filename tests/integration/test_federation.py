@@ -159,3 +159,11 @@ def test_node_notices_a_vanished_researcher_and_rejoins_a_new_one(make_nodes, ad
     with Researcher(address, heartbeat_interval=HEARTBEAT) as r:
         r.wait_for_nodes(1, timeout=10)
         assert node.node_id in r.ping().replies()
+
+
+def test_second_researcher_on_a_taken_address_gets_a_clear_error(address):
+    from fedlab import FedlabTransportError
+
+    with Researcher(address, heartbeat_interval=HEARTBEAT):
+        with pytest.raises(FedlabTransportError, match="cannot listen on .* another researcher"):
+            Researcher(address)
