@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 
+from fedlab.analytics.disclosure_rules import describe
 from fedlab.errors import FedlabProtocolError
 from fedlab.node.config import NodeConfig, load_config
 from fedlab.node.dispatch import Dispatcher
@@ -105,6 +106,7 @@ def run_node(directory: str | Path, *, researcher: str | None = None,
     node = Node(config)
     node.start()
     log.info("node %s (%s) started; dialing researcher at %s", config.name, config.node_id, config.researcher)
+    log.info("%s", describe(config.disclosure))
     while not stop.wait(0.2):
         pass
     node.stop()
