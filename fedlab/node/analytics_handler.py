@@ -30,7 +30,7 @@ from fedlab.analytics.partials import (
     numeric_partial,
 )
 from fedlab.errors import FedlabDatasetError, FedlabDisclosureError, FedlabProtocolError
-from fedlab.node.registry import DatasetRegistry
+from fedlab.node.registry import DatasetRecord, DatasetRegistry
 
 __all__ = ["AnalyticsHandler", "CsvCache"]
 
@@ -78,15 +78,17 @@ class AnalyticsHandler:
 
     def __call__(self, request: FARequest) -> FAReply:
         check_enabled(self.rules)
-        unknown = sorted(set(request.stats) - set(STATISTICS))
-        if unknown:
-            raise FedlabProtocolError(
-                f"unknown statistics {unknown}; known: {list(STATISTICS)}", code="invalid_field", field="stats")
+        self.check_stats(request)
         record = self.registry.get(request.dataset_id)
         if record.data_type != "csv":
             raise FedlabDatasetError(
                 f"dataset {record.name} holds {record.data_type}; statistics need a CSV dataset")
         frame = self.cache.load(str(Path(record.path)))
+        return self.answer(request, frame, record)
+
+    def answer(self, request: FARequest, frame: pd.DataFrame, record: DatasetRecord) -> FAReply:
+        """Partials of ``frame`` (``record``'s data, possibly transformed in memory by a
+        preprocessing chain) after the disclosure rules: the one place where they are applied."""
         if len(frame) < self.rules.min_count:
             raise FedlabDisclosureError(
                 f"min_count: dataset {record.name} has {len(frame)} rows, fewer than this node's minimum "
@@ -96,6 +98,14 @@ class AnalyticsHandler:
         asked_min_max = [c for c in columns if {"min", "max"} & set(self._stats_for(request, c))]
         rng = self._rng(record.dataset_id, str(record.path))
         return apply_rules(reply, self.rules, rng=rng, asked_min_max=asked_min_max)
+
+    @staticmethod
+    def check_stats(request: FARequest) -> None:
+        """Refuse statistics this node does not know, before any data is read."""
+        unknown = sorted(set(request.stats) - set(STATISTICS))
+        if unknown:
+            raise FedlabProtocolError(
+                f"unknown statistics {unknown}; known: {list(STATISTICS)}", code="invalid_field", field="stats")
 
     @staticmethod
     def _stats_for(request: FARequest, column: str) -> list[str]:

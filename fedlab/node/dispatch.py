@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fedlab.analytics.disclosure import DisclosureRules
 from fedlab.analytics.messages import FARequest
@@ -22,7 +23,9 @@ from fedlab.errors import (
     FedlabProtocolError,
 )
 from fedlab.node.analytics_handler import AnalyticsHandler
+from fedlab.node.preproc_handler import PreprocHandler
 from fedlab.node.registry import DatasetRegistry
+from fedlab.preprocessing.messages import PreprocRequest
 from fedlab.protocol import (
     DatasetListReply,
     DatasetSearchReply,
@@ -61,16 +64,21 @@ def error_code(exc: FedlabError) -> str:
 
 class Dispatcher:
     def __init__(self, node_id: str, name: str, registry: DatasetRegistry,
-                 rules: DisclosureRules | None = None) -> None:
+                 rules: DisclosureRules | None = None, node_dir: Path | None = None) -> None:
         self.node_id = node_id
         self.name = name
         self.registry = registry
-        self.analytics = AnalyticsHandler(registry, rules or DisclosureRules(), node_id=node_id)
+        rules = rules or DisclosureRules()
+        self.analytics = AnalyticsHandler(registry, rules, node_id=node_id)
+        # Preprocessing writes derived datasets into the node's directory, so it needs one.
+        self.preproc = None if node_dir is None else PreprocHandler(
+            registry, rules, node_id=node_id, node_dir=node_dir, analytics=self.analytics)
         self.table: dict[str, Handler] = {
             "ping_request": self._ping,
             "dataset_search_request": self._search,
             "dataset_list_request": self._list,
             "fa_request": self._analytics,
+            "preproc_request": self._preprocess,
         }
 
     def handle(self, envelope: Envelope) -> Envelope:
@@ -113,6 +121,14 @@ class Dispatcher:
     def _analytics(self, envelope: Envelope) -> HandlerResult:
         assert isinstance(envelope.content, FARequest)
         return self.analytics(envelope.content)
+
+    def _preprocess(self, envelope: Envelope) -> HandlerResult:
+        assert isinstance(envelope.content, PreprocRequest)
+        if self.preproc is None:
+            raise FedlabConfigError(
+                f"node {self.name} was started without a node directory, so it cannot write derived "
+                "datasets; start it with `fedlab node start DIR` to use preprocessing")
+        return self.preproc(envelope.content)
 
     def _list(self, envelope: Envelope) -> HandlerResult:
         return DatasetListReply(datasets=[r.to_info() for r in self.registry.list()])

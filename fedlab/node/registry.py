@@ -15,7 +15,7 @@ import os
 import shlex
 import sqlite3
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -100,6 +100,8 @@ class DatasetRecord:
             classes=[str(c) for c in meta.get("classes", [])],
             image_shape=[int(n) for n in meta.get("image_shape", [])],
             channels=int(meta.get("channels", 0)),
+            derived_from=str(meta.get("derived_from", "")),
+            steps=[str(s) for s in meta.get("steps", [])],
         )
 
     @classmethod
@@ -221,8 +223,14 @@ class DatasetRegistry:
         data_type: str,
         path: str | os.PathLike[str],
         description: str = "",
+        lineage: Mapping[str, Any] | None = None,
     ) -> DatasetRecord:
-        """Inspect the dataset at ``path`` and register it under ``name``; return its record."""
+        """Inspect the dataset at ``path`` and register it under ``name``; return its record.
+
+        ``lineage`` (for a dataset made by preprocessing on this node): ``derived_from``, the
+        source dataset's id, and ``steps``, the transforms that made it; kept in the metadata
+        so that a researcher can tell a derived dataset from its source.
+        """
         name = _clean_name(name)
         clean_tags = _clean_tags(tags)
         if data_type not in DATA_TYPES:
@@ -234,6 +242,9 @@ class DatasetRegistry:
                 f"the description must be a string of at most {MAX_DESCRIPTION_LENGTH} characters"
             )
         metadata = inspect_csv(path) if data_type == "csv" else inspect_images(path)
+        if lineage:
+            metadata["derived_from"] = str(lineage.get("derived_from", ""))
+            metadata["steps"] = [str(step) for step in lineage.get("steps", [])]
         record = DatasetRecord(
             dataset_id="dataset-" + uuid.uuid4().hex[:12],
             name=name,

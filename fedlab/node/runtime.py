@@ -35,7 +35,7 @@ class Node:
     def __init__(self, config: NodeConfig, *, workers: int = 2) -> None:
         self.config = config
         self.dispatcher = Dispatcher(config.node_id, config.name, DatasetRegistry(config.db_path),
-                                     config.disclosure)
+                                     config.disclosure, node_dir=config.directory)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedlab-worker")
         self._busy = 0
         self._busy_lock = threading.Lock()

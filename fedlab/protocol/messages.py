@@ -92,6 +92,8 @@ class DatasetInfo(Message, frozen=True):
     classes: list[str] = []
     image_shape: list[int] = []
     channels: int = 0
+    derived_from: str = ""  # for a dataset made by preprocessing: the source dataset's id
+    steps: list[str] = []  # and the preprocessing steps that made it, in order
 
 
 class DatasetSearchRequest(Message, frozen=True):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -30,6 +30,9 @@ from fedlab.protocol import (
     to_builtins,
 )
 from fedlab.researcher.fa_result import FAResult
+
+if TYPE_CHECKING:
+    from fedlab.researcher.preprocess import Pipeline
 from fedlab.researcher.federated_dataset import FederatedDataset, check_data_quality
 from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.requests import FederatedRequest, Requests
@@ -196,6 +199,13 @@ class Researcher:
         return federated_stats(federated_dataset, researcher_id=self.id, requests=self.requests, stats=stats,
                                columns=columns, stats_args=stats_args, bins=bins, quantiles=quantiles,
                                crosstab=crosstab, node_names=self._names(), timeout=timeout)
+
+    def preprocess(self, federated_dataset: FederatedDataset, *, timeout: float = 60.0) -> Pipeline:
+        """A preprocessing pipeline over ``federated_dataset``: chain steps, then ``.apply(...)``."""
+        from fedlab.researcher.preprocess import Pipeline
+
+        return Pipeline(federated_dataset, researcher_id=self.id, requests=self.requests,
+                        node_names=self._names(), timeout=timeout)
 
     @staticmethod
     def _raise_node_errors(request: FederatedRequest, what: str) -> None:

@@ -14,6 +14,8 @@ PACKAGE = Path(fedlab.__file__).parent
 # package -> fedlab packages it may import (besides fedlab.errors, which everything may use)
 ALLOWED = {
     "protocol": {"protocol"},
+    "analytics": {"protocol", "analytics"},
+    "preprocessing": {"protocol", "analytics", "preprocessing"},
     "transport": {"protocol", "transport"},
     "node": {"protocol", "transport", "node", "analytics", "preprocessing", "training"},
     "researcher": {"protocol", "transport", "researcher", "analytics", "preprocessing", "training"},
