@@ -115,3 +115,25 @@ def test_a_failing_node_is_reported_not_fatal(sites, address):
         derived = pipe.apply(name="partial", tags=["x"])
         assert sorted(derived.node_ids()) == sorted(n.node_id for n in nodes[:2])
         assert nodes[2].node_id in derived.missing
+
+
+def test_refusals_come_back_per_node_with_the_rule(sites, address):
+    from test_analytics import set_rules
+
+    from fedlab import FedlabError
+
+    _, nodes = sites
+    nodes[1].stop()
+    set_rules(nodes[1], enabled=False)
+    nodes[2].stop()
+    set_rules(nodes[2], excluded_columns=["bmi"])
+    nodes[1].start()
+    nodes[2].start()
+    with Researcher(address, heartbeat_interval=HEARTBEAT) as r:
+        r.wait_for_nodes(3, timeout=30)
+        fds = r.search("diabetes")
+        pipe = r.preprocess(fds).standardize(["age"])
+        assert list(pipe.dropped) == [nodes[1].node_id]
+        assert "disclosure.enabled" in pipe.dropped[nodes[1].node_id]
+        with pytest.raises(FedlabError, match=r"withheld bmi: excluded .*disclosure.excluded_columns"):
+            pipe.standardize(["bmi"])
