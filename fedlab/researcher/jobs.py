@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from fedlab.analytics.messages import STATISTICS, FAReply, FARequest
 from fedlab.errors import FedlabError, FedlabNodeError
@@ -30,6 +30,7 @@ from fedlab.researcher.requests import FederatedRequest, MessagesByNode, Missing
 __all__ = ["FARequestJob", "Job"]
 
 log = logging.getLogger("fedlab.researcher")
+R = TypeVar("R")
 
 
 class _RequestTimer:
@@ -84,6 +85,22 @@ class Job:
 
     def execute(self) -> Any:
         raise NotImplementedError
+
+    def _send(self, messages: MessagesByNode, reply_type: type[R], what: str) -> dict[str, R]:
+        """Send one message per node, time it, keep errors and silences in ``self``, log them."""
+        nodes = self.nodes or []
+        with self.RequestTimer(nodes) as timer, self.requests.send(messages, nodes, self._policies) as request:
+            timer.stop(request)
+            replies: dict[str, R] = {
+                n: e.content for n, e in request.replies().items() if isinstance(e.content, reply_type)}
+            self.errors = request.errors()
+            self.missing = request.missing()
+        self.timings = timer.timings
+        for node_id, error in self.errors.items():
+            log.error("node %s failed %s: [%s] %s", node_id, what, error.code, error.message)
+        for node_id, why in self.missing.items():
+            log.warning("node %s did not answer %s: %s", node_id, what, why)
+        return replies
 
 
 class FARequestJob(Job):
@@ -140,18 +157,8 @@ class FARequestJob(Job):
                          thresholds=self._thresholds)
 
     def execute(self) -> dict[str, FAReply]:
-        nodes = self.nodes or []
-        messages = MessagesByNode({n: self._message_for(n) for n in nodes})
-        with self.RequestTimer(nodes) as timer, self.requests.send(messages, nodes, self._policies) as request:
-            timer.stop(request)
-            replies = {n: env.content for n, env in request.replies().items() if isinstance(env.content, FAReply)}
-            self.errors = request.errors()
-            self.missing = request.missing()
-        self.timings = timer.timings
-        for node_id, error in self.errors.items():
-            log.error("node %s failed the analytics request: [%s] %s", node_id, error.code, error.message)
-        for node_id, why in self.missing.items():
-            log.warning("node %s did not answer the analytics request: %s", node_id, why)
+        messages = MessagesByNode({n: self._message_for(n) for n in self.nodes or []})
+        replies = self._send(messages, FAReply, "the analytics request")
         if self.errors and self._raise_on_error:
             raise FedlabNodeError(
                 f"analytics failed on nodes {sorted(self.errors)}: "

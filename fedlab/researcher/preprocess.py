@@ -16,7 +16,6 @@ dropped from the pipeline, and the pipeline says which and why.
 from __future__ import annotations
 
 import copy
-import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,8 +38,6 @@ from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.requests import MessagesByNode, Requests
 
 __all__ = ["Pipeline", "PreprocRequestJob"]
-
-log = logging.getLogger("fedlab.researcher")
 
 
 class PreprocRequestJob(Job):
@@ -81,18 +78,7 @@ class PreprocRequestJob(Job):
                               preproc_args=copy.deepcopy(self._args),  # no node sees another's mutations
                               state_id=self._states.get(n))
             for n in nodes})
-        with self.RequestTimer(nodes) as timer, self.requests.send(messages, nodes, self._policies) as request:
-            timer.stop(request)
-            replies = {n: e.content for n, e in request.replies().items() if isinstance(e.content, PreprocReply)}
-            self.errors = request.errors()
-            self.missing = request.missing()
-        self.timings = timer.timings
-        for node_id, error in self.errors.items():
-            log.error("node %s failed preprocessing %s/%s: [%s] %s", node_id, self._type, self._step,
-                      error.code, error.message)
-        for node_id, why in self.missing.items():
-            log.warning("node %s did not answer preprocessing %s/%s: %s", node_id, self._type, self._step, why)
-        return replies
+        return self._send(messages, PreprocReply, f"preprocessing {self._type}/{self._step}")
 
 
 class Pipeline:
