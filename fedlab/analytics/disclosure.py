@@ -114,6 +114,15 @@ def _too_few(what: str, rules: DisclosureRules) -> str:
 _EXCLUDED_COLUMN = "excluded by the node's operator (disclosure.excluded_columns)"
 
 
+def _column_refusal(name: str, count: int, rules: DisclosureRules) -> str | None:
+    """Why a whole column may not leave this node (excluded, or too few values), or None."""
+    if name in rules.excluded_columns:
+        return _EXCLUDED_COLUMN
+    if count < rules.min_count:
+        return _too_few(f"{count} non-missing values", rules)
+    return None
+
+
 def _excluded(columns: Iterable[str]) -> str:
     return f"{_EXCLUDED_COLUMN}: {', '.join(columns)}"
 
@@ -280,19 +289,15 @@ def apply_rules(
 
     numeric: dict[str, NumericPartial] = {}
     for name, part in reply.numeric.items():
-        if name in rules.excluded_columns:
-            refused[name] = _EXCLUDED_COLUMN
-        elif part.count < rules.min_count:
-            refused[name] = _too_few(f"{part.count} non-missing values", rules)
+        if (why := _column_refusal(name, part.count, rules)) is not None:
+            refused[name] = why
         else:
             numeric[name] = _numeric(name, part, rules, refused, asked_min_max, noise_key)
 
     categorical: dict[str, CategoricalPartial] = {}
     for name, cpart in reply.categorical.items():
-        if name in rules.excluded_columns:
-            refused[name] = _EXCLUDED_COLUMN
-        elif cpart.count < rules.min_count:
-            refused[name] = _too_few(f"{cpart.count} non-missing values", rules)
+        if (why := _column_refusal(name, cpart.count, rules)) is not None:
+            refused[name] = why
         else:
             categorical[name] = msgspec.structs.replace(
                 cpart, value_counts=_suppress_value_counts(cpart.value_counts, rules.cell_threshold)
