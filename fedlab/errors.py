@@ -15,6 +15,7 @@ registry) and never reach a user raw::
     ├── FedlabNodeError            a node answered with an error reply
     ├── FedlabRequestStopped       a request policy stopped a request
     ├── FedlabApprovalError        a training plan is not approved on a node
+    ├── FedlabTrainingError        a training plan failed or its arguments are wrong
     └── FedlabDisclosureError      a node's disclosure rules refused a result
 
 Each class carries a message written for the person who will read it: what was wrong and
@@ -34,6 +35,7 @@ __all__ = [
     "FedlabProtocolError",
     "FedlabRequestStopped",
     "FedlabTimeoutError",
+    "FedlabTrainingError",
     "FedlabTransportError",
     "FedlabVersionError",
 ]
@@ -104,3 +106,11 @@ class FedlabApprovalError(FedlabError):
 
 class FedlabDisclosureError(FedlabError):
     """A node's disclosure rules refused to release a result."""
+
+
+class FedlabTrainingError(FedlabError):
+    """A training plan raised, could not be loaded, or was given arguments it cannot use.
+
+    The message carries the plan's own error (its exception type, text and the line of the
+    plan that raised) so the researcher can fix the plan without access to the node.
+    """

@@ -22,6 +22,7 @@ __all__ = [
     "DatasetSearchReply",
     "DatasetSearchRequest",
     "ErrorReply",
+    "Event",
     "Heartbeat",
     "Message",
     "PingReply",
@@ -38,6 +39,12 @@ Text = Annotated[str, msgspec.Meta(max_length=65536)]
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Base of every message content."""
+
+
+class Event(Message, frozen=True):
+    """A non-final message about a pending request (progress, say), sent with the request's id
+    as its parent. A researcher routes events to the request's listener; only a reply or an
+    ``ErrorReply`` ends the request."""
 
 
 class ArraySpec(Message, frozen=True):

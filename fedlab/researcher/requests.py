@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fedlab.protocol import Envelope, ErrorReply, Message, encode_content, make_envelope, new_msg_id
+from fedlab.protocol import Envelope, ErrorReply, Event, Message, encode_content, make_envelope, new_msg_id
 from fedlab.researcher.policies import (
     ERROR,
     MISSING,
@@ -38,6 +38,7 @@ __all__ = ["FederatedRequest", "MessagesByNode", "MissingNode", "Requests"]
 
 log = logging.getLogger("fedlab.researcher")
 Buffers = Sequence[bytes | memoryview]
+EventListener = Callable[[str, Envelope], None]
 
 
 class ResearcherTransport(Protocol):
@@ -69,8 +70,10 @@ class FederatedRequest:
     """One message sent to several nodes; a context manager that waits for the outcome on entry."""
 
     def __init__(self, requests: Requests, node_ids: list[str], policies: list[RequestPolicy],
-                 default_timeout: float) -> None:
+                 default_timeout: float, on_event: EventListener | None = None) -> None:
         self._requests = requests
+        self._on_event = on_event
+        self._yielded: set[str] = set()
         self._cond = threading.Condition()
         self._progress = {n: NodeProgress() for n in node_ids}
         self._replies: dict[str, Envelope] = {}
@@ -99,6 +102,16 @@ class FederatedRequest:
                 progress.status = REPLIED
                 self._replies[node_id] = envelope
             self._cond.notify_all()
+
+    def _event(self, node_id: str, envelope: Envelope) -> None:
+        """A progress event for this request: hand it to the listener, never end the request."""
+        with self._cond:
+            if self._progress[node_id].status != PENDING or self._on_event is None:
+                return
+        try:
+            self._on_event(node_id, envelope)
+        except Exception:  # a broken listener must not take the io thread down
+            log.exception("event listener failed on a %s from %s", envelope.msg_type, node_id)
 
     def _node_status(self, node_id: str, status: str) -> None:
         with self._cond:
@@ -155,6 +168,38 @@ class FederatedRequest:
         self._requests._forget(self)
         return self
 
+    def as_completed(self) -> Iterator[tuple[str, Envelope]]:
+        """Yield ``(node_id, reply)`` as each reply arrives, until every node has an outcome.
+
+        The request drops its own reference to each reply once yielded, so a caller that
+        reduces replies as they come (a running weighted sum of model parameters) holds one
+        reply at a time, not all of them. Error replies and missing nodes are not yielded:
+        read them from ``errors()`` and ``missing()`` afterwards.
+        """
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    if not self._done:
+                        self._apply_policies(now)
+                    ready = [n for n in self._replies if n not in self._yielded]
+                    finished = all(p.status != PENDING for p in self._progress.values())
+                    if ready or finished:
+                        break
+                    deadlines = [d for p in self._policies
+                                 if (d := p.deadline(self.started, self._progress)) is not None]
+                    timeout = max(0.0, min(deadlines) - now) if deadlines else 0.05
+                    self._cond.wait(timeout=min(timeout, 0.5) + 0.0005)
+                if ready:
+                    node_id = ready[0]
+                    self._yielded.add(node_id)
+                    envelope = self._replies.pop(node_id)
+            if ready:
+                yield node_id, envelope
+                continue
+            self.wait()
+            return
+
     def __enter__(self) -> FederatedRequest:
         return self.wait()
 
@@ -163,6 +208,7 @@ class FederatedRequest:
 
     # -- results -----------------------------------------------------------------------------
     def replies(self) -> dict[str, Envelope]:
+        """Replies by node (less those already taken by ``as_completed``)."""
         self.wait()
         return dict(self._replies)
 
@@ -210,8 +256,13 @@ class Requests:
         policies: Sequence[RequestPolicy] | None = None,
         *,
         buffers: Buffers = (),
+        on_event: EventListener | None = None,
     ) -> FederatedRequest:
-        """Send ``message`` (or one message per node) and return the request to wait on."""
+        """Send ``message`` (or one message per node) and return the request to wait on.
+
+        ``on_event(node_id, envelope)`` is called, on the io thread, for each ``Event`` (progress)
+        a node sends about this request while it is pending; keep it quick.
+        """
         if isinstance(message, Mapping):
             node_ids = list(nodes) if nodes is not None else list(message)
             absent = [n for n in node_ids if n not in message]
@@ -221,7 +272,7 @@ class Requests:
             node_ids = list(nodes) if nodes is not None else [
                 r.node_id for r in self._transport.nodes() if r.status != OFFLINE]
         node_ids = list(dict.fromkeys(node_ids))
-        request = FederatedRequest(self, node_ids, list(policies or []), self.default_timeout)
+        request = FederatedRequest(self, node_ids, list(policies or []), self.default_timeout, on_event)
         shared_frame = None if isinstance(message, Mapping) else encode_content(message)
         for node_id in node_ids:
             record = self._transport.directory.get(node_id)
@@ -260,7 +311,10 @@ class Requests:
         if expected_node != node_id:
             log.warning("%s answered a request sent to %s; ignored", node_id, expected_node)
             return
-        request._deliver(node_id, envelope)
+        if isinstance(envelope.content, Event):
+            request._event(node_id, envelope)
+        else:
+            request._deliver(node_id, envelope)
 
     def _on_status(self, node_id: str, status: str) -> None:
         with self._lock:

@@ -232,3 +232,57 @@ def test_oversize_request_is_refused_before_sending():
     with pytest.raises(FedlabProtocolError, match="exceeds the limit of 1000 bytes"):
         requests.send(PingRequest(), buffers=[b"x" * 2000])
     transport.close()
+
+
+def progress_then_pong(node_id, n_events=3):
+    """A node that sends ``n_events`` progress events about the request, then its reply."""
+    from fedlab.training.messages import TrainProgress
+
+    def handler(env):
+        events = [make_envelope(TrainProgress(experiment_id="e", round=1, phase="training", iteration=i,
+                                              n_iterations=n_events), node_id, parent_id=env.msg_id)
+                  for i in range(1, n_events + 1)]
+        return [*events, pong(node_id)(env)]
+    return handler
+
+
+def test_events_reach_the_listener_and_do_not_end_the_request(net):
+    transport, requests = net
+    transport.add_node("a", "a", progress_then_pong("a"))
+    seen = []
+    req = requests.send(PingRequest(), on_event=lambda n, e: seen.append((n, e.content.iteration))).wait()
+    assert seen == [("a", 1), ("a", 2), ("a", 3)]
+    assert isinstance(req.replies()["a"].content, PingReply)
+
+
+def test_events_without_listener_are_dropped_quietly(net):
+    transport, requests = net
+    transport.add_node("a", "a", progress_then_pong("a"))
+    req = requests.send(PingRequest()).wait()
+    assert list(req.replies()) == ["a"] and req.errors() == {}
+
+
+def test_a_failing_listener_does_not_lose_the_reply(net):
+    transport, requests = net
+    transport.add_node("a", "a", progress_then_pong("a"))
+
+    def broken(node_id, envelope):
+        raise RuntimeError("listener bug")
+    req = requests.send(PingRequest(), on_event=broken).wait()
+    assert list(req.replies()) == ["a"]
+
+
+def test_as_completed_yields_replies_in_arrival_order_then_reports_the_rest(net):
+    transport, requests = net
+    transport.add_node("fast", "fast", pong("fast"))
+    transport.add_node("mid", "mid", pong("mid"), delay=0.15)
+    transport.add_node("bad", "bad", failing("bad"))
+    transport.add_node("slow", "slow", pong("slow"), delay=3.0)
+    req = requests.send(PingRequest(), policies=[DiscardOnTimeout(0.5)])
+    order = [node_id for node_id, envelope in req.as_completed()]
+    assert order == ["fast", "mid"]
+    assert list(req.errors()) == ["bad"]
+    assert req.missing()["slow"].reason == "timeout"
+    assert req.replies() == {}  # each yielded reply was handed over, not kept
+    assert set(req.reply_times()) == {"fast", "mid", "bad"}
+    assert requests.pending_count() == 0
