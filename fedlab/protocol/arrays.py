@@ -27,14 +27,16 @@ ALLOWED_DTYPES = frozenset(
 
 def pack_array(array: np.ndarray, buffer_index: int) -> tuple[ArraySpec, memoryview]:
     """Describe ``array`` as frame number ``buffer_index``; returns the spec and its bytes."""
-    arr = np.ascontiguousarray(array)
+    arr = np.asarray(array)
+    shape = list(arr.shape)  # ascontiguousarray would turn a 0-d array into shape [1]
+    arr = np.ascontiguousarray(arr).reshape(-1)  # a flat view: memoryview.cast refuses 0 in a shape
     if arr.dtype.str not in ALLOWED_DTYPES:
         raise FedlabProtocolError(
             f"arrays of dtype {arr.dtype} cannot be sent; use a numeric or bool dtype",
             code="invalid_field",
         )
-    spec = ArraySpec(buffer=buffer_index, dtype=arr.dtype.str, shape=list(arr.shape))
-    return spec, arr.data.cast("B")
+    spec = ArraySpec(buffer=buffer_index, dtype=arr.dtype.str, shape=shape)
+    return spec, arr.view(np.uint8).data if arr.size else memoryview(b"")
 
 
 def unpack_array(spec: ArraySpec, buffers: Sequence[bytes | memoryview]) -> np.ndarray:

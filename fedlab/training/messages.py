@@ -166,7 +166,7 @@ class TrainCancelReply(Message, frozen=True):
     cancelled: bool
 
 
-for _name, _cls in {
+_TYPES: dict[str, type[Message]] = {
     "training_plan_approve_request": TrainingPlanApproveRequest,
     "training_plan_approve_reply": TrainingPlanApproveReply,
     "training_plan_status_request": TrainingPlanStatusRequest,
@@ -176,5 +176,6 @@ for _name, _cls in {
     "train_progress": TrainProgress,
     "train_cancel_request": TrainCancelRequest,
     "train_cancel_reply": TrainCancelReply,
-}.items():
+}
+for _name, _cls in _TYPES.items():
     register(_name, _cls)

@@ -204,3 +204,12 @@ def test_array_spec_that_lies_about_size_refused():
         unpack_array(spec, [])
     with pytest.raises(FedlabProtocolError, match="not allowed"):
         unpack_array(msgspec.structs.replace(spec, dtype="|O"), [buf])
+
+
+@pytest.mark.parametrize("array", [np.array(7, dtype=np.int64), np.zeros((0, 3), dtype=np.float32),
+                                   np.arange(12.0).reshape(3, 4).T])
+def test_arrays_keep_their_exact_shape(array):
+    """0-d (BatchNorm's step counter), empty and non-contiguous arrays come back as they went."""
+    spec, frame = pack_array(array, 0)
+    back = unpack_array(spec, [bytes(frame)])
+    assert back.shape == array.shape and back.dtype == array.dtype and np.array_equal(back, array)

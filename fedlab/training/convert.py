@@ -1,0 +1,177 @@
+"""numpy <-> torch for the training loop: parameters in and out of a model, a plan's data as batches.
+
+Received parameters are read-only views of message frames. Turning them into tensors with
+``torch.as_tensor`` would share memory torch may not write (and warn about it), so they are
+copied straight into the model's own tensors instead: one copy, no warning, the frames
+untouched. Parameters going out are detached CPU copies, independent of the model.
+
+A plan's ``training_data`` may return ``(X, y)`` (arrays, tensors or pandas objects) or a
+torch ``Dataset``. Arrays are batched by indexing whole tensors, which is much faster than
+a ``DataLoader`` fetching and collating one row at a time; a ``Dataset`` goes through a
+``DataLoader`` with ``num_workers=0``. Both shuffle with the generator the loop passes in,
+so the order of batches is a function of the seed and the round only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from fedlab.errors import FedlabTrainingError
+
+__all__ = ["PlanData", "batch_size_of", "load_params", "model_params", "shared_param_names", "to_tensor"]
+
+
+def shared_param_names(model: torch.nn.Module, share_persistent_buffers: bool) -> list[str]:
+    """Names of the ``state_dict`` entries that travel: parameters, plus persistent buffers if asked.
+
+    Persistent buffers are state such as BatchNorm's running statistics; non-persistent
+    buffers never are in a ``state_dict``.
+    """
+    names = list(model.state_dict().keys())
+    if share_persistent_buffers:
+        return names
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return [name for name in names if name in parameters]
+
+
+def model_params(model: torch.nn.Module, names: list[str]) -> dict[str, np.ndarray]:
+    """Detached CPU numpy copies of the ``state_dict`` entries ``names``, in the model's dtypes."""
+    state = model.state_dict()
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        tensor = state[name].detach().cpu()
+        try:
+            out[name] = tensor.numpy().copy()
+        except TypeError as exc:
+            raise FedlabTrainingError(
+                f"model entry {name} has dtype {tensor.dtype}, which cannot be sent; use float32 or float64"
+            ) from exc
+    return out
+
+
+def load_params(model: torch.nn.Module, params: Mapping[str, np.ndarray], names: list[str]) -> None:
+    """Copy ``params`` into the model's tensors; the names must be exactly ``names``, with the same shapes."""
+    missing = [n for n in names if n not in params]
+    expected = set(names)
+    extra = [n for n in params if n not in expected]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}" + (" …" if len(missing) > 5 else ""))
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:5])}" + (" …" if len(extra) > 5 else ""))
+        raise FedlabTrainingError(
+            f"the parameters received do not match the plan's model ({'; '.join(parts)}); "
+            "check that model_args and the plan are the ones the parameters were made with"
+        )
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in names:
+            array, tensor = np.asarray(params[name]), state[name]
+            if tuple(array.shape) != tuple(tensor.shape):
+                raise FedlabTrainingError(
+                    f"parameter {name} received with shape {list(array.shape)} but the model's has shape "
+                    f"{list(tensor.shape)}; check model_args"
+                )
+            if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:  # numpy has no bfloat16
+                np.copyto(tensor.detach().numpy(), array, casting="unsafe")
+            else:
+                tensor.copy_(torch.tensor(array))
+
+
+def to_tensor(value: Any, what: str) -> torch.Tensor:
+    """An array, tensor or pandas object as a tensor: floats become float32, integers int64.
+
+    Read-only arrays are copied (torch cannot wrap them safely); writable ones of the right
+    dtype are shared.
+    """
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+    else:
+        if hasattr(value, "to_numpy"):
+            value = value.to_numpy()
+        array = np.asarray(value)
+        if array.dtype.kind == "f" and array.dtype != np.float32:
+            array = array.astype(np.float32)
+        elif array.dtype.kind in "iu" and array.dtype != np.int64:
+            array = array.astype(np.int64)
+        elif array.dtype.kind not in "fiub":
+            raise FedlabTrainingError(
+                f"training_data returned {what} of dtype {array.dtype}; it must be numeric "
+                "(encode text or categorical columns as numbers in training_data)"
+            )
+        tensor = torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
+    if tensor.is_floating_point() and tensor.dtype != torch.float32:
+        tensor = tensor.float()
+    elif not tensor.is_floating_point() and tensor.dtype not in (torch.int64, torch.bool):
+        tensor = tensor.long()
+    return tensor
+
+
+class PlanData:
+    """What a plan's ``training_data`` returned, ready to be batched over subsets of its indices."""
+
+    def __init__(self, returned: Any) -> None:
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.dataset: Dataset[Any] | None = None
+        if isinstance(returned, tuple) and len(returned) == 2:
+            self.x, self.y = to_tensor(returned[0], "X"), to_tensor(returned[1], "y")
+            if self.x.dim() == 0 or self.y.dim() == 0 or len(self.x) != len(self.y):
+                raise FedlabTrainingError(
+                    f"training_data returned X of shape {list(self.x.shape)} and y of shape "
+                    f"{list(self.y.shape)}; they need the same number of rows"
+                )
+            self.n = len(self.x)
+        elif isinstance(returned, Dataset) and hasattr(returned, "__len__"):
+            self.dataset = returned
+            self.n = len(returned)
+        else:
+            raise FedlabTrainingError(
+                "training_data must return (X, y) or a torch Dataset with __len__, "
+                f"not {type(returned).__name__}"
+            )
+
+    def batches(
+        self, indices: np.ndarray, batch_size: int, shuffle: bool, generator: torch.Generator
+    ) -> Iterator[tuple[Any, Any]]:
+        """``(data, target)`` batches over ``indices``, in an order drawn from ``generator``."""
+        if self.x is not None and self.y is not None:
+            order = torch.from_numpy(np.array(indices, dtype=np.int64))
+            if shuffle:
+                order = order[torch.randperm(len(order), generator=generator)]
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                yield self.x[rows], self.y[rows]
+            return
+        assert self.dataset is not None
+        loader = DataLoader(
+            Subset(self.dataset, indices.tolist()),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=0,
+        )
+        for batch in loader:
+            if not isinstance(batch, list | tuple) or len(batch) != 2:
+                raise FedlabTrainingError(
+                    "the Dataset returned by training_data must yield (data, target) pairs, "
+                    f"got batches of type {type(batch).__name__}"
+                    + (f" with {len(batch)} items" if isinstance(batch, list | tuple) else "")
+                )
+            yield batch[0], batch[1]
+
+
+def batch_size_of(target: Any) -> int:
+    """How many samples a batch holds, for weighting metrics: the length of its target."""
+    if isinstance(target, torch.Tensor):
+        return int(target.shape[0]) if target.dim() > 0 else 1
+    try:
+        return len(target)
+    except TypeError:
+        return 1

@@ -1,0 +1,209 @@
+"""One round of local work on one dataset: the code a node runs for a ``TrainRequest`` and ``LocalJob`` runs locally.
+
+Both call ``run_round`` with the same arguments, so a federated round on one node and a
+local run agree to the bit: every source of randomness is derived from ``seed`` and
+``round`` (model initialisation, batch order, dropout), batches are drawn in the calling
+thread, and the test split depends on the seed only, so it is the same in every round.
+The caller's torch random state is left as it was.
+
+A plan's exceptions never escape raw: each call into plan code is wrapped so that the
+error names the plan method, the exception and the plan line (``source.plan_error``). The
+iterations themselves (training steps, validation) are in ``fedlab.training.steps``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlab.errors import FedlabError, FedlabTrainingError
+from fedlab.training.args import Progress, RoundResult, TrainingArgs
+from fedlab.training.convert import PlanData, load_params, model_params, shared_param_names
+from fedlab.training.source import call_plan, plan_error
+from fedlab.training.state import load_optimizer_state, optimizer_state
+from fedlab.training.steps import Reporter, RoundContext, train, validate
+
+__all__ = [
+    "Progress",
+    "RoundResult",
+    "TrainingArgs",
+    "initial_params",
+    "run_round",
+    "shared_param_names",
+    "split_indices",
+]
+
+_SEED_STRIDE = 1_000_003
+_OPTIMIZER = "optimizer."
+_SCAFFOLD = "scaffold."
+
+
+def split_indices(n: int, test_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, test)`` sorted row indices; the same for a given ``n``, ratio and seed, whatever the round.
+
+    A non-zero ratio keeps at least one test row and at least one training row.
+    """
+    if not 0.0 <= test_ratio < 1.0:
+        raise FedlabTrainingError(f"test_ratio must be at least 0 and below 1, not {test_ratio}")
+    n_test = 0 if test_ratio == 0.0 or n < 2 else min(n - 1, max(1, round(n * test_ratio)))
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def _new_model(plan_cls: type, model_args: Mapping[str, Any]) -> Any:
+    plan = call_plan(plan_cls, "__init__", plan_cls)
+    model = call_plan(plan_cls, "init_model", plan.init_model, dict(model_args))
+    if not isinstance(model, torch.nn.Module):
+        raise FedlabTrainingError(
+            f"training plan {plan_cls.__name__}.init_model must return a torch.nn.Module, not {type(model).__name__}"
+        )
+    plan.model = model
+    return plan
+
+
+def initial_params(
+    plan_cls: type, model_args: Mapping[str, Any], *, seed: int = 0, share_persistent_buffers: bool = True
+) -> dict[str, np.ndarray]:
+    """The shared entries of a freshly initialised model, seeded with ``seed`` (the round-0 global model)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        plan = _new_model(plan_cls, model_args)
+        return model_params(plan.model, shared_param_names(plan.model, share_persistent_buffers))
+
+
+def _scaffold_tensors(
+    ctx: RoundContext, aux_vars: Mapping[str, Mapping[str, np.ndarray]], state: Mapping[str, np.ndarray]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Scaffold's server control variate ``c`` and this node's ``c_i`` (zeros where none was sent yet)."""
+    received = aux_vars.get("scaffold", {})
+    known = {name for name, _ in ctx.trainable}
+    unknown = [name for name in received if name not in known and name not in ctx.plan.model.state_dict()]
+    if unknown:
+        raise FedlabTrainingError(f"Scaffold control variates name unknown parameters: {', '.join(unknown[:5])}")
+    c: dict[str, torch.Tensor] = {}
+    c_i: dict[str, torch.Tensor] = {}
+    for name, param in ctx.trainable:
+        for out, source, key in ((c, received, name), (c_i, state, _SCAFFOLD + name)):
+            if key in source:
+                value = torch.tensor(np.asarray(source[key]), dtype=param.dtype, device=param.device)
+                if value.shape != param.shape:
+                    raise FedlabTrainingError(
+                        f"Scaffold control variate for {name} has shape {list(value.shape)}, "
+                        f"the parameter has {list(param.shape)}"
+                    )
+                out[name] = value
+            else:
+                out[name] = torch.zeros_like(param, memory_format=torch.contiguous_format).detach()
+    return c, c_i
+
+
+def run_round(
+    plan_cls: type,
+    dataset: Any,
+    *,
+    round: int,
+    model_args: Mapping[str, Any],
+    training_args: Mapping[str, Any],
+    params: Mapping[str, np.ndarray] | None,
+    aggregator_args: Mapping[str, Any] | None = None,
+    aux_vars: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    state_arrays: Mapping[str, np.ndarray] | None = None,
+    state_meta: Mapping[str, Any] | None = None,
+    do_training: bool = True,
+    share_persistent_buffers: bool = True,
+    progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RoundResult:
+    """Train (or only validate) ``plan_cls`` on ``dataset`` for one round, starting from ``params``.
+
+    Deterministic: the same arguments give bit-identical results. ``state_arrays`` and
+    ``state_meta`` are what the previous round's result asked to keep (optimizer state,
+    Scaffold's ``c_i``); ``should_stop`` is polled before every batch.
+    """
+    started = time.perf_counter()
+    args = TrainingArgs.from_dict(training_args)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            result = _run(
+                plan_cls, dataset, round, args, model_args, params,
+                scaffold=(aggregator_args or {}).get("name") == "scaffold",
+                aux_vars=aux_vars or {},
+                state=(dict(state_arrays or {}), dict(state_meta or {})),
+                do_training=do_training,
+                share_persistent_buffers=share_persistent_buffers,
+                report=Reporter(progress, args.progress_interval, round),
+                should_stop=should_stop,
+            )
+    except FedlabError:
+        raise
+    except (Exception, SystemExit) as exc:  # a plan bug surfacing in the loop is still the plan's error
+        raise plan_error(plan_cls, None, exc) from exc
+    result.compute_seconds = time.perf_counter() - started
+    return result
+
+
+def _run(
+    plan_cls: type, dataset: Any, round_: int, args: TrainingArgs, model_args: Mapping[str, Any],
+    params: Mapping[str, np.ndarray] | None, *, scaffold: bool, aux_vars: Mapping[str, Mapping[str, np.ndarray]],
+    state: tuple[dict[str, np.ndarray], dict[str, Any]], do_training: bool, share_persistent_buffers: bool,
+    report: Reporter, should_stop: Callable[[], bool] | None,
+) -> RoundResult:
+    seed = args.seed * _SEED_STRIDE + round_
+    torch.manual_seed(seed)
+    plan = _new_model(plan_cls, model_args)
+    names = shared_param_names(plan.model, share_persistent_buffers)
+    if params is not None:
+        load_params(plan.model, params, names)
+    data = PlanData(call_plan(plan_cls, "training_data", plan.training_data, dataset))
+    trainable = [(n, p) for n, p in plan.model.named_parameters() if p.requires_grad]
+    ctx = RoundContext(plan_cls, plan, args, data, round_, seed, report, should_stop, trainable)
+    train_idx, test_idx = split_indices(data.n, args.test_ratio, args.seed)
+    before: dict[str, float] = {}
+    if len(test_idx) and (args.test_on_global_updates or not do_training):
+        before = validate(ctx, test_idx, "validation before")
+    if not do_training:
+        return RoundResult({}, len(train_idx), len(test_idx), 0, None, before, {}, {}, *state, 0.0)
+    if not len(train_idx):
+        raise FedlabTrainingError(
+            f"nothing to train on: the dataset gives {data.n} samples and test_ratio is {args.test_ratio}"
+        )
+    optimizer = _new_optimizer(plan_cls, plan, args, state)
+    lr = float(optimizer.param_groups[0]["lr"])
+    if scaffold and lr <= 0:
+        raise FedlabTrainingError(f"Scaffold needs a positive learning rate, the optimizer has lr={lr}")
+    x = {name: p.detach().clone() for name, p in trainable} if scaffold else {}
+    c, c_i = _scaffold_tensors(ctx, aux_vars, state[0]) if scaffold else ({}, {})
+    n_updates, train_loss = train(ctx, train_idx, args.fedprox_mu, {n: c[n] - c_i[n] for n in c} if scaffold else None)
+    after = validate(ctx, test_idx, "validation after") if len(test_idx) and args.test_on_local_updates else {}
+
+    opt_arrays, opt_meta = optimizer_state(optimizer)
+    new_state = {_OPTIMIZER + k: v for k, v in opt_arrays.items()}
+    aux: dict[str, dict[str, np.ndarray]] = {}
+    if scaffold:  # c_i+ = c_i - c + (x - y) / (K lr); the server gets c_i+ - c_i, the node keeps c_i+
+        aux["scaffold"] = {}
+        for name, param in trainable:
+            c_new = c_i[name] - c[name] + (x[name] - param.detach()) / (n_updates * lr)
+            aux["scaffold"][name] = (c_new - c_i[name]).cpu().numpy().copy()
+            new_state[_SCAFFOLD + name] = c_new.cpu().numpy().copy()
+    return RoundResult(model_params(plan.model, names), len(train_idx), len(test_idx), n_updates, train_loss,
+                       before, after, aux, new_state, {"optimizer": opt_meta}, 0.0)
+
+
+def _new_optimizer(
+    plan_cls: type, plan: Any, args: TrainingArgs, state: tuple[dict[str, np.ndarray], dict[str, Any]]
+) -> torch.optim.Optimizer:
+    """The plan's optimizer, with the state the previous round kept (moments, step counts) if any."""
+    optimizer = call_plan(plan_cls, "init_optimizer", plan.init_optimizer, dict(args.optimizer_args))
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise FedlabTrainingError(f"training plan {plan_cls.__name__}.init_optimizer must return a "
+                                  f"torch.optim.Optimizer, not {type(optimizer).__name__}")
+    plan.optimizer = optimizer
+    arrays, meta = state
+    if "optimizer" in meta:
+        saved = {k[len(_OPTIMIZER):]: v for k, v in arrays.items() if k.startswith(_OPTIMIZER)}
+        load_optimizer_state(optimizer, saved, meta["optimizer"])
+    return optimizer
