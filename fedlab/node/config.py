@@ -1,8 +1,9 @@
 """A node's directory and its configuration file.
 
 A node lives in one directory that holds everything it owns: ``config.toml`` (who the node
-is, which researcher it talks to and, in its ``[disclosure]`` table, what analytics results
-may leave the node), ``node.db`` (the dataset registry) and ``node.log``. The disclosure
+is, which researcher it talks to, whether training plans need the operator's approval and,
+in its ``[disclosure]`` table, what analytics results may leave the node), ``node.db`` (the
+dataset registry, training-plan approvals and training state) and ``node.log``. The disclosure
 rules come only from this file: nothing a researcher sends can change them.
 This module creates such a directory (``fedlab node init``) and reads it back, turning every
 way the file can be wrong into a :class:`FedlabConfigError` that says what to fix.
@@ -54,6 +55,7 @@ class NodeConfig:
     heartbeat_interval: float = 1.0
     max_message_bytes: int = 256 * 1024 * 1024
     log_level: str = "INFO"
+    require_approval: bool = True
     disclosure: DisclosureRules = field(default_factory=DisclosureRules)
     directory: Path = field(kw_only=True)
 
@@ -78,10 +80,19 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "heartbeat_interval": (int, float),
     "max_message_bytes": (int,),
     "log_level": (str,),
+    "require_approval": (bool,),
     "disclosure": (dict,),
 }
 _REQUIRED = ("node_id", "name")
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "a table ([disclosure])"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               dict: "a table ([disclosure])"}
+_COMMENTS = {
+    "require_approval": [
+        "# Training plans are code sent by a researcher. With true (the default), a plan runs only",
+        "# after this node's operator approved its exact source (`fedlab node plan approve DIR PLAN_ID`);",
+        "# with false, any plan runs except one the operator rejected (`fedlab node plan reject DIR PLAN_ID`).",
+    ],
+}
 
 
 def validate_researcher_address(address: str) -> str:
@@ -122,6 +133,7 @@ def _render_toml(config: NodeConfig) -> str:
     lines = ["# fedlab node configuration, written by `fedlab node init`."]
     for f in fields(config):
         if f.name not in ("directory", "disclosure"):
+            lines += _COMMENTS.get(f.name, [])
             lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
     lines += [
         "",
@@ -197,7 +209,7 @@ def _check_types(data: dict[str, Any], config_path: Path) -> None:
     for key, value in data.items():
         types = _KEYS[key]
         # bool is an int subclass in Python; TOML true/false is never a valid number here.
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             raise FedlabConfigError(
                 f"{config_path}: {key} must be {_TYPE_NAMES[types[-1]]}, not {type(value).__name__} {value!r}"
             )

@@ -21,10 +21,13 @@ from fedlab.errors import (
     FedlabDisclosureError,
     FedlabError,
     FedlabProtocolError,
+    FedlabRequestStopped,
+    FedlabTrainingError,
 )
 from fedlab.node.analytics_handler import AnalyticsHandler
 from fedlab.node.preproc_handler import PreprocHandler
 from fedlab.node.registry import DatasetRegistry
+from fedlab.node.training_handler import Emit, TrainingHandler
 from fedlab.preprocessing.messages import PreprocRequest
 from fedlab.protocol import (
     DatasetListReply,
@@ -50,6 +53,8 @@ _CODES: list[tuple[type[FedlabError], str]] = [
     (FedlabDisclosureError, "disclosure_refused"),
     (FedlabConfigError, "config_error"),
     (FedlabProtocolError, "invalid_request"),
+    (FedlabTrainingError, "plan_error"),
+    (FedlabRequestStopped, "cancelled"),
 ]
 
 
@@ -64,7 +69,8 @@ def error_code(exc: FedlabError) -> str:
 
 class Dispatcher:
     def __init__(self, node_id: str, name: str, registry: DatasetRegistry,
-                 rules: DisclosureRules | None = None, node_dir: Path | None = None) -> None:
+                 rules: DisclosureRules | None = None, node_dir: Path | None = None, *,
+                 require_approval: bool = True, emit: Emit | None = None) -> None:
         self.node_id = node_id
         self.name = name
         self.registry = registry
@@ -73,12 +79,19 @@ class Dispatcher:
         # Preprocessing writes derived datasets into the node's directory, so it needs one.
         self.preproc = None if node_dir is None else PreprocHandler(
             registry, rules, node_id=node_id, node_dir=node_dir, analytics=self.analytics)
+        # ``emit`` sends progress events while a training request runs (the node's transport).
+        self.training = TrainingHandler(registry, node_id=node_id, name=name,
+                                        require_approval=require_approval, emit=emit)
         self.table: dict[str, Handler] = {
             "ping_request": self._ping,
             "dataset_search_request": self._search,
             "dataset_list_request": self._list,
             "fa_request": self._analytics,
             "preproc_request": self._preprocess,
+            "training_plan_approve_request": self.training.approve_request,
+            "training_plan_status_request": self.training.status_request,
+            "train_request": self.training.train_request,
+            "train_cancel_request": self.training.cancel_request,
         }
 
     def handle(self, envelope: Envelope) -> Envelope:

@@ -1,8 +1,13 @@
 """Running a node: `fedlab node start DIR`.
 
 The transport's thread receives; work runs on a small thread pool so the message loop, and
-with it the heartbeats, never waits for a handler (later issues put training there). The
-main thread only waits for SIGINT/SIGTERM and then shuts down within a second or two.
+with it the heartbeats, never waits for a handler. Training requests run one at a time on
+their own long-lived thread (``fedlab-train``), so a round that takes minutes never holds up
+a ping, an analytics request or the cancel that stops it. Torch is imported there once, at
+the first training message (an approval or status request, usually, so that the first round
+is already warm), and stays loaded; a node that never trains never loads it. The main thread
+only waits for SIGINT/SIGTERM and then shuts down within a second or two (a running training
+is cancelled first).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from fedlab.transport import ZmqNodeTransport
 __all__ = ["Node", "run_node"]
 
 log = logging.getLogger("fedlab.node")
+_TRAINING_MESSAGES = frozenset({"training_plan_approve_request", "training_plan_status_request", "train_request"})
 
 
 class Node:
@@ -35,9 +41,12 @@ class Node:
     def __init__(self, config: NodeConfig, *, workers: int = 2) -> None:
         self.config = config
         self.dispatcher = Dispatcher(config.node_id, config.name, DatasetRegistry(config.db_path),
-                                     config.disclosure, node_dir=config.directory)
+                                     config.disclosure, node_dir=config.directory,
+                                     require_approval=config.require_approval, emit=self._emit)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedlab-worker")
+        self._train_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlab-train")
         self._busy = 0
+        self._warming = False
         self._busy_lock = threading.Lock()
         self.transport = ZmqNodeTransport(
             config.researcher,
@@ -55,11 +64,24 @@ class Node:
         self.transport.start(self._on_message)
 
     def stop(self) -> None:
+        self.dispatcher.training.cancel_all()  # a running round stops at its next iteration
         self.transport.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._train_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _emit(self, envelope: Envelope) -> None:
+        """Send a message that is not a reply (a progress event) to the researcher."""
+        self.transport.send(envelope)
 
     def _on_message(self, envelope: Envelope) -> None:
-        self._executor.submit(self._work, envelope)
+        if envelope.msg_type in _TRAINING_MESSAGES and not self._warming:
+            self._warming = True  # torch is loaded once, at the first sign that training is coming
+            self._train_executor.submit(self.dispatcher.training.warm_up)
+        if envelope.msg_type == "train_request":
+            self.dispatcher.training.expect(envelope.msg_id)  # cancellable while it waits its turn
+            self._train_executor.submit(self._work, envelope)
+        else:
+            self._executor.submit(self._work, envelope)
 
     def _work(self, envelope: Envelope) -> None:
         with self._busy_lock:

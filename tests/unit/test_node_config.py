@@ -89,6 +89,7 @@ def test_init_writes_valid_toml_without_directory_key(tmp_path: Path) -> None:
         "heartbeat_interval",
         "max_message_bytes",
         "log_level",
+        "require_approval",
         "disclosure",
     }
     assert isinstance(data["heartbeat_interval"], float)
