@@ -1,7 +1,8 @@
 """fedlab: federated analytics and training from a notebook, over data that stays on its nodes.
 
 The public names below are imported lazily, so ``import fedlab`` stays cheap and works
-without IPython, ipywidgets or torch; each feature imports what it needs when used.
+without IPython, ipywidgets or torch; each feature imports what it needs when used
+(``fedlab.TorchTrainingPlan`` imports torch, the rest of training only when it runs).
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ _EXPORTS = {
     "FederatedRequest": "fedlab.researcher",
     "MessagesByNode": "fedlab.researcher",
     "Requests": "fedlab.researcher",
+    "DiscardOnDisconnect": "fedlab.researcher",
     "DiscardOnTimeout": "fedlab.researcher",
     "StopOnTimeout": "fedlab.researcher",
     "StopOnDisconnect": "fedlab.researcher",
     "StopOnError": "fedlab.researcher",
     "DataQualityWarning": "fedlab.researcher",
+    "Experiment": "fedlab.researcher",
+    "LocalJob": "fedlab.researcher",
+    "TrainingJob": "fedlab.researcher",
+    "TrainingPlanApproveJob": "fedlab.researcher",
+    "TrainingPlanCheckJob": "fedlab.researcher",
+    "FedAvg": "fedlab.researcher",
+    "FedProx": "fedlab.researcher",
+    "Scaffold": "fedlab.researcher",
+    "TorchTrainingPlan": "fedlab.training",
     "FedlabError": "fedlab.errors",
     "FedlabConfigError": "fedlab.errors",
     "FedlabDatasetError": "fedlab.errors",
@@ -32,6 +43,8 @@ _EXPORTS = {
     "FedlabTimeoutError": "fedlab.errors",
     "FedlabTransportError": "fedlab.errors",
     "FedlabVersionError": "fedlab.errors",
+    "FedlabApprovalError": "fedlab.errors",
+    "FedlabTrainingError": "fedlab.errors",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -39,6 +52,7 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 if TYPE_CHECKING:  # pragma: no cover
     from fedlab.errors import *  # noqa: F403
     from fedlab.researcher import *  # noqa: F403
+    from fedlab.training import TorchTrainingPlan as TorchTrainingPlan
 
 
 def __getattr__(name: str) -> Any:

@@ -32,6 +32,7 @@ from fedlab.transport import ZmqNodeTransport
 __all__ = ["Node", "run_node"]
 
 log = logging.getLogger("fedlab.node")
+_WARM_UP_PAUSE_S = 30.0
 _TRAINING_MESSAGES = frozenset({"training_plan_approve_request", "training_plan_status_request", "train_request"})
 
 
@@ -76,12 +77,25 @@ class Node:
     def _on_message(self, envelope: Envelope) -> None:
         if envelope.msg_type in _TRAINING_MESSAGES and not self._warming:
             self._warming = True  # torch is loaded once, at the first sign that training is coming
-            self._train_executor.submit(self.dispatcher.training.warm_up)
+            self._train_executor.submit(self._warm_up)
         if envelope.msg_type == "train_request":
             self.dispatcher.training.expect(envelope.msg_id)  # cancellable while it waits its turn
             self._train_executor.submit(self._work, envelope)
         else:
             self._executor.submit(self._work, envelope)
+
+    def _warm_up(self) -> None:
+        """Load torch, first telling the researcher that heartbeats may pause meanwhile.
+
+        Importing torch holds the interpreter for seconds at a time on a loaded machine, so
+        the io thread cannot beat; announcing the pause widens the researcher's liveness window
+        instead of having it mark a healthy node offline.
+        """
+        self.transport.announce_pause(_WARM_UP_PAUSE_S)
+        try:
+            self.dispatcher.training.warm_up()
+        finally:
+            self.transport.announce_pause(0.0)
 
     def _work(self, envelope: Envelope) -> None:
         with self._busy_lock:

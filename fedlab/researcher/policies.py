@@ -7,6 +7,7 @@ so a timeout is honoured to within a few milliseconds instead of being rounded t
 - ``DiscardOnTimeout(t)``: after t seconds, drop the nodes that have not answered and
   complete with the others.
 - ``StopOnTimeout(t)``: after t seconds with a node still silent, stop the whole request.
+- ``DiscardOnDisconnect(t)``: a node offline for t seconds is dropped; the others go on.
 - ``StopOnDisconnect(t)``: a node offline for t seconds while we wait for it stops the request.
 - ``StopOnError()``: the first error reply stops the request.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DiscardOnDisconnect",
     "DiscardOnTimeout",
     "NodeProgress",
     "RequestPolicy",
@@ -117,13 +119,17 @@ class StopOnTimeout(RequestPolicy):
 
 
 @dataclass(frozen=True)
-class StopOnDisconnect(RequestPolicy):
-    timeout: float = 0.0
+class DiscardOnDisconnect(RequestPolicy):
+    """Drop a node once it has been offline for ``timeout`` seconds of the request; the others
+    go on. A node back within that time stays in (a short network blip loses nothing)."""
+
+    timeout: float = 10.0
     handles_disconnect = True
+    _stops = False
 
     def __post_init__(self) -> None:
         if self.timeout < 0:
-            raise ValueError(f"StopOnDisconnect timeout must be >= 0 seconds, got {self.timeout!r}")
+            raise ValueError(f"{type(self).__name__} timeout must be >= 0 seconds, got {self.timeout!r}")
 
     def deadline(self, started: float, nodes: dict[str, NodeProgress]) -> float | None:
         times = [p.offline_since + self.timeout for p in nodes.values()
@@ -135,8 +141,16 @@ class StopOnDisconnect(RequestPolicy):
                 and now >= p.offline_since + self.timeout]
         if not gone:
             return None
-        detail = f"disconnected for {self.timeout:g} s (StopOnDisconnect)"
-        return Verdict(self, stop=True, nodes={n: ("disconnected", detail) for n in gone})
+        detail = f"disconnected for {self.timeout:g} s ({type(self).__name__})"
+        return Verdict(self, stop=self._stops, nodes={n: ("disconnected", detail) for n in gone})
+
+
+@dataclass(frozen=True)
+class StopOnDisconnect(DiscardOnDisconnect):
+    """A node offline for ``timeout`` seconds while the request waits for it stops the request."""
+
+    timeout: float = 0.0
+    _stops = True
 
 
 @dataclass(frozen=True)

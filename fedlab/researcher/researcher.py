@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+import fedlab.training.messages  # noqa: F401 -- registers the training message types for decoding
 from fedlab.errors import FedlabDatasetError, FedlabNodeError, FedlabTimeoutError
 from fedlab.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -32,6 +33,7 @@ from fedlab.protocol import (
 from fedlab.researcher.fa_result import FAResult
 
 if TYPE_CHECKING:
+    from fedlab.researcher.experiment import Experiment
     from fedlab.researcher.preprocess import Pipeline
 from fedlab.researcher.federated_dataset import FederatedDataset, check_data_quality
 from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
@@ -206,6 +208,14 @@ class Researcher:
 
         return Pipeline(federated_dataset, researcher_id=self.id, requests=self.requests,
                         node_names=self._names(), timeout=timeout)
+
+    # -- training ----------------------------------------------------------------------------
+    def experiment(self, tags: str | Sequence[str], training_plan: type | str, **kwargs: Any) -> Experiment:
+        """``fedlab.Experiment(self, tags, training_plan, **kwargs)``: federated training on the
+        nodes holding a dataset tagged ``tags`` (see ``Experiment`` for the arguments)."""
+        from fedlab.researcher.experiment import Experiment
+
+        return Experiment(self, tags, training_plan, **kwargs)
 
     @staticmethod
     def _raise_node_errors(request: FederatedRequest, what: str) -> None:

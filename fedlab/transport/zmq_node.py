@@ -66,6 +66,9 @@ class ZmqNodeTransport:
         self.researcher_connected = threading.Event()
         self._last_heard = 0.0
         self._researcher_interval = heartbeat_interval
+        self._pause_until = 0.0
+        self._beat_now = threading.Event()
+        self._beat_sent = threading.Event()
 
     def start(self, on_message: Callable[[Envelope], None]) -> None:
         self._on_message = on_message
@@ -77,6 +80,20 @@ class ZmqNodeTransport:
         frames = encode(envelope)
         check_size(frames, self.max_message_bytes)
         self._outbox.put(Outgoing(b"", frames))
+
+    def announce_pause(self, seconds: float, *, wait: float = 1.0) -> None:
+        """Tell the researcher this process may not beat for up to ``seconds`` (0 ends the pause).
+
+        The next heartbeat advertises a longer interval, so the researcher's liveness window
+        (a few intervals) covers the pause, and the node does not take its own stalled loop for
+        a silent researcher. Waits up to ``wait`` seconds for that heartbeat to leave.
+        """
+        self._pause_until = time.monotonic() + max(0.0, seconds)
+        self._beat_sent.clear()
+        self._beat_now.set()
+        self._outbox.wake()
+        if seconds > 0 and self._thread is not None:
+            self._beat_sent.wait(wait)
 
     def close(self, reason: str = "node stopped") -> None:
         """Tell the researcher we leave, then stop the loop within a fraction of a second."""
@@ -112,7 +129,8 @@ class ZmqNodeTransport:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                if now >= next_beat:
+                if now >= next_beat or self._beat_now.is_set():
+                    self._beat_now.clear()
                     self._beat(sock)
                     next_beat = now + self.heartbeat_interval
                     if self._researcher_lost(now):
@@ -159,20 +177,20 @@ class ZmqNodeTransport:
         return left
 
     def _beat(self, sock: zmq.Socket[Any]) -> None:
-        beat = make_envelope(
-            Heartbeat(name=self.name, state=self._state(), interval=self.heartbeat_interval),
-            self.node_id,
-        )
+        pause_left = self._pause_until - time.monotonic()
+        interval = max(self.heartbeat_interval, pause_left / 2)  # liveness is 3 intervals: 1.5x the pause
+        beat = make_envelope(Heartbeat(name=self.name, state=self._state(), interval=interval), self.node_id)
         try:
             sock.send_multipart(encode(beat), zmq.NOBLOCK)
         except zmq.Again:
             pass  # no researcher connected yet: keep knocking
+        self._beat_sent.set()
 
     def _researcher_lost(self, now: float) -> bool:
         if not self.researcher_connected.is_set():
             return False
-        if time.time() - self._last_heard <= 3 * self._researcher_interval:
-            return False
+        if time.time() - self._last_heard <= 3 * self._researcher_interval or now < self._pause_until:
+            return False  # during an announced pause our own loop may be the one that stalled
         log.warning("researcher at %s silent for %.1f s; reconnecting", self.address,
                     time.time() - self._last_heard)
         self.researcher_connected.clear()

@@ -101,11 +101,13 @@ def close(ours: float, expected: float, floor: float, rel: float = 1e-9) -> bool
 
 
 def cov_floor(x: np.ndarray, y: np.ndarray) -> float:
-    """Rounding floor of cov(x, y): each mean is off by ~ulp(max|.|), times the other's spread."""
+    """Rounding floor of cov(x, y): each mean is off by ~ulp(max|.|), times the other's spread,
+    plus the product of the two mean errors (all that is left when a column is constant)."""
     if x.size == 0:
         return 0.0
     scale_x, scale_y = float(np.max(np.abs(x))), float(np.max(np.abs(y)))
-    return 16 * EPS * (scale_x * float(np.ptp(y)) + scale_y * float(np.ptp(x))) / 2 + 1e-290
+    second_order = (16 * EPS) ** 2 * scale_x * scale_y
+    return 16 * EPS * (scale_x * float(np.ptp(y)) + scale_y * float(np.ptp(x))) / 2 + second_order + 1e-290
 
 
 def var_floor(x: np.ndarray) -> float:

@@ -17,6 +17,7 @@ ALLOWED = {
     "analytics": {"protocol", "analytics"},
     "preprocessing": {"protocol", "analytics", "preprocessing"},
     "transport": {"protocol", "transport"},
+    "training": {"protocol", "training"},
     "node": {"protocol", "transport", "node", "analytics", "preprocessing", "training"},
     "researcher": {"protocol", "transport", "researcher", "analytics", "preprocessing", "training"},
 }
@@ -78,7 +79,8 @@ def test_import_fedlab_works_without_ipython_ipywidgets_or_torch():
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import fedlab\n"
-        "from fedlab import Researcher, DiscardOnTimeout, FedlabError\n"
+        "from fedlab import Researcher, DiscardOnTimeout, FedlabError, Experiment, LocalJob, FedAvg\n"
+        "import fedlab.training, fedlab.training.messages, fedlab.researcher.experiment\n"
         "import fedlab.node.runtime, fedlab.cli, fedlab.demo\n"
         "print('ok')\n"
     )
@@ -89,11 +91,13 @@ def test_import_fedlab_works_without_ipython_ipywidgets_or_torch():
 
 def test_exported_names():
     assert sorted(fedlab.__all__) == sorted([
-        "__version__", "DataQualityWarning", "DiscardOnTimeout", "FederatedDataset", "FederatedRequest",
-        "FedlabConfigError", "FedlabDataQualityError", "FedlabDatasetError", "FedlabError",
+        "__version__", "DataQualityWarning", "DiscardOnDisconnect", "DiscardOnTimeout", "FederatedDataset", "FederatedRequest",
+        "FedlabApprovalError", "FedlabConfigError", "FedlabDataQualityError", "FedlabDatasetError", "FedlabError",
         "FedlabNodeError", "FedlabProtocolError", "FedlabRequestStopped", "FedlabTimeoutError",
-        "FedlabTransportError", "FedlabVersionError", "MessagesByNode", "Requests", "Researcher",
-        "StopOnDisconnect", "StopOnError", "StopOnTimeout",
+        "FedlabTrainingError", "FedlabTransportError", "FedlabVersionError", "MessagesByNode", "Requests",
+        "Researcher", "StopOnDisconnect", "StopOnError", "StopOnTimeout",
+        "Experiment", "LocalJob", "TorchTrainingPlan", "TrainingJob", "TrainingPlanApproveJob",
+        "TrainingPlanCheckJob", "FedAvg", "FedProx", "Scaffold",
     ])
     for name in fedlab.__all__:
         assert getattr(fedlab, name) is not None

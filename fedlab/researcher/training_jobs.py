@@ -1,0 +1,274 @@
+"""The seed's training jobs: ask nodes to approve a plan, check its status, train one round.
+
+``TrainingPlanApproveJob`` queues a plan for each node operator's decision and
+``TrainingPlanCheckJob`` asks whether it may run; both use ``DiscardOnTimeout(5)`` as the
+seed does, and return the replies by node (``errors`` and ``missing`` say who did not).
+
+``TrainingJob`` is one round: one ``TrainRequest`` per node carrying the plan, the global
+parameters, the arguments and that node's aggregator inputs. The parameters are packed
+once and the same buffers go in every node's message (serialize once, send many). Replies
+are handed to ``on_reply`` as they arrive, so the aggregator folds each one in and the
+reply can be dropped: researcher memory stays near two models whatever the number of
+nodes. A node that fails is left out of the round with its reason; a node still computing
+when the round ends (timeout, stopped) is sent a ``TrainCancelRequest`` so it stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from fedlab.errors import FedlabError, FedlabProtocolError
+from fedlab.protocol import Envelope
+from fedlab.researcher.jobs import Job
+from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
+from fedlab.researcher.requests import FederatedRequest, MessagesByNode, Requests
+from fedlab.training.messages import (
+    APPROVED,
+    TrainCancelReply,
+    TrainCancelRequest,
+    TrainingPlanApproveReply,
+    TrainingPlanApproveRequest,
+    TrainingPlanStatusReply,
+    TrainingPlanStatusRequest,
+    TrainProgress,
+    TrainReply,
+    TrainRequest,
+)
+from fedlab.training.tensors import pack_named, unpack_named
+
+__all__ = ["NodeRound", "TrainResult", "TrainingJob", "TrainingPlanApproveJob",
+           "TrainingPlanCheckJob", "check_plain"]
+
+log = logging.getLogger("fedlab.researcher")
+Arrays = Mapping[str, np.ndarray]
+CANCEL_TIMEOUT = 2.0
+
+
+def check_plain(**args: Mapping[str, Any]) -> None:
+    """Arguments travel as msgpack (and go into breakpoints as JSON): only plain values, no numpy or objects."""
+    for name, value in args.items():
+        try:
+            msgspec.json.encode(value)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise FedlabError(f"{name} must hold plain values (int, float, str, bool, None, lists and dicts "
+                              f"of them): {exc}") from None
+
+
+class TrainingPlanApproveJob(Job):
+    """Queue ``plan_source`` for approval on each node; ``execute()`` -> ``{node_id: reply}``.
+
+    A reply means the plan is registered on the node (usually as ``Pending``), not that it
+    is approved: the node's operator decides.
+    """
+
+    def __init__(self, plan_source: str, plan_class: str, description: str, *, researcher_id: str,
+                 requests: Requests, nodes: Iterable[str], policies: Sequence[RequestPolicy] | None = None) -> None:
+        super().__init__(researcher_id=researcher_id, requests=requests, nodes=nodes,
+                         policies=policies or [DiscardOnTimeout(5)])
+        self._message = TrainingPlanApproveRequest(plan_source=plan_source, plan_class=plan_class,
+                                                   description=description, researcher_id=researcher_id)
+
+    def execute(self) -> dict[str, TrainingPlanApproveReply]:
+        messages = MessagesByNode({n: self._message for n in self.nodes or []})
+        return self._send(messages, TrainingPlanApproveReply, "the training plan approval request")
+
+
+class TrainingPlanCheckJob(Job):
+    """Ask each node whether ``plan_source`` may run there; ``execute()`` -> ``{node_id: reply}``."""
+
+    def __init__(self, experiment_id: str | None, plan_source: str, plan_class: str, *, researcher_id: str,
+                 requests: Requests, nodes: Iterable[str], policies: Sequence[RequestPolicy] | None = None) -> None:
+        super().__init__(researcher_id=researcher_id, requests=requests, nodes=nodes,
+                         policies=policies or [DiscardOnTimeout(5)])
+        self.experiment_id = experiment_id
+        self._message = TrainingPlanStatusRequest(plan_source=plan_source, plan_class=plan_class)
+
+    def execute(self) -> dict[str, TrainingPlanStatusReply]:
+        messages = MessagesByNode({n: self._message for n in self.nodes or []})
+        replies = self._send(messages, TrainingPlanStatusReply, "the training plan status request")
+        for node_id, reply in replies.items():
+            if reply.approval_required and reply.status != APPROVED:
+                log.warning("training plan %s is %s on node %s: %s", reply.plan_id[:12], reply.status, node_id,
+                            reply.message)
+        return replies
+
+
+@dataclass
+class TrainResult:
+    """One node's reply, decoded: what ``TrainingJob`` hands to ``on_reply`` (arrays are read-only views)."""
+
+    node_id: str
+    params: dict[str, np.ndarray]
+    aux_vars: dict[str, dict[str, np.ndarray]]
+    reply: TrainReply
+    seconds: float  # researcher side, from sending to the reply's arrival
+
+
+@dataclass
+class NodeRound:
+    """What happened on one node in one round (no arrays): a row of the experiment's history."""
+
+    node_id: str
+    status: str  # "ok", "error" or "missing"
+    reason: str = ""
+    n_samples: int = 0
+    n_test_samples: int = 0
+    n_updates: int = 0
+    train_loss: float | None = None
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    metrics_after: dict[str, float] = field(default_factory=dict)
+    total_seconds: float | None = None
+    compute_seconds: float | None = None
+    state_id: str | None = None
+
+
+class TrainingJob(Job):
+    """One round of training (or validation only, ``do_training=False``) on every node."""
+
+    def __init__(
+        self,
+        experiment_id: str,
+        round_: int,
+        dataset_ids: Mapping[str, str],
+        plan_source: str,
+        plan_class: str,
+        params: Arrays,
+        *,
+        researcher_id: str,
+        requests: Requests,
+        nodes: Iterable[str] | None = None,
+        policies: Sequence[RequestPolicy] | None = None,
+        model_args: Mapping[str, Any] | None = None,
+        training_args: Mapping[str, Any] | None = None,
+        aggregator_args: Mapping[str, Mapping[str, Any]] | None = None,
+        aux_vars: Mapping[str, Mapping[str, Arrays]] | None = None,
+        state_ids: Mapping[str, str | None] | None = None,
+        do_training: bool = True,
+        share_persistent_buffers: bool = True,
+        on_reply: Callable[[TrainResult], None] | None = None,
+        on_progress: Callable[[str, TrainProgress], None] | None = None,
+    ) -> None:
+        super().__init__(researcher_id=researcher_id, requests=requests,
+                         nodes=nodes if nodes is not None else list(dataset_ids), policies=policies)
+        self.experiment_id, self.round = experiment_id, round_
+        self._dataset_ids = dict(dataset_ids)
+        self._plan = (plan_source, plan_class)
+        self._params = params
+        self._model_args = dict(model_args or {})
+        self._training_args = dict(training_args or {})
+        self._aggregator_args = {n: dict(a) for n, a in (aggregator_args or {}).items()}
+        self._aux_vars = dict(aux_vars or {})
+        self._state_ids = dict(state_ids or {})
+        self._do_training = do_training
+        self._share = share_persistent_buffers
+        self._on_reply = on_reply
+        self._on_progress = on_progress
+        self.results: dict[str, NodeRound] = {}
+
+    def _messages(self) -> MessagesByNode:
+        specs, buffers = pack_named(self._params)  # once: every node's message shares these frames
+        packed_aux: dict[int, tuple[dict[str, list[Any]], list[memoryview]]] = {}
+        messages = MessagesByNode()
+        for node_id in self.nodes or []:
+            aux = self._aux_vars.get(node_id, {})
+            if id(aux) not in packed_aux:  # nodes given the same aux mapping share its frames too
+                aux_specs: dict[str, list[Any]] = {}
+                aux_buffers: list[memoryview] = []
+                for name, arrays in aux.items():
+                    aux_specs[name], frames = pack_named(arrays, len(buffers) + len(aux_buffers))
+                    aux_buffers += frames
+                packed_aux[id(aux)] = (aux_specs, aux_buffers)
+            aux_specs, aux_buffers = packed_aux[id(aux)]
+            message = TrainRequest(
+                experiment_id=self.experiment_id, round=self.round, dataset_id=self._dataset_ids[node_id],
+                plan_source=self._plan[0], plan_class=self._plan[1], params=specs, model_args=self._model_args,
+                training_args=self._training_args, aggregator_args=self._aggregator_args.get(node_id, {}),
+                aux_vars=aux_specs, state_id=self._state_ids.get(node_id), do_training=self._do_training,
+                share_persistent_buffers=self._share)
+            messages[node_id] = (message, [*buffers, *aux_buffers])
+        return messages
+
+    def _progress(self, node_id: str, envelope: Envelope) -> None:
+        if self._on_progress is not None and isinstance(envelope.content, TrainProgress):
+            self._on_progress(node_id, envelope.content)
+
+    def _decode(self, node_id: str, envelope: Envelope, seconds: float) -> TrainResult:
+        reply = envelope.content
+        if not isinstance(reply, TrainReply):
+            raise FedlabProtocolError(f"expected a train_reply, got a {envelope.msg_type}", code="unexpected_reply")
+        if reply.round != self.round or reply.experiment_id != self.experiment_id:
+            raise FedlabProtocolError(f"the reply is for round {reply.round} of experiment {reply.experiment_id}, "
+                                      f"not round {self.round} of {self.experiment_id}", code="unexpected_reply")
+        params = unpack_named(reply.params, envelope.buffers)
+        aux = {name: unpack_named(specs, envelope.buffers) for name, specs in reply.aux_vars.items()}
+        return TrainResult(node_id, params, aux, reply, seconds)
+
+    def execute(self) -> dict[str, NodeRound]:
+        """Run the round; ``{node_id: NodeRound}`` for every node asked, whatever happened to it."""
+        nodes = self.nodes or []
+        what = f"round {self.round}" if self._do_training else f"validation (round {self.round})"
+        with self.RequestTimer(nodes) as timer:
+            request = self.requests.send(self._messages(), nodes, self._policies, on_event=self._progress)
+            answered: set[str] = set()
+            try:
+                for node_id, envelope in request.as_completed():
+                    answered.add(node_id)
+                    self._take(node_id, envelope, time.monotonic() - request.started, what)
+                    del envelope  # one reply held at a time
+            except BaseException:  # interrupted (Ctrl-C, a bug): stop the nodes, don't wait out the round
+                request.__exit__(None, None, None)
+                self._cancel(request, [n for n in request.msg_ids if n not in answered])
+                raise
+            timer.stop(request)
+        self.timings = timer.timings
+        self.errors, self.missing = request.errors(), request.missing()
+        self._cancel(request, [n for n, m in self.missing.items() if m.reason in ("timeout", "stopped")])
+        for node_id, error in self.errors.items():
+            self._fail(node_id, f"[{error.code}] {error.message}", what)
+        for node_id, why in self.missing.items():
+            log.warning("node %s did not answer %s: %s", node_id, what, why)
+            self.results[node_id] = NodeRound(node_id, "missing", reason=f"{why.reason}: {why.detail}")
+        for node_id, row in self.results.items():
+            row.total_seconds = self.timings.get(node_id)
+        return {n: self.results[n] for n in nodes if n in self.results}
+
+    def _take(self, node_id: str, envelope: Envelope, seconds: float, what: str) -> None:
+        """Decode one reply, hand it to ``on_reply``, keep its summary; a bad or refused reply fails the node."""
+        try:
+            result = self._decode(node_id, envelope, seconds)
+            if self._on_reply is not None:
+                self._on_reply(result)
+        except FedlabProtocolError as exc:
+            self._fail(node_id, f"[{exc.code}] {exc}", what)
+            return
+        except FedlabError as exc:  # the aggregator refused it (shapes, names): out of this round
+            self._fail(node_id, f"[rejected] {exc}", what)
+            return
+        r = result.reply
+        self.results[node_id] = NodeRound(
+            node_id, "ok", n_samples=r.n_samples, n_test_samples=r.n_test_samples, n_updates=r.n_updates,
+            train_loss=r.train_loss, metrics_before=dict(r.metrics_before), metrics_after=dict(r.metrics_after),
+            compute_seconds=r.compute_seconds, state_id=r.state_id)
+
+    def _fail(self, node_id: str, reason: str, what: str) -> None:
+        log.error("node %s failed %s: %s", node_id, what, reason)
+        self.results[node_id] = NodeRound(node_id, "error", reason=reason)
+
+    def _cancel(self, request: FederatedRequest, nodes: list[str]) -> None:
+        """Tell ``nodes``, which may still be computing this round, to stop; the wait is bounded."""
+        running = {n: request.msg_ids[n] for n in nodes if n in request.msg_ids}
+        if not running:
+            return
+        cancels = MessagesByNode({n: TrainCancelRequest(request_id=msg_id) for n, msg_id in running.items()})
+        with self.requests.send(cancels, list(running), [DiscardOnTimeout(CANCEL_TIMEOUT)]) as cancel:
+            for node_id, envelope in cancel.replies().items():
+                if isinstance(envelope.content, TrainCancelReply):
+                    log.info("node %s %s round %s", node_id,
+                             "cancelled" if envelope.content.cancelled else "had already finished", self.round)
