@@ -9,6 +9,9 @@ several rounds, after one warm-up round (which imports torch on the nodes and lo
 
 Models: ~100k parameters (0.4 MB) and ~25M parameters (100 MB), as single linear layers.
 Targets (issue 4): 100 MB round <= 1.5 x floor; small model at N = 8 <= 30 ms per round.
+"node compute" is the median time a node spent in the plan's round (its ``compute_seconds``):
+loading the parameters, one forward and backward pass and one optimizer step. For the 100 MB
+model that alone is ~150 ms of CPU per node, which the floor (an echo) does not pay.
 
     .venv/bin/python benchmarks/rounds.py [--nodes 2 8] [--rounds 5] [--models small large]
 """
@@ -60,7 +63,7 @@ def start_nodes(root: Path, n: int, address: str) -> tuple[list[Path], list[subp
     dirs, procs = [], []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for i in range(n):
-        config = init_node_dir(root / f"node-{n}-{i}", f"bench-{i}", address)
+        config = init_node_dir(root / f"{address.rsplit(':', 1)[1]}-node-{i}", f"bench-{i}", address)
         DatasetRegistry(config.db_path).add("bench", ["bench"], "csv", str(csv))
         dirs.append(config.directory)
         procs.append(subprocess.Popen([sys.executable, "-m", "fedlab", "node", "start", str(config.directory)],
@@ -74,7 +77,7 @@ def approve(dirs: list[Path], plan_id: str) -> None:
                        check=True, stdout=subprocess.DEVNULL)
 
 
-def bench_rounds(root: Path, n: int, model: str, rounds: int) -> tuple[float, int]:
+def bench_rounds(root: Path, n: int, model: str, rounds: int) -> tuple[float, float, int]:
     address = f"tcp://127.0.0.1:{free_port()}"
     dirs, procs = start_nodes(root, n, address)
     n_in, n_out = MODELS[model]
@@ -95,7 +98,8 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int) -> tuple[float, in
             history = exp.history
             assert (history["status"] == "ok").all(), history[history["status"] != "ok"]
             n_bytes = sum(int(np.asarray(p).nbytes) for p in exp.params.values())
-            return statistics.median(times[1:]), n_bytes
+            compute = float(history[history["round"] > 1]["compute_seconds"].median())
+            return statistics.median(times[1:]), compute, n_bytes
     finally:
         for p in procs:
             p.terminate()
@@ -109,15 +113,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["small", "large"])
     args = parser.parse_args()
-    print(f"{'model':>6} {'params':>11} {'MB':>7} {'nodes':>5} {'round ms':>9} {'floor ms':>9} {'ratio':>6}")
+    print(f"{'model':>6} {'params':>11} {'MB':>7} {'nodes':>5} {'round ms':>9} {'floor ms':>9} {'ratio':>6} "
+          f"{'node compute ms':>16}")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for n in args.nodes:
-                round_s, n_bytes = bench_rounds(Path(tmp), n, model, args.rounds)
+                round_s, compute_s, n_bytes = bench_rounds(Path(tmp), n, model, args.rounds)
                 floor = bench_raw(n, {n_bytes: bytes(n_bytes)}, args.rounds)[n_bytes]
                 n_in, n_out = MODELS[model]
                 print(f"{model:>6} {n_in * n_out + n_out:>11,} {n_bytes / 1e6:>7.1f} {n:>5} {round_s * 1e3:>9.1f} "
-                      f"{floor * 1e3:>9.1f} {round_s / floor:>6.2f}", flush=True)
+                      f"{floor * 1e3:>9.1f} {round_s / floor:>6.2f} {compute_s * 1e3:>16.1f}", flush=True)
 
 
 if __name__ == "__main__":

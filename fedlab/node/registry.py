@@ -142,7 +142,8 @@ def _connect(db_path: Path, *, create: bool = False) -> Iterator[sqlite3.Connect
     try:
         with closing(sqlite3.connect(db_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)) as conn:
             conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            if create:  # WAL is a property of the file: set once, when the database is made
+                conn.execute("PRAGMA journal_mode = WAL")
             yield conn
     except sqlite3.Error as exc:
         raise _translate(exc, db_path) from exc

@@ -224,7 +224,9 @@ class TrainingHandler:
             share_persistent_buffers=request.share_persistent_buffers, progress=progress,
             should_stop=flag.is_set)
         state_id = request.state_id
-        if request.do_training and (result.state_arrays or result.state_meta):
+        # Only arrays (moments, control variates) need keeping: the hyperparameters in the meta come
+        # from the next request's optimizer_args anyway. Plain SGD keeps nothing and writes nothing.
+        if request.do_training and result.state_arrays:
             state_id = self.states.put(encode_state(result.state_arrays, result.state_meta),
                                        request.experiment_id, record.dataset_id)
         specs, buffers = pack_named(result.params)

@@ -34,6 +34,27 @@ Params = dict[str, np.ndarray]
 AuxVars = dict[str, dict[str, np.ndarray]]
 
 
+def _accumulate(sums: dict[str, np.ndarray], name: str, value: np.ndarray, weight: float) -> None:
+    """``sums[name] += weight * value`` in float64, in place: after the first reply of a round
+    no model-sized array is allocated per reply (a 100 MB model would otherwise cost a fresh
+    200 MB float64 array each time)."""
+    total = sums.get(name)
+    if total is None:
+        total = sums[name] = np.array(value, dtype=np.float64)  # a copy, also for 0-d entries
+        if weight != 1.0:
+            total *= weight
+    elif weight == 1.0:
+        np.add(total, value, out=total)
+    else:  # in blocks, so the temporary stays small whatever the parameter's size
+        flat_total, flat_value = total.reshape(-1), np.asarray(value).reshape(-1)
+        for start in range(0, flat_total.size, _BLOCK):
+            block = slice(start, start + _BLOCK)
+            flat_total[block] += flat_value[block].astype(np.float64) * weight
+
+
+_BLOCK = 1 << 18  # 2 MiB of float64: stays in cache
+
+
 def _cast_back(mean: np.ndarray, like: np.ndarray) -> np.ndarray:
     """``mean`` (float64) in the dtype of ``like``; integer and bool dtypes are rounded first."""
     if np.issubdtype(like.dtype, np.integer) or like.dtype == np.bool_:
@@ -98,11 +119,7 @@ class Aggregator:
         self._check(node_id, params)
         weight = float(n_samples)
         for name, value in params.items():
-            contribution = np.asarray(value, dtype=np.float64) * weight
-            if name in self._sums:
-                self._sums[name] += contribution
-            else:
-                self._sums[name] = contribution
+            _accumulate(self._sums, name, value, weight)
         self._weight += weight
         self.added.append(node_id)
 
@@ -205,11 +222,7 @@ class Scaffold(Aggregator):
         if node_id not in self.added:  # trained on 0 samples: no contribution at all
             return
         for name, value in delta.items():
-            d = np.asarray(value, dtype=np.float64)
-            if name in self._delta_c:
-                self._delta_c[name] += d
-            else:
-                self._delta_c[name] = d.copy()
+            _accumulate(self._delta_c, name, value, 1.0)
 
     def end_round(self, n_nodes_total: int) -> Params:
         mean = self._mean()

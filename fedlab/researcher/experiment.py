@@ -41,7 +41,7 @@ from fedlab.researcher.training_jobs import (
 )
 from fedlab.researcher.training_tables import history_frame, history_row, status_frame
 from fedlab.training.messages import TrainProgress
-from fedlab.training.source import load_plan_class, plan_source
+from fedlab.training.source import load_plan_class, plan_id, plan_source
 
 __all__ = ["Experiment"]
 
@@ -85,6 +85,7 @@ class Experiment:
         self.researcher = researcher
         self.tags = [tags] if isinstance(tags, str) else list(tags)
         self.plan_source, self.plan_class = plan_source(training_plan, plan_class)
+        self.plan_id = plan_id(self.plan_source)  # what node operators see in `fedlab node plan list`
         self.model_args = dict(model_args or {})
         self.training_args = dict(training_args or {})
         loop.TrainingArgs.from_dict(self.training_args)  # wrong keys fail here, not on every node
@@ -132,8 +133,7 @@ class Experiment:
         return build_model(self._plan_cls, self.model_args, self._params)
 
     def _names(self) -> dict[str, str]:
-        frame = self.researcher.nodes()
-        return dict(zip(frame["node_id"], frame["name"], strict=True))
+        return self.researcher._names()
 
     @staticmethod
     def _frozen(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -39,14 +39,18 @@ def shared_param_names(model: torch.nn.Module, share_persistent_buffers: bool) -
     return [name for name in names if name in parameters]
 
 
-def model_params(model: torch.nn.Module, names: list[str]) -> dict[str, np.ndarray]:
-    """Detached CPU numpy copies of the ``state_dict`` entries ``names``, in the model's dtypes."""
+def model_params(model: torch.nn.Module, names: list[str], *, copy: bool = True) -> dict[str, np.ndarray]:
+    """Detached CPU numpy copies of the ``state_dict`` entries ``names``, in the model's dtypes.
+
+    ``copy=False`` returns views of the model's own memory instead (no copy of a 100 MB
+    model): for a model nobody touches afterwards, like the one a round builds and drops.
+    """
     state = model.state_dict()
     out: dict[str, np.ndarray] = {}
     for name in names:
         tensor = state[name].detach().cpu()
         try:
-            out[name] = tensor.numpy().copy()
+            out[name] = tensor.numpy().copy() if copy else tensor.numpy()
         except TypeError as exc:
             raise FedlabTrainingError(
                 f"model entry {name} has dtype {tensor.dtype}, which cannot be sent; use float32 or float64"

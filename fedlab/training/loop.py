@@ -57,6 +57,35 @@ def split_indices(n: int, test_ratio: float, seed: int) -> tuple[np.ndarray, np.
 def _new_model(plan_cls: type, model_args: Mapping[str, Any]) -> Any:
     plan = call_plan(plan_cls, "__init__", plan_cls)
     model = call_plan(plan_cls, "init_model", plan.init_model, dict(model_args))
+    return _attach(plan_cls, plan, model)
+
+
+def _model_to_overwrite(plan_cls: type, model_args: Mapping[str, Any], params: Mapping[str, np.ndarray],
+                        share_persistent_buffers: bool) -> Any:
+    """A plan whose model will be overwritten entirely by ``params``: skip its random initialisation.
+
+    Initialising a model draws every weight (a quarter of a second for 25M parameters), only
+    for the received parameters to replace them. So the model is first built on torch's
+    "meta" device (shapes, no data) and given uninitialised memory, which ``load_params``
+    then fills. Only when every entry of the model is among ``params``; otherwise (entries
+    that do not travel, or an ``init_model`` that cannot run on the meta device) the model
+    is built the ordinary way.
+    """
+    try:
+        with torch.device("meta"):
+            plan = _new_model(plan_cls, model_args)
+        model = plan.model
+        entries = set(model.state_dict())
+        covered = entries <= set(params) and all(n in entries for n, _ in model.named_buffers())
+        if covered and set(shared_param_names(model, share_persistent_buffers)) == entries:
+            plan.model = model.to_empty(device="cpu")
+            return plan
+    except FedlabError:
+        pass
+    return _new_model(plan_cls, model_args)
+
+
+def _attach(plan_cls: type, plan: Any, model: Any) -> Any:
     if not isinstance(model, torch.nn.Module):
         raise FedlabTrainingError(
             f"training plan {plan_cls.__name__}.init_model must return a torch.nn.Module, not {type(model).__name__}"
@@ -70,7 +99,7 @@ def initial_params(
 ) -> dict[str, np.ndarray]:
     """The shared entries of a freshly initialised model, seeded with ``seed`` (the round-0 global model)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         plan = _new_model(plan_cls, model_args)
         return model_params(plan.model, shared_param_names(plan.model, share_persistent_buffers))
 
@@ -153,8 +182,11 @@ def _run(
     report: Reporter, should_stop: Callable[[], bool] | None,
 ) -> RoundResult:
     seed = args.seed * _SEED_STRIDE + round_
-    torch.manual_seed(seed)
-    plan = _new_model(plan_cls, model_args)
+    torch.default_generator.manual_seed(seed)
+    if params is None:
+        plan = _new_model(plan_cls, model_args)
+    else:
+        plan = _model_to_overwrite(plan_cls, model_args, params, share_persistent_buffers)
     names = shared_param_names(plan.model, share_persistent_buffers)
     if params is not None:
         load_params(plan.model, params, names)
@@ -189,7 +221,8 @@ def _run(
             c_new = c_i[name] - c[name] + (x[name] - param.detach()) / (n_updates * lr)
             aux["scaffold"][name] = (c_new - c_i[name]).cpu().numpy().copy()
             new_state[_SCAFFOLD + name] = c_new.cpu().numpy().copy()
-    return RoundResult(model_params(plan.model, names), len(train_idx), len(test_idx), n_updates, train_loss,
+    shared = model_params(plan.model, names, copy=False)  # the model is dropped after the round: no copy
+    return RoundResult(shared, len(train_idx), len(test_idx), n_updates, train_loss,
                        before, after, aux, new_state, {"optimizer": opt_meta}, 0.0)
 
 

@@ -119,10 +119,15 @@ def plan_source(plan: type | str, plan_class: str | None = None) -> tuple[str, s
     """``(module_source, class_name)`` for a plan class, or for module source text plus its class name.
 
     For a class, the module is ``PRELUDE`` + the class's ``dependencies`` + the class source.
-    For a string, ``plan_class`` may be left out when the source defines exactly one
-    ``TorchTrainingPlan`` subclass.
+    For a string (a notebook cell, say), the module is ``PRELUDE`` + the text, so a plan reads
+    the same names either way; ``plan_class`` may be left out when the source defines exactly
+    one ``TorchTrainingPlan`` subclass.
     """
     if isinstance(plan, str):
+        if not plan.startswith(PRELUDE):
+            text = textwrap.dedent(plan).strip("\n") + "\n"
+            _parse(text, "the training plan source")  # line numbers of errors as the user wrote them
+            plan = PRELUDE + "\n\n" + text
         tree = _parse(plan, "the training plan source")
         if plan_class is None:
             candidates = _plan_classes(tree)

@@ -138,7 +138,9 @@ def train(
     n_epochs = math.ceil(total / per_epoch)
     anchors = [(p, p.detach().clone()) for _, p in ctx.trainable] if fedprox_mu else []
     generator = torch.Generator().manual_seed(ctx.seed)
-    torch.manual_seed(ctx.seed)  # dropout & co. do not depend on what init_model or training_data drew
+    # dropout & co. do not depend on what init_model or training_data drew; the CPU generator only:
+    # torch.manual_seed would also queue CUDA seeding, which costs milliseconds per call
+    torch.default_generator.manual_seed(ctx.seed)
     plan.model.train()
     step, loss_sum = 0, 0.0
     for epoch in range(1, n_epochs + 1):

@@ -32,6 +32,9 @@ class Outbox:
         os.set_blocking(self._read_fd, False)
         os.set_blocking(self._write_fd, False)
         self._closed = False
+        # True from a wake-up write until the next drain reads the pipe: while it is set the
+        # pipe holds a byte, so a put needs no write of its own (one syscall per batch, not per message).
+        self._signalled = False
 
     @property
     def fileno(self) -> int:
@@ -39,7 +42,9 @@ class Outbox:
 
     def put(self, item: Outgoing | None) -> None:
         self._queue.put(item)
-        self.wake()
+        if not self._signalled:
+            self._signalled = True
+            self.wake()
 
     def wake(self) -> None:
         if self._closed:  # the fd number may already belong to another file
@@ -55,6 +60,7 @@ class Outbox:
                 pass
         except (BlockingIOError, OSError):
             pass
+        self._signalled = False  # after reading the pipe, before taking the queue: no put is missed
         items: list[Outgoing | None] = []
         while True:
             try:

@@ -91,7 +91,8 @@ def test_import_fedlab_works_without_ipython_ipywidgets_or_torch():
 
 def test_exported_names():
     assert sorted(fedlab.__all__) == sorted([
-        "__version__", "DataQualityWarning", "DiscardOnDisconnect", "DiscardOnTimeout", "FederatedDataset", "FederatedRequest",
+        "__version__", "DataQualityWarning", "DiscardOnDisconnect", "DiscardOnTimeout", "FederatedDataset",
+        "FederatedRequest",
         "FedlabApprovalError", "FedlabConfigError", "FedlabDataQualityError", "FedlabDatasetError", "FedlabError",
         "FedlabNodeError", "FedlabProtocolError", "FedlabRequestStopped", "FedlabTimeoutError",
         "FedlabTrainingError", "FedlabTransportError", "FedlabVersionError", "MessagesByNode", "Requests",

@@ -99,11 +99,11 @@ def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 # --- determinism and parameters ---------------------------------------------------------------
 
 
-def test_round_returns_float32_copies_of_the_shared_entries(plan: type, frame: pd.DataFrame, params0: dict) -> None:
+def test_round_returns_float32_arrays_of_the_shared_entries(plan: type, frame: pd.DataFrame, params0: dict) -> None:
     result = run(plan, frame, params0)
     assert list(result.params) == ["weight", "bias"]
     assert result.params["weight"].dtype == np.float32 and result.params["weight"].shape == (1, N_FEATURES)
-    assert all(a.flags.writeable and a.flags.owndata for a in result.params.values())
+    assert all(a.flags.writeable for a in result.params.values())  # views of the round's own model, no copy
     assert result.n_samples == len(frame) and result.n_test_samples == 0
     assert result.n_updates == 2 * math.ceil(len(frame) / 32)
     assert result.train_loss is not None and 0 < result.train_loss < 0.7
@@ -571,3 +571,41 @@ def test_dataset_loading_errors(tmp_path: Path, frame: pd.DataFrame) -> None:
     Image.new("L", (4, 3)).save(tmp_path / "mixed" / "a" / "2.png")
     with pytest.raises(FedlabDatasetError, match="must share one height"):
         ImageFolderData(tmp_path / "mixed").arrays()
+
+
+def _cpu_inits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the device of every tensor ``kaiming_uniform_`` (nn.Linear's initialiser) draws into."""
+    devices: list[str] = []
+    original = torch.nn.init.kaiming_uniform_
+
+    def spy(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        devices.append(tensor.device.type)
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", spy)
+    return devices
+
+
+def test_a_model_that_params_overwrite_is_not_randomly_initialised_first(
+        plan: type, frame: pd.DataFrame, params0: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = run(plan, frame, params0)
+    devices = _cpu_inits(monkeypatch)
+    again = run(plan, frame, params0)
+    assert devices and "cpu" not in devices  # built on the meta device only: no weights drawn
+    assert same(reference.params, again.params)
+
+
+class WithScratchBuffer(LogReg):
+    """A non-persistent buffer never travels, so the model must be initialised the ordinary way."""
+
+    def init_model(self, model_args: dict) -> nn.Module:
+        model = nn.Linear(model_args["n_features"], 1)
+        model.register_buffer("scale", torch.ones(1), persistent=False)
+        return model
+
+
+def test_a_model_with_entries_that_do_not_travel_is_initialised_normally(
+        frame: pd.DataFrame, params0: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    devices = _cpu_inits(monkeypatch)
+    result = run(WithScratchBuffer, frame, params0)
+    assert "cpu" in devices and set(result.params) == {"weight", "bias"}

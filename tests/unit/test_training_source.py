@@ -137,16 +137,18 @@ def test_plans_are_built_hashed_and_checked_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_string_source_is_used_as_is_and_its_single_plan_class_is_found() -> None:
-    assert plan_source(MODULE) == (MODULE, "Tiny")
-    assert plan_source(MODULE, "Tiny") == (MODULE, "Tiny")
+def test_string_source_gets_the_prelude_once_and_its_single_plan_class_is_found() -> None:
+    module = PRELUDE + "\n\n" + MODULE
+    assert plan_source(MODULE) == (module, "Tiny")
+    assert plan_source(MODULE, "Tiny") == (module, "Tiny")
+    assert plan_source(module) == (module, "Tiny")  # already a whole module: used as is
 
 
 def test_string_source_errors_say_what_to_do() -> None:
     two = MODULE + "\n\nclass Tiny2(TorchTrainingPlan):\n    pass\n"
     with pytest.raises(FedlabTrainingError, match=r"2 TorchTrainingPlan subclasses \(Tiny, Tiny2\).*plan_class="):
         plan_source(two)
-    assert plan_source(two, "Tiny2") == (two, "Tiny2")
+    assert plan_source(two, "Tiny2") == (PRELUDE + "\n\n" + two, "Tiny2")
     with pytest.raises(FedlabTrainingError, match="none"):
         plan_source("x = 1\n")
     with pytest.raises(FedlabTrainingError, match="no top-level class 'Nope'"):
