@@ -66,3 +66,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext fedlab``: registers ``%fed`` and ``%%fed``. IPython is imported only now."""
+    from fedlab.notebook.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext fedlab``: cancels background jobs and unbinds the researcher's socket."""
+    from fedlab.notebook.magics import unload_ipython_extension as unload
+
+    unload(ipython)
