@@ -1,0 +1,95 @@
+"""Every notebook in notebooks/ runs top to bottom against three real nodes, without an error.
+
+The notebooks are documentation people run, so they are executed as they are shipped: a kernel
+per notebook (nbclient), the researcher address passed in ``FEDLAB_ADDRESS``, real `fedlab node
+start` processes, and an operator thread that approves training plans with the node CLI as soon
+as they are pending. The widgets' final state is stored in the notebook (``store_widget_state``),
+so the test also checks what a reader of the saved notebook would see.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipywidgets")
+pytest.importorskip("torch")
+
+from notebook_federation import NotebookFederation, kernel_env  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
+CELL_TIMEOUT = 100  # one cell; the first training round waits for every node to import torch
+
+
+def run_notebook(path: Path, tmp_path: Path, env: dict[str, str]) -> object:
+    book = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(book, timeout=CELL_TIMEOUT, kernel_name="python3", store_widget_state=True,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    saved = dict(os.environ)
+    os.environ.update(env)  # the kernel inherits our environment when it starts
+    try:
+        client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return book
+
+
+def errors(book) -> list[str]:
+    found = []
+    for index, cell in enumerate(book.cells):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                found.append(f"cell {index}: {output['ename']}: {output['evalue']}")
+            elif output.get("output_type") == "stream" and output.get("name") == "stderr" \
+                    and "Traceback" in output.get("text", ""):
+                found.append(f"cell {index}: traceback on stderr: {output['text'][-2000:]}")
+    return found
+
+
+def widget_states(book) -> dict[str, dict]:
+    state = book.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    return {model_id: model["state"] for model_id, model in state.get("state", {}).items()}
+
+
+@pytest.fixture
+def federation(tmp_path):
+    fed = NotebookFederation(tmp_path / "nodes", 3).start()
+    fed.start_operator()
+    yield fed
+    fed.stop()
+
+
+def test_the_notebooks_directory_has_the_documented_notebooks():
+    names = [p.name for p in NOTEBOOKS]
+    assert "01_quickstart.ipynb" in names and "03_training.ipynb" in names, names
+    for path in NOTEBOOKS:  # shipped clean: no outputs, no stale widget state
+        book = nbformat.read(path, as_version=4)
+        assert all(not c.get("outputs") and c.get("execution_count") is None
+                   for c in book.cells if c.cell_type == "code"), f"{path.name} is saved with outputs"
+        assert "widgets" not in book.metadata, f"{path.name} is saved with widget state"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_against_three_real_nodes(path, tmp_path, federation):
+    book = run_notebook(path, tmp_path, kernel_env(federation.env(), tmp_path / "jupyter"))
+    nbformat.write(book, tmp_path / path.name)  # the executed notebook, to look at when this fails
+    assert errors(book) == [], federation.logs()
+    html = "".join(str(o.get("data", {}).get("text/html", "")) for c in book.cells for o in c.get("outputs", []))
+    assert "dataframe" in html  # results are shown as DataFrames
+    images = [o for c in book.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, "no plot was rendered"
+    states = widget_states(book)
+    if path.stem == "03_training":
+        assert federation.approved, "the operator never saw a pending plan"
+        bars = [s for s in states.values() if s.get("_model_name") == "IntProgressModel"]
+        assert len(bars) == 3 and all(b["bar_style"] == "success" and b["value"] == b["max"] for b in bars), bars
+        labels = [s.get("value") for s in states.values() if s.get("_model_name") == "LabelModel"]
+        assert labels.count("Approved") == 3 and "plan approval: all 3 nodes may run the plan" in labels, labels
