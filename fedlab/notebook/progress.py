@@ -137,7 +137,8 @@ class TrainingProgress(w.VBox):
         missed = f" (missed round {', '.join(map(str, row.failed_rounds))})" if row.failed_rounds else ""
         row.state.value = ("training" if p.phase == "training" else p.phase.replace("validation", "validating")) \
             + missed
-        parts = [f"round {p.round}/{self.rounds}"]
+        # the validation-only request after the last round carries round R + 1: say what it is
+        parts = [f"round {p.round}/{self.rounds}" if p.round <= self.rounds else "final validation"]
         if p.n_epochs:
             parts.append(f"epoch {p.epoch}/{p.n_epochs}")
         if p.n_iterations:

@@ -92,6 +92,12 @@ def test_bar_fills_within_a_round_by_iterations():
     assert panel.rows["a"].where.value == "round 2/3 · it 3/3"
 
 
+def test_the_validation_after_the_last_round_is_named_not_counted_as_a_round():
+    panel = TrainingProgress({"a": "site-a"}, rounds=3, min_interval=0)
+    panel.on_event("a", event(round_=4, it=2, n_it=2, epoch=0, n_epochs=0, phase="validation before", loss=None))
+    assert panel.rows["a"].where.value == "final validation · it 2/2"
+
+
 def test_an_unknown_node_gets_a_row_rather_than_being_dropped():
     panel = TrainingProgress({"a": "site-a"}, rounds=1, min_interval=0)
     panel.on_event("zz", event())
