@@ -95,8 +95,8 @@ class TrainingPlanCheckJob(Job):
         replies = self._send(messages, TrainingPlanStatusReply, "the training plan status request")
         for node_id, reply in replies.items():
             if reply.approval_required and reply.status != APPROVED:
-                log.warning("training plan %s is %s on node %s: %s", reply.plan_id[:12], reply.status, node_id,
-                            reply.message)
+                log.info("training plan %s is %s on node %s: %s", reply.plan_id[:12], reply.status, node_id,
+                         reply.message)
         return replies
 
 
