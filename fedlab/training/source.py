@@ -37,6 +37,7 @@ PRELUDE = (
     "import torch\n"
     "from torch import nn\n"
     "import torch.nn.functional as F\n"
+    "import fedlab\n"  # so that `class P(fedlab.TorchTrainingPlan)` works as written in a notebook
     "from fedlab.training import TorchTrainingPlan\n"
 )
 _BASE_NAME = "TorchTrainingPlan"

@@ -368,7 +368,8 @@ def test_a_plan_raising_in_training_step_names_the_method_and_line(frame: pd.Dat
         f"training plan Broken.training_step raised ValueError: bad shape "
         f'(plan line {line}: `raise ValueError("bad shape")`)'
     )
-    with pytest.raises(FedlabTrainingError, match=r"init_model raised KeyError: 'fail' \(plan line 10: `raise"):
+    line = next(i for i, text in enumerate(source.splitlines(), 1) if 'raise KeyError("fail")' in text)
+    with pytest.raises(FedlabTrainingError, match=rf"init_model raised KeyError: 'fail' \(plan line {line}: `raise"):
         run(broken, frame, None, model_args={"fail": True})
 
 

@@ -272,3 +272,9 @@ def test_plan_error_without_a_plan_frame_has_no_line() -> None:
     assert message == "training plan Raiser raised KeyError: 'k'"
     long = str(plan_error(Raiser, "x", RuntimeError("y" * 5000)))
     assert len(long) < 1100 and long.endswith("…")
+
+
+def test_a_plan_naming_its_base_through_the_package_loads() -> None:
+    """`class P(fedlab.TorchTrainingPlan)`, as a notebook user may write it, runs on a node too."""
+    source, name = plan_source("class P(fedlab.TorchTrainingPlan):\n    pass\n", "P")
+    assert issubclass(load_plan_class(source, name), TorchTrainingPlan)
