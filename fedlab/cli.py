@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedlab import __version__
+from fedlab.argtypes import positive_int, seconds
 from fedlab.errors import FedlabError
 
 if TYPE_CHECKING:
@@ -29,30 +30,10 @@ Handler = Callable[[argparse.Namespace], int]
 _DESCRIPTION_WIDTH = 40
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a number of seconds > 0")
     return value
 
 
@@ -252,7 +233,7 @@ def _add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     start = node_sub.add_parser("start", help="run the node in DIR until interrupted")
     start.add_argument("dir", metavar="DIR", help="node directory")
     start.add_argument("--researcher", help="researcher address, overriding the config file")
-    start.add_argument("--heartbeat", type=_positive_float, metavar="SECONDS", help="heartbeat interval")
+    start.add_argument("--heartbeat", type=seconds, metavar="SECONDS", help="heartbeat interval")
     start.set_defaults(handler=_cmd_node_start)
 
     dataset = node_sub.add_parser("dataset", help="register, list and remove the node's datasets")
@@ -314,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_commands(sub)
 
     demo = sub.add_parser("demo", help="start a researcher and local nodes with sample data")
-    demo.add_argument("--nodes", type=_positive_int, default=3, help="how many nodes to start (default 3)")
+    demo.add_argument("--nodes", type=positive_int, default=3, help="how many nodes to start (default 3)")
     demo.add_argument("--dir", type=Path, default=None, help="where to put the node directories")
     demo.add_argument("--port", type=_port, default=5555, help="researcher port (default 5555)")
     demo.add_argument("--keep-running", action="store_true", help="keep the nodes running afterwards")

@@ -16,6 +16,8 @@ import keyword
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from fedlab.argtypes import positive_int, seconds
+
 __all__ = ["SUBCOMMANDS", "FedArgumentError", "HelpShown", "build_parser", "command_parser", "overview", "parse"]
 
 # sub-command -> one line for `%fed help` (the order is the order of the help text)
@@ -75,26 +77,6 @@ def variable(text: str) -> str:
     if not text.isidentifier() or keyword.iskeyword(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a Python variable name")
     return text
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return value
 
 
 class _Step(argparse.Action):
