@@ -56,6 +56,7 @@ class NodeConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     log_level: str = "INFO"
     require_approval: bool = True
+    training_threads: int = 0
     disclosure: DisclosureRules = field(default_factory=DisclosureRules)
     directory: Path = field(kw_only=True)
 
@@ -81,6 +82,7 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "max_message_bytes": (int,),
     "log_level": (str,),
     "require_approval": (bool,),
+    "training_threads": (int,),
     "disclosure": (dict,),
 }
 _REQUIRED = ("node_id", "name")
@@ -91,6 +93,10 @@ _COMMENTS = {
         "# Training plans are code sent by a researcher. With true (the default), a plan runs only",
         "# after this node's operator approved its exact source (`fedlab node plan approve DIR PLAN_ID`);",
         "# with false, any plan runs except one the operator rejected (`fedlab node plan reject DIR PLAN_ID`).",
+    ],
+    "training_threads": [
+        "# CPU threads torch may use for training (0: torch's default, one per core). Set it when",
+        "# several nodes or other services share this machine: each would otherwise take every core.",
     ],
 }
 
@@ -257,6 +263,10 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
         )
     if data.get("max_message_bytes", 1) <= 0:
         raise FedlabConfigError(f"{config_path}: max_message_bytes must be > 0")
+    if data.get("training_threads", 0) < 0:
+        raise FedlabConfigError(
+            f"{config_path}: training_threads must be 0 (torch's default) or a number of threads >= 1"
+        )
     log_level = data.get("log_level", "INFO").upper()
     if log_level not in _LOG_LEVELS:
         raise FedlabConfigError(

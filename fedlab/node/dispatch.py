@@ -70,7 +70,7 @@ def error_code(exc: FedlabError) -> str:
 class Dispatcher:
     def __init__(self, node_id: str, name: str, registry: DatasetRegistry,
                  rules: DisclosureRules | None = None, node_dir: Path | None = None, *,
-                 require_approval: bool = True, emit: Emit | None = None) -> None:
+                 require_approval: bool = True, training_threads: int = 0, emit: Emit | None = None) -> None:
         self.node_id = node_id
         self.name = name
         self.registry = registry
@@ -81,7 +81,7 @@ class Dispatcher:
             registry, rules, node_id=node_id, node_dir=node_dir, analytics=self.analytics)
         # ``emit`` sends progress events while a training request runs (the node's transport).
         self.training = TrainingHandler(registry, node_id=node_id, name=name,
-                                        require_approval=require_approval, emit=emit)
+                                        require_approval=require_approval, threads=training_threads, emit=emit)
         self.table: dict[str, Handler] = {
             "ping_request": self._ping,
             "dataset_search_request": self._search,

@@ -43,7 +43,8 @@ class Node:
         self.config = config
         self.dispatcher = Dispatcher(config.node_id, config.name, DatasetRegistry(config.db_path),
                                      config.disclosure, node_dir=config.directory,
-                                     require_approval=config.require_approval, emit=self._emit)
+                                     require_approval=config.require_approval,
+                                     training_threads=config.training_threads, emit=self._emit)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedlab-worker")
         self._train_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlab-train")
         self._busy = 0

@@ -71,6 +71,7 @@ class TrainingHandler:
         node_id: str,
         name: str,
         require_approval: bool = True,
+        threads: int = 0,
         emit: Emit | None = None,
         approvals: ApprovalRegistry | None = None,
         states: StateStore | None = None,
@@ -81,6 +82,7 @@ class TrainingHandler:
         self.node_id = node_id
         self.name = name
         self.require_approval = require_approval
+        self.threads = threads  # torch's intra-op threads; 0 leaves torch's default (one per core)
         self.emit = emit
         self._lock = threading.Lock()
         self._cancel: dict[str, threading.Event] = {}
@@ -138,6 +140,8 @@ class TrainingHandler:
 
             import fedlab.training.loop  # noqa: F401
 
+            if self.threads:
+                torch.set_num_threads(self.threads)
             weight = torch.zeros(2, requires_grad=True)
             optimizer = torch.optim.SGD([weight], lr=0.1)
             (weight * weight).sum().backward()
@@ -192,6 +196,7 @@ class TrainingHandler:
                                                require_approval=self.require_approval,
                                                researcher_id=envelope.sender)
         _require_torch(self.name)
+        self.warm_up()  # once per process: torch loaded, its thread count set
         from fedlab.training.loop import Progress, run_round
         from fedlab.training.state import decode_state, encode_state
         from fedlab.training.tensors import pack_named, unpack_named

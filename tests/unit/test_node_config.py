@@ -90,6 +90,7 @@ def test_init_writes_valid_toml_without_directory_key(tmp_path: Path) -> None:
         "max_message_bytes",
         "log_level",
         "require_approval",
+        "training_threads",
         "disclosure",
     }
     assert isinstance(data["heartbeat_interval"], float)
@@ -422,3 +423,15 @@ def test_init_writes_names_outside_the_bmp_as_valid_toml(tmp_path: Path) -> None
     config = init_node_dir(tmp_path, name)
     assert load_config(tmp_path) == config
     assert load_config(tmp_path).name == name
+
+
+def test_training_threads_is_read_and_checked(tmp_path: Path) -> None:
+    init_node_dir(tmp_path, "site")
+    config_file = tmp_path / "config.toml"
+    assert "training_threads = 0" in config_file.read_text()
+    assert load_config(tmp_path).training_threads == 0
+    config_file.write_text(config_file.read_text().replace("training_threads = 0", "training_threads = 2"))
+    assert load_config(tmp_path).training_threads == 2
+    config_file.write_text(config_file.read_text().replace("training_threads = 2", "training_threads = -1"))
+    with pytest.raises(FedlabConfigError, match="training_threads must be 0"):
+        load_config(tmp_path)

@@ -431,3 +431,22 @@ def test_a_plan_that_changes_its_dataframe_leaves_the_next_round_alone(node: Nod
     for round_ in range(2):
         reply = node.train(popping, round=round_).content
         assert isinstance(reply, TrainReply), reply
+
+
+def test_training_threads_sets_torch_threads_at_warm_up(tmp_path: Path) -> None:
+    """A node sharing a machine gives torch a fixed number of threads (config `training_threads`).
+    Run in a fresh interpreter: the setting is process-wide."""
+    code = (
+        "import torch\n"
+        "from fedlab.node.registry import DatasetRegistry, create_schema\n"
+        "from fedlab.node.training_handler import TrainingHandler\n"
+        "import sys, pathlib\n"
+        "db = pathlib.Path(sys.argv[1]) / 'node.db'\n"
+        "create_schema(db)\n"
+        "torch.set_num_threads(2)\n"
+        "TrainingHandler(DatasetRegistry(db), node_id='n', name='n', threads=1).warm_up()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
