@@ -213,9 +213,8 @@ def _cmd_node_start(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedlab.demo import run_demo
 
-    return int(
-        run_demo(n_nodes=args.nodes, directory=args.dir, port=args.port, keep_running=args.keep_running)
-    )
+    return int(run_demo(n_nodes=args.nodes, directory=args.dir, port=args.port, lab=not args.no_lab,
+                        browser=not args.no_browser, lab_port=args.lab_port))
 
 
 def _add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -294,11 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_node_commands(sub)
 
-    demo = sub.add_parser("demo", help="start a researcher and local nodes with sample data")
-    demo.add_argument("--nodes", type=positive_int, default=3, help="how many nodes to start (default 3)")
-    demo.add_argument("--dir", type=Path, default=None, help="where to put the node directories")
-    demo.add_argument("--port", type=_port, default=5555, help="researcher port (default 5555)")
-    demo.add_argument("--keep-running", action="store_true", help="keep the nodes running afterwards")
+    demo = sub.add_parser(
+        "demo", help="start local nodes holding public medical data and open JupyterLab on the quickstart",
+        description="Create one node directory per site (breast cancer, diabetes and digit images from "
+        "scikit-learn, split unevenly), start the nodes and open JupyterLab on notebooks/01_quickstart.ipynb. "
+        "Ctrl-C stops everything it started.")
+    demo.add_argument("--nodes", type=positive_int, default=3, help="how many nodes to start (default 3, at most 8)")
+    demo.add_argument("--dir", type=Path, default=None,
+                      help="where to put the node directories (default ./demo-federation; recreated on each run)")
+    demo.add_argument("--port", type=_port, default=5555,
+                      help="the port the notebook's researcher binds and the nodes dial (default 5555)")
+    demo.add_argument("--no-lab", action="store_true",
+                      help="start only the nodes and print how to connect to them (Ctrl-C stops them)")
+    demo.add_argument("--no-browser", action="store_true",
+                      help="start JupyterLab without opening a browser; it prints the URL to open")
+    demo.add_argument("--lab-port", type=_port, default=8888, help="JupyterLab's port (default 8888)")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
