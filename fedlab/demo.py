@@ -1,52 +1,95 @@
-"""`fedlab demo`: a small local federation on real public data, and what a researcher sees of it.
+"""`fedlab demo`: a local federation of hospitals on real public data, and JupyterLab to explore it.
 
-It creates one node directory per site holding part of the Wisconsin breast cancer data (it
-ships inside scikit-learn, so nothing is downloaded), split unevenly the way real sites
-differ: different sizes and a different share of malignant cases. It starts a real
-`fedlab node start` process per site, connects a Researcher over ZeroMQ, prints the nodes
-and the datasets a tag search finds, and stops everything it started. With
-``--keep-running`` the nodes stay up (Ctrl-C stops them) so a notebook can connect.
+It makes one node directory per site under ``--dir`` and gives every site its own share of
+three datasets that ship inside scikit-learn, so nothing is downloaded:
+
+* ``breast-cancer`` (CSV, Wisconsin diagnostic): sites differ in size and in their share of
+  malignant tumours, as a referral centre and a screening clinic would;
+* ``diabetes`` (CSV, disease progression after one year, in original units): sites differ in
+  the age of their patients;
+* ``digits`` (an image folder of 8x8 handwritten digits, one sub-folder per class): each site
+  sees some digits far more often than others.
+
+It starts a real ``fedlab node start`` process per site (one torch thread each, since they
+share this machine), then runs JupyterLab on ``notebooks/01_quickstart.ipynb`` with
+``FEDLAB_ADDRESS`` and ``FEDLAB_DEMO_DIR`` set for the notebooks' kernels; with ``--no-lab``
+it prints how to connect instead. Ctrl-C (or SIGTERM) stops everything it started. Every
+child runs in its own session, so a Ctrl-C in the terminal reaches only the demo, which then
+stops JupyterLab (and with it its kernels) and the nodes in order; on Linux a child also gets
+SIGTERM if the demo itself is killed. A second run stops the nodes a first run may have left
+(their pids are in the directory) and recreates the directory.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fedlab.errors import FedlabConfigError, FedlabError
-from fedlab.node.config import init_node_dir
+from fedlab.node.config import init_node_dir, load_config
 from fedlab.node.registry import DatasetRegistry
-from fedlab.researcher import Researcher
 
-__all__ = ["run_demo", "split_like_sites"]
+__all__ = [
+    "DATASETS",
+    "load_breast_cancer_frame",
+    "prepare_federation",
+    "run_demo",
+    "split_like_sites",
+]
 
-_MARKER = ".fedlab-demo"
+MARKER = ".fedlab-demo"
+PIDS = "pids"  # one line per process the demo started: "PID NODE_DIR"
 SITE_NAMES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e", "hospital-f",
               "hospital-g", "hospital-h"]
+# dataset name -> (tags, description), the same at every site
+DATASETS: dict[str, tuple[list[str], str]] = {
+    "breast-cancer": (["breast-cancer", "csv"], "Wisconsin diagnostic breast cancer, this site's patients"),
+    "diabetes": (["diabetes", "csv"], "diabetes progression one year after baseline, this site's patients"),
+    "digits": (["digits", "images"], "8x8 handwritten digits, one folder per class"),
+}
+_START_TIMEOUT = 60.0  # seconds for a node process to log that it started
+_STOP_TIMEOUT = 10.0
 
 
-def load_breast_cancer_frame() -> pd.DataFrame:
+def _sklearn() -> Any:
     try:
-        from sklearn.datasets import load_breast_cancer
+        import sklearn.datasets
     except ImportError:
         raise FedlabConfigError(
             "the demo data ships with scikit-learn, which is not installed: "
             "pip install -c constraints.txt -e '.[demo]'"
         ) from None
-    frame = load_breast_cancer(as_frame=True).frame
-    return frame
+    return sklearn.datasets
+
+
+def load_breast_cancer_frame() -> pd.DataFrame:
+    return _sklearn().load_breast_cancer(as_frame=True).frame
+
+
+def load_diabetes_frame() -> pd.DataFrame:
+    """Diabetes in original units (age in years, sex 1/2, BMI, blood pressure, six serum values)."""
+    return _sklearn().load_diabetes(as_frame=True, scaled=False).frame
+
+
+def _assign(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A site per row, row i drawn with probabilities ``weights[i] / weights[i].sum()``."""
+    cumulative = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
+    return np.minimum((rng.random(len(weights))[:, None] > cumulative).sum(axis=1), weights.shape[1] - 1)
 
 
 def split_like_sites(frame: pd.DataFrame, n_sites: int, seed: int = 7) -> list[pd.DataFrame]:
-    """Uneven sites: sizes fall off site by site and the malignant share differs per site."""
+    """Breast cancer over uneven sites: sizes fall off site by site, the malignant share differs."""
     rng = np.random.default_rng(seed)
     size_w = np.arange(n_sites, 0, -1, dtype=float)          # site 0 is the largest
     malignant_w = size_w * np.linspace(1.6, 0.5, n_sites)     # and a referral centre
@@ -60,96 +103,294 @@ def split_like_sites(frame: pd.DataFrame, n_sites: int, seed: int = 7) -> list[p
     return [frame[site == i].reset_index(drop=True) for i in range(n_sites)]
 
 
-def _check_port(port: int) -> None:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            raise FedlabConfigError(
-                f"port {port} is already in use (another demo or researcher?); stop it or pass --port"
-            ) from None
+def split_by_age(frame: pd.DataFrame, n_sites: int, seed: int = 11) -> list[pd.DataFrame]:
+    """Diabetes over uneven sites: the first sites see younger patients, the last ones older."""
+    rng = np.random.default_rng(seed)
+    age_rank = frame["age"].rank(pct=True).to_numpy()
+    centres = np.linspace(0.2, 0.8, n_sites) if n_sites > 1 else np.array([0.5])
+    size_w = np.linspace(1.5, 0.7, n_sites)
+    weights = size_w * np.exp(-((age_rank[:, None] - centres[None, :]) ** 2) / 0.08)
+    site = _assign(weights, rng)
+    return [frame[site == i].reset_index(drop=True) for i in range(n_sites)]
 
 
-def _prepare(directory: Path, n_nodes: int, address: str) -> list[Path]:
-    if directory.exists():
-        if not (directory / _MARKER).exists():
-            raise FedlabConfigError(
-                f"{directory} exists and was not made by `fedlab demo`; pass another --dir"
-            )
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    (directory / _MARKER).write_text("made by fedlab demo; safe to delete\n")
+def split_digits(labels: np.ndarray, n_sites: int, seed: int = 3) -> np.ndarray:
+    """A site per digit image: each site sees three digits about four times as often as the rest."""
+    rng = np.random.default_rng(seed)
+    weights = np.ones((len(labels), n_sites))
+    for s in range(n_sites):
+        favourite = np.isin(labels, [(3 * s + k) % 10 for k in range(3)])
+        weights[favourite, s] = 4.0
+    return _assign(weights, rng)
+
+
+def _write_digits(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise FedlabConfigError(
+            "the demo's digit images are written with Pillow, which is not installed: "
+            "pip install -c constraints.txt -e '.[demo]'"
+        ) from None
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        pixels = np.clip(np.asarray(image) * 16, 0, 255).astype(np.uint8)  # 0..16 -> 0..255 grey levels
+        Image.fromarray(pixels, mode="L").save(root / str(int(label)) / f"{i:04d}.png")
+
+
+def prepare_federation(root: str | os.PathLike[str], n_sites: int, address: str, *,
+                       training_threads: int = 1) -> list[Path]:
+    """Create ``n_sites`` node directories under ``root`` (which must not exist), each with its
+    share of the three datasets registered under :data:`DATASETS`' names and tags.
+
+    Returns the node directories. The nodes dial ``address`` and give torch ``training_threads``
+    threads (they share one machine). The tests and notebooks run against exactly this data.
+    """
+    if not 1 <= n_sites <= len(SITE_NAMES):
+        raise FedlabConfigError(f"--nodes must be between 1 and {len(SITE_NAMES)}, got {n_sites}")
+    root = Path(root)
+    root.mkdir(parents=True)
+    (root / MARKER).write_text("made by `fedlab demo`; it deletes and recreates this directory on its next run\n")
+    cancer = split_like_sites(load_breast_cancer_frame(), n_sites)
+    diabetes = split_by_age(load_diabetes_frame(), n_sites)
+    digits = _sklearn().load_digits()
+    digit_site = split_digits(digits.target, n_sites)
     node_dirs = []
-    for name, part in zip(SITE_NAMES, split_like_sites(load_breast_cancer_frame(), n_nodes), strict=False):
-        node_dir = directory / name
+    for i, name in enumerate(SITE_NAMES[:n_sites]):
+        node_dir = root / name
         config = init_node_dir(node_dir, name, address)
-        csv = node_dir / "breast_cancer.csv"
-        part.to_csv(csv, index=False)
-        DatasetRegistry(config.db_path).add(
-            "breast-cancer", ["breast-cancer", "csv"], "csv", str(csv),
-            description="Wisconsin diagnostic breast cancer, this site's patients")
+        text = config.config_path.read_text()
+        config.config_path.write_text(text.replace("training_threads = 0", f"training_threads = {training_threads}"))
+        data_dir = node_dir / "data"
+        data_dir.mkdir()
+        cancer[i].to_csv(data_dir / "breast_cancer.csv", index=False)
+        diabetes[i].to_csv(data_dir / "diabetes.csv", index=False)
+        mine = digit_site == i
+        _write_digits(data_dir / "digits", digits.images[mine], digits.target[mine])
+        registry = DatasetRegistry(config.db_path)
+        paths = {"breast-cancer": ("csv", data_dir / "breast_cancer.csv"),
+                 "diabetes": ("csv", data_dir / "diabetes.csv"),
+                 "digits": ("images", data_dir / "digits")}
+        for dataset, (tags, description) in DATASETS.items():
+            data_type, path = paths[dataset]
+            registry.add(dataset, tags, data_type, str(path), description=description)
         node_dirs.append(node_dir)
     return node_dirs
 
 
-def _start_nodes(node_dirs: list[Path]) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    for node_dir in node_dirs:
-        with open(node_dir / "stderr.txt", "wb") as err:
-            procs.append(subprocess.Popen([sys.executable, "-m", "fedlab", "node", "start", str(node_dir)],
-                                          stdout=subprocess.DEVNULL, stderr=err))
-    return procs
+# -- processes ----------------------------------------------------------------------------------
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
-def _stop_nodes(procs: list[subprocess.Popen[bytes]]) -> None:
+def _child_setup() -> Callable[[], None] | None:
+    """On Linux, a child gets SIGTERM when the demo dies, even by SIGKILL (no orphans left)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+    def setup() -> None:
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return setup
+
+
+def _spawn(argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=cwd, start_new_session=True, preexec_fn=_child_setup())
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]], timeout: float = _STOP_TIMEOUT) -> None:
+    """SIGTERM every process, wait, then SIGKILL the process group of any still running."""
     for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.terminate()
+    deadline = time.monotonic() + timeout
     for proc in procs:
         try:
-            proc.wait(5)
+            proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                proc.kill()
             proc.wait(5)
 
 
-def _show(address: str, n_nodes: int) -> None:
-    with Researcher(address) as researcher:
-        print(f"researcher {researcher.id} listening on {address}; waiting for {n_nodes} nodes ...")
-        researcher.wait_for_nodes(n_nodes, timeout=60)
-        print("\nnodes:")
-        print(researcher.nodes().to_string(index=False))
-        fds = researcher.search(["breast-cancer"])
-        print("\nresearcher.search(['breast-cancer']):")
-        print(fds.to_frame().drop(columns=["node_id"]).to_string(index=False))
-        result = researcher.stats(fds, stats=["count", "mean", "std", "median"],
-                                  columns=["mean radius", "mean texture", "mean area", "target"])
-        print("\nresearcher.stats(fds, ['count', 'mean', 'std', 'median'], columns=[...]).global_stats():")
-        print(result.global_stats().to_string())
-        t0 = time.perf_counter()
-        ping = researcher.ping()
-        print(f"\nping to {len(ping.replies())} nodes and back: {1000 * (time.perf_counter() - t0):.1f} ms")
+def _is_our_node(pid: int, node_dir: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"fedlab" in b" ".join(cmdline) and node_dir.encode() in cmdline
 
 
-def run_demo(n_nodes: int = 3, directory: str | Path | None = None, port: int = 5555,
-             keep_running: bool = False) -> int:
+def _stop_leftovers(root: Path) -> None:
+    """Stop the nodes a previous demo in ``root`` left running (its pid file says which)."""
+    pid_file = root / PIDS
+    if not pid_file.exists():
+        return
+    for line in pid_file.read_text().splitlines():
+        pid_text, _, node_dir = line.partition(" ")
+        if pid_text.isdigit() and _is_our_node(int(pid_text), node_dir):
+            print(f"stopping node {Path(node_dir).name} (pid {pid_text}) left running by an earlier demo")
+            os.kill(int(pid_text), signal.SIGTERM)
+            deadline = time.monotonic() + _STOP_TIMEOUT
+            while _is_our_node(int(pid_text), node_dir) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _is_our_node(int(pid_text), node_dir):
+                os.kill(int(pid_text), signal.SIGKILL)
+
+
+def _recreate(root: Path) -> None:
+    if root.exists():
+        if not (root / MARKER).exists():
+            raise FedlabConfigError(f"{root} exists and was not made by `fedlab demo`; pass another --dir")
+        _stop_leftovers(root)
+        shutil.rmtree(root)
+
+
+def _wait_started(procs: Sequence[subprocess.Popen[bytes]], node_dirs: Sequence[Path]) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT
+    waiting = list(zip(procs, node_dirs, strict=True))
+    while waiting:
+        for proc, node_dir in list(waiting):
+            log = load_config(node_dir).log_path
+            if proc.poll() is not None:
+                tail = (node_dir / "stderr.txt").read_text(errors="replace")[-2000:]
+                raise FedlabError(f"node {node_dir.name} exited with code {proc.returncode} at start: {tail}")
+            if log.exists() and " started; " in log.read_text(errors="replace"):
+                waiting.remove((proc, node_dir))
+        if waiting and time.monotonic() > deadline:
+            raise FedlabError(f"nodes {', '.join(d.name for _, d in waiting)} did not start within "
+                              f"{_START_TIMEOUT:.0f} s; see node.log in their directories")
+        time.sleep(0.1)
+
+
+def find_notebooks() -> Path | None:
+    """notebooks/ of a fedlab checkout: beside the package (editable install), else the cwd's."""
+    for candidate in (Path(__file__).resolve().parents[1] / "notebooks", Path.cwd() / "notebooks"):
+        if (candidate / "01_quickstart.ipynb").is_file():
+            return candidate
+    return None
+
+
+def _lab_command(notebooks: Path, lab_port: int, browser: bool) -> list[str]:
+    command = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.port={lab_port}",
+               "--ServerApp.port_retries=0", f"--ServerApp.root_dir={notebooks}",
+               "--LabApp.news_url=", "01_quickstart.ipynb"]
+    if not browser:
+        command.insert(4, "--no-browser")
+    return command
+
+
+class _Stopped(Exception):
+    """SIGTERM reached the demo: stop like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Stopped
+
+
+def run_demo(n_nodes: int = 3, directory: str | Path | None = None, port: int = 5555, *,
+             lab: bool = True, browser: bool = True, lab_port: int = 8888) -> int:
+    """Make the federation, start it (and JupyterLab), and stop it all on Ctrl-C or SIGTERM."""
     if not 1 <= n_nodes <= len(SITE_NAMES):
         raise FedlabConfigError(f"--nodes must be between 1 and {len(SITE_NAMES)}, got {n_nodes}")
     root = Path(directory or "demo-federation").resolve()
     address = f"tcp://127.0.0.1:{port}"
-    _check_port(port)
-    node_dirs = _prepare(root, n_nodes, address)
-    print(f"created {n_nodes} nodes in {root}")
-    procs = _start_nodes(node_dirs)
+    notebooks = find_notebooks() if lab else None
+    if lab:
+        if notebooks is None:
+            raise FedlabConfigError("the demo notebooks (notebooks/01_quickstart.ipynb) are not here: run "
+                                    "`fedlab demo` from a fedlab checkout, or pass --no-lab")
+        if _missing("jupyterlab"):
+            raise FedlabConfigError("JupyterLab is not installed: pip install -c constraints.txt -e '.[demo]' "
+                                    "(or pass --no-lab)")
+        if not _port_free(lab_port):
+            raise FedlabConfigError(f"port {lab_port} for JupyterLab is taken (another demo or Jupyter?); "
+                                    "stop it or pass --lab-port")
+    _recreate(root)  # stops an earlier demo's nodes first, so the port check below sees the truth
+    if not _port_free(port):
+        raise FedlabConfigError(f"port {port} is taken (a researcher or another demo is listening there); "
+                                "stop it or pass --port")
+    print(f"creating {n_nodes} sites in {root} (breast-cancer, diabetes, digits) ...", flush=True)
+    node_dirs = prepare_federation(root, n_nodes, address)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        _show(address, n_nodes)
-        if keep_running:
-            print(f"\nnodes keep running; in Python: fedlab.Researcher({address!r}). Ctrl-C stops them.")
-            while all(p.poll() is None for p in procs):
-                time.sleep(0.5)
-            raise FedlabError("a demo node stopped unexpectedly; see its node.log in " + str(root))
-    except KeyboardInterrupt:
-        print("\nstopping the demo nodes")
+        for node_dir in node_dirs:
+            procs.append(_spawn([sys.executable, "-m", "fedlab", "node", "start", str(node_dir)],
+                                log=node_dir / "stderr.txt"))
+        (root / PIDS).write_text("".join(f"{p.pid} {d}\n" for p, d in zip(procs, node_dirs, strict=True)))
+        _wait_started(procs, node_dirs)
+        print(f"{n_nodes} nodes running, dialling the researcher at {address}", flush=True)
+        env = dict(os.environ, FEDLAB_ADDRESS=address, FEDLAB_DEMO_DIR=str(root))
+        if lab:
+            assert notebooks is not None
+            lab_proc = _spawn(_lab_command(notebooks, lab_port, browser), log=root / "jupyterlab.log", env=env,
+                              cwd=notebooks)
+            procs.insert(0, lab_proc)  # stopped first: its kernels let go of the researcher port
+            print(f"JupyterLab on http://localhost:{lab_port}/lab (log: {root / 'jupyterlab.log'}); "
+                  "open 01_quickstart.ipynb and run it. Ctrl-C stops everything.", flush=True)
+            if not browser:
+                _print_lab_url(root / "jupyterlab.log", lab_proc)
+        else:
+            print("\nConnect from Python:   researcher = fedlab.Researcher(" + repr(address) + ")")
+            print(f"or from a notebook:    %load_ext fedlab  then  %fed connect {address} --wait {n_nodes}")
+            print(f"the notebooks:         FEDLAB_ADDRESS={address} FEDLAB_DEMO_DIR={root} jupyter lab notebooks/")
+            print("Ctrl-C stops the nodes.", flush=True)
+        while True:
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise FedlabError(f"{_describe(proc, procs, node_dirs, root)} stopped unexpectedly "
+                                      f"(exit code {proc.returncode}); the demo stops the rest")
+            time.sleep(0.3)
+    except (KeyboardInterrupt, _Stopped):
+        print("\nstopping the demo ...", flush=True)
     finally:
-        _stop_nodes(procs)
+        _stop(procs)
+        (root / PIDS).unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, previous)
+    print("stopped", flush=True)
     return 0
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+def _print_lab_url(log: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Print JupyterLab's URL with its token once it logs it (for --no-browser)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in log.read_text(errors="replace").splitlines():
+            if "http://" in line and "token=" in line:
+                print("open " + line[line.index("http://"):].strip(), flush=True)
+                return
+        time.sleep(0.2)
+
+
+def _describe(proc: subprocess.Popen[bytes], procs: Sequence[subprocess.Popen[bytes]],
+              node_dirs: Sequence[Path], root: Path) -> str:
+    nodes = procs[-len(node_dirs):]
+    if proc in nodes:
+        node_dir = node_dirs[list(nodes).index(proc)]
+        return f"node {node_dir.name} (see {node_dir / 'node.log'})"
+    return f"JupyterLab (see {root / 'jupyterlab.log'})"

@@ -1,8 +1,8 @@
 """Three real nodes for the notebooks in notebooks/, and an operator who approves plans by CLI.
 
-The notebooks are what a researcher runs against `fedlab demo --keep-running`: three sites
-holding the breast cancer data under the tag ``breast-cancer``, a researcher that binds the
-address in ``FEDLAB_ADDRESS`` and nodes that dial in. The executed-notebook test and the
+The notebooks are what a researcher runs against `fedlab demo`: three sites made by
+``fedlab.demo.prepare_federation`` (breast cancer, diabetes and digit images, split unevenly),
+a researcher that binds the address in ``FEDLAB_ADDRESS`` and nodes that dial in. The executed-notebook test and the
 browser test both start that federation here, with real `fedlab node start` processes, and
 approve training plans the way a node's operator does: `python -m fedlab node plan approve`.
 """
@@ -19,7 +19,6 @@ from federation import NodeProcess, free_port
 
 from fedlab.training.messages import PENDING
 
-TAGS = ("breast-cancer", "csv")
 # A node's first training round imports torch, which can starve its heartbeats on a busy 2-core
 # machine; 0.5 s heartbeats keep the node from flapping offline (as in test_training.py).
 NODE_HEARTBEAT = 0.5
@@ -38,39 +37,34 @@ class NotebookFederation:
     """``n`` node processes dialling ``address``, like the sites `fedlab demo` makes."""
 
     def __init__(self, root: Path, n: int = 3, *, require_approval: bool = True) -> None:
-        from fedlab.demo import load_breast_cancer_frame, split_like_sites
+        from fedlab.demo import prepare_federation
+        from fedlab.node.config import load_config
 
+        self.root = root
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.nodes: list[NodeProcess] = []
-        for i, frame in enumerate(split_like_sites(load_breast_cancer_frame(), n)):
-            node = NodeProcess.create(root, f"hospital-{chr(97 + i)}", self.address, frame=frame, tags=TAGS,
-                                      heartbeat=NODE_HEARTBEAT)
+        for directory in prepare_federation(root, n, self.address):  # exactly the data `fedlab demo` serves
             if not require_approval:
-                config = node.directory / "config.toml"
+                config = directory / "config.toml"
                 config.write_text(config.read_text().replace("require_approval = true", "require_approval = false"))
+            node = NodeProcess(directory, self.address, NODE_HEARTBEAT)
+            node.node_id = load_config(directory).node_id
             self.nodes.append(node)
         self._operator: threading.Thread | None = None
         self._stop = threading.Event()
         self.approved: list[tuple[str, str]] = []  # (node directory, plan id prefix) in the order approved
 
     def start(self) -> NotebookFederation:
-        """Start the node processes, each with one torch thread: three nodes that each spin up a
-        thread per core on a 2-core machine train 40 times slower (as in test_training.py)."""
-        saved = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"  # NodeProcess.start passes our environment on
-        try:
-            for node in self.nodes:
-                node.start()
-        finally:
-            if saved is None:
-                del os.environ["OMP_NUM_THREADS"]
-            else:
-                os.environ["OMP_NUM_THREADS"] = saved
+        """Start the node processes (the demo's configs give each one torch thread: three nodes that
+        each spin up a thread per core on a 2-core machine train 40 times slower)."""
+        for node in self.nodes:
+            node.start()
         return self
 
     def env(self) -> dict[str, str]:
-        """What the notebook's kernel needs: the researcher address, and one torch thread per process."""
-        return {"FEDLAB_ADDRESS": self.address, "OMP_NUM_THREADS": "1"}
+        """What the notebook's kernel needs: the researcher address, the demo directory (for the
+        operator's commands), and one torch thread per process."""
+        return {"FEDLAB_ADDRESS": self.address, "FEDLAB_DEMO_DIR": str(self.root), "OMP_NUM_THREADS": "1"}
 
     def pending(self, node: NodeProcess) -> list[str]:
         """The plan ids (12-character prefixes) waiting for this node operator's decision.
