@@ -2,8 +2,9 @@
 
 The notebooks are documentation people run, so they are executed as they are shipped: a kernel
 per notebook (nbclient), the researcher address passed in ``FEDLAB_ADDRESS``, real `fedlab node
-start` processes, and an operator thread that approves training plans with the node CLI as soon
-as they are pending. The widgets' final state is stored in the notebook (``store_widget_state``),
+start` processes holding the demo's data (`fedlab.demo.prepare_federation`). The notebooks that
+train approve their plan themselves, running the node operator's CLI command for each demo site
+(``FEDLAB_DEMO_DIR``), as a demo user who operates all three sites would. The widgets' final state is stored in the notebook (``store_widget_state``),
 so the test also checks what a reader of the saved notebook would see.
 """
 
@@ -61,7 +62,6 @@ def widget_states(book) -> dict[str, dict]:
 @pytest.fixture
 def federation(tmp_path):
     fed = NotebookFederation(tmp_path / "nodes", 3).start()
-    fed.start_operator()
     yield fed
     fed.stop()
 
@@ -88,8 +88,12 @@ def test_notebook_runs_against_three_real_nodes(path, tmp_path, federation):
     assert images, "no plot was rendered"
     states = widget_states(book)
     if path.stem == "03_training":
-        assert federation.approved, "the operator never saw a pending plan"
         bars = [s for s in states.values() if s.get("_model_name") == "IntProgressModel"]
-        assert len(bars) == 3 and all(b["bar_style"] == "success" and b["value"] == b["max"] for b in bars), bars
+        # FedAvg, FedProx and Scaffold: a panel each, a bar per node, all green and full
+        assert len(bars) == 9 and all(b["bar_style"] == "success" and b["value"] == b["max"] for b in bars), bars
         labels = [s.get("value") for s in states.values() if s.get("_model_name") == "LabelModel"]
-        assert labels.count("Approved") == 3 and "plan approval: all 3 nodes may run the plan" in labels, labels
+        # two panels (the request, then the check after the operators' commands), 3 sites approved in each
+        assert labels.count("Approved") == 6 and "plan approval: all 3 nodes may run the plan" in labels, labels
+        comparison = next(o["data"]["text/plain"] for c in book.cells for o in c.get("outputs", [])
+                          if "LocalJob on pooled data" in str(o.get("data", {}).get("text/plain", "")))
+        assert "FedProx" in comparison and "Scaffold" in comparison, comparison
