@@ -214,7 +214,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fedlab.demo import run_demo
 
     return int(run_demo(n_nodes=args.nodes, directory=args.dir, port=args.port, lab=not args.no_lab,
-                        browser=not args.no_browser, lab_port=args.lab_port))
+                        browser=not args.no_browser, lab_port=args.lab_port, notebooks=args.notebooks))
 
 
 def _add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-browser", action="store_true",
                       help="start JupyterLab without opening a browser; it prints the URL to open")
     demo.add_argument("--lab-port", type=_port, default=8888, help="JupyterLab's port (default 8888)")
+    demo.add_argument("--notebooks", type=Path, default=None,
+                      help="the notebooks directory JupyterLab serves (default: this checkout's notebooks/)")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 

@@ -295,6 +295,8 @@ def _lab_command(notebooks: Path, lab_port: int, browser: bool) -> list[str]:
                "--LabApp.news_url=", "01_quickstart.ipynb"]
     if not browser:
         command.insert(4, "--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        command.insert(4, "--allow-root")  # containers often run as root; Jupyter refuses that by default
     return command
 
 
@@ -307,13 +309,22 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def run_demo(n_nodes: int = 3, directory: str | Path | None = None, port: int = 5555, *,
-             lab: bool = True, browser: bool = True, lab_port: int = 8888) -> int:
-    """Make the federation, start it (and JupyterLab), and stop it all on Ctrl-C or SIGTERM."""
+             lab: bool = True, browser: bool = True, lab_port: int = 8888,
+             notebooks: str | Path | None = None) -> int:
+    """Make the federation, start it (and JupyterLab), and stop it all on Ctrl-C or SIGTERM.
+
+    JupyterLab serves ``notebooks`` (default: the checkout's notebooks/ directory) and opens
+    its 01_quickstart.ipynb."""
     if not 1 <= n_nodes <= len(SITE_NAMES):
         raise FedlabConfigError(f"--nodes must be between 1 and {len(SITE_NAMES)}, got {n_nodes}")
     root = Path(directory or "demo-federation").resolve()
     address = f"tcp://127.0.0.1:{port}"
-    notebooks = find_notebooks() if lab else None
+    if notebooks is not None:
+        notebooks = Path(notebooks).resolve()
+        if not (notebooks / "01_quickstart.ipynb").is_file():
+            raise FedlabConfigError(f"{notebooks} has no 01_quickstart.ipynb; pass the fedlab notebooks/ directory")
+    elif lab:
+        notebooks = find_notebooks()
     if lab:
         if notebooks is None:
             raise FedlabConfigError("the demo notebooks (notebooks/01_quickstart.ipynb) are not here: run "
@@ -382,7 +393,8 @@ def _print_lab_url(log: Path, proc: subprocess.Popen[bytes], timeout: float = 60
     while time.monotonic() < deadline and proc.poll() is None:
         for line in log.read_text(errors="replace").splitlines():
             if "http://" in line and "token=" in line:
-                print("open " + line[line.index("http://"):].strip(), flush=True)
+                url = line[line.index("http://"):].strip().replace("/lab?", "/lab/tree/01_quickstart.ipynb?", 1)
+                print("open " + url, flush=True)
                 return
         time.sleep(0.2)
 

@@ -134,6 +134,14 @@ class ApprovalPanel(w.VBox):
         """Block until every node may run the plan (True) or ``timeout`` seconds pass (False)."""
         return self._all_ready.wait(timeout)
 
+    def retire(self, note: str = "a newer panel for this plan replaces this one") -> None:
+        """Stop polling after one last look, and say so: a frozen panel must not pass for a live one."""
+        self.stop()
+        if not self._all_ready.is_set():
+            self.poll()
+        if not self._all_ready.is_set():
+            self.header.value += f"; no longer updated: {note}"
+
     def stop(self) -> None:
         """Stop polling; the panel keeps showing the last answer."""
         self._stop.set()

@@ -247,6 +247,6 @@ class PlanApproval:
 
 
 def _close_panel(panel: Any) -> None:
-    stop = getattr(panel, "stop", None) or getattr(panel, "close", None)
+    stop = getattr(panel, "retire", None) or getattr(panel, "stop", None) or getattr(panel, "close", None)
     if callable(stop):
         stop()

@@ -8,14 +8,11 @@ Screenshots go to tests/browser/artifacts/ (gitignored) so a failure can be look
 
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
 
 from federation import free_port  # noqa: E402
+from lab import Lab, write_lab_settings  # noqa: E402
 from notebook_federation import NotebookFederation, kernel_env  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -31,12 +29,6 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 NOTEBOOKS = Path(__file__).parents[2] / "notebooks"
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-# JupyterLab settings: every cell in the DOM (no virtual scrolling), and no news toast over the outputs.
-LAB_SETTINGS = {
-    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
-                                                                         "checkForUpdates": False},
-}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -66,36 +58,6 @@ def federation(tmp_path) -> Iterator[NotebookFederation]:
     fed.stop()
 
 
-class Lab:
-    """A running `jupyter lab` server: its URL, token and root directory."""
-
-    def __init__(self, url: str, token: str, root: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.url, self.token, self.root, self.proc, self.log = url, token, root, proc, log
-
-    def api(self, path: str, method: str = "GET") -> object:
-        req = urllib.request.Request(f"{self.url}{path}", method=method,  # noqa: S310 -- our own loopback server
-                                     headers={"Authorization": f"token {self.token}"})
-        with urllib.request.urlopen(req, timeout=10) as reply:  # noqa: S310
-            body = reply.read()
-        return json.loads(body) if body else None
-
-    def kernel_connections(self) -> int:
-        """Websocket connections to the server's kernels; 0 while a kernel is still starting (the
-        server answers /api/kernels with a 500 then: jupyter_server's last_activity race)."""
-        try:
-            kernels = self.api("/api/kernels")
-        except urllib.error.HTTPError as exc:
-            if exc.code >= 500:
-                exc.close()
-                return 0
-            raise
-        assert isinstance(kernels, list)
-        return sum(int(k.get("connections", 0)) for k in kernels)
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
-
-
 @pytest.fixture
 def jupyter_lab(tmp_path, federation) -> Iterator[Lab]:
     """`jupyter lab` serving a copy of notebooks/ (autosave must not touch the repository), its
@@ -104,11 +66,7 @@ def jupyter_lab(tmp_path, federation) -> Iterator[Lab]:
     shutil.copytree(NOTEBOOKS, root)
     home = tmp_path / "jupyter"
     env = kernel_env(federation.env(), home)
-    settings = home / "config" / "lab" / "user-settings"
-    for name, values in LAB_SETTINGS.items():
-        path = settings / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(values))
+    write_lab_settings(home)
     token, port = secrets.token_hex(16), free_port()
     log = tmp_path / "jupyter-lab.log"
     with open(log, "wb") as out:
@@ -137,10 +95,7 @@ def jupyter_lab(tmp_path, federation) -> Iterator[Lab]:
             proc.wait(5)
 
 
-@pytest.fixture
-def page(artifacts, jupyter_lab):
-    """A Chromium page (1600x1000) from the system browser; a final screenshot whatever happens
-    (taken before the server stops: this fixture depends on it so that it is torn down first)."""
+def _chromium_page(artifacts: Path) -> Iterator[object]:
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
@@ -152,3 +107,16 @@ def page(artifacts, jupyter_lab):
             page.screenshot(path=str(artifacts / "zz-final.png"))
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(artifacts, jupyter_lab):
+    """A Chromium page (1600x1000) from the system browser; a final screenshot whatever happens
+    (taken before the server stops: this fixture depends on it so that it is torn down first)."""
+    yield from _chromium_page(artifacts)
+
+
+@pytest.fixture
+def browser_page(artifacts):
+    """The same page for a test that starts its own server (`fedlab demo`)."""
+    yield from _chromium_page(artifacts)

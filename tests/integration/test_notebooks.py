@@ -4,7 +4,8 @@ The notebooks are documentation people run, so they are executed as they are shi
 per notebook (nbclient), the researcher address passed in ``FEDLAB_ADDRESS``, real `fedlab node
 start` processes holding the demo's data (`fedlab.demo.prepare_federation`). The notebooks that
 train approve their plan themselves, running the node operator's CLI command for each demo site
-(``FEDLAB_DEMO_DIR``), as a demo user who operates all three sites would. The widgets' final state is stored in the notebook (``store_widget_state``),
+(``FEDLAB_DEMO_DIR``), as a demo user who operates all three sites would. The widgets' final
+state is stored in the notebook (``store_widget_state``),
 so the test also checks what a reader of the saved notebook would see.
 """
 
@@ -68,7 +69,8 @@ def federation(tmp_path):
 
 def test_the_notebooks_directory_has_the_documented_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    assert "01_quickstart.ipynb" in names and "03_training.ipynb" in names, names
+    assert names == ["01_quickstart.ipynb", "02_analytics.ipynb", "03_training.ipynb", "04_approval_workflow.ipynb",
+                     "05_preprocessing.ipynb"], names
     for path in NOTEBOOKS:  # shipped clean: no outputs, no stale widget state
         book = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") and c.get("execution_count") is None
@@ -97,3 +99,19 @@ def test_notebook_runs_against_three_real_nodes(path, tmp_path, federation):
         comparison = next(o["data"]["text/plain"] for c in book.cells for o in c.get("outputs", [])
                           if "LocalJob on pooled data" in str(o.get("data", {}).get("text/plain", "")))
         assert "FedProx" in comparison and "Scaffold" in comparison, comparison
+    if path.stem == "02_analytics":
+        text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                       for c in book.cells for o in c.get("outputs", []))
+        # refusals as the user sees them: the node, the rule and its setting, beside what the others sent
+        assert 'withheld age.min/max: min_max: this node does not release minimum and maximum' in text, text[-3000:]
+        assert "hospital-c withheld age.histogram: max_bins_fraction: 15 bins for 112 values" in text, text[-3000:]
+        assert "bins built from 2 nodes; withheld by ['hospital-c']" in text, text[-3000:]
+        assert "breast cancer: federated = pooled" in text and "diabetes: federated = pooled" in text, text[-3000:]
+    if path.stem == "05_preprocessing":
+        text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                       for c in book.cells for o in c.get("outputs", []))
+        assert "federated = pooled ComBat" in text, text[-3000:]
+        assert "refused: min-max scaling of 'bmi' needs exact min and max" in text, text[-3000:]
+        # the derived dataset's lineage, on every node
+        assert html.count("impute(bmi=") == 3 and html.count(
+            "combat(bmi, bp, s1, s3, s5) → standardize(age, bmi, bp, s1, s3, s5) → onehot(sex)") == 3, html[-3000:]

@@ -223,6 +223,21 @@ def test_approval_panel_stop_and_close_end_the_thread():
     assert not panel.approved
 
 
+def test_a_retired_panel_looks_once_more_then_says_it_is_frozen():
+    """Replaced by a newer panel (`%fed approve` again), a panel shows the latest answer, and a
+    panel still waiting says it is no longer updated rather than pass for a live one."""
+    check = ScriptedCheck([{"a": "Pending"}, {"a": "Approved"}])
+    done = ApprovalPanel(check, poll_interval=60)
+    done.retire()
+    assert done.approved and done.rows["id-a"].status.value == "Approved"
+    assert "no longer updated" not in done.header.value
+    waiting = ApprovalPanel(ScriptedCheck([{"a": "Pending"}]), poll_interval=60)
+    waiting.retire()
+    assert not waiting.approved and waiting.header.value.endswith(
+        "no longer updated: a newer panel for this plan replaces this one")
+    assert waiting._thread is not None and not waiting._thread.is_alive()
+
+
 def test_operator_command_and_readiness():
     assert operator_command("they approve it with `fedlab node plan approve /x 0123456789ab`") == \
         "fedlab node plan approve /x 0123456789ab"
