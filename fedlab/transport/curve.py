@@ -166,4 +166,8 @@ def researcher_refusal(event: int, value: int, *, keyed: bool) -> tuple[str, str
             "public key than this researcher's; give its operator this researcher's NAME.key file "
             "(nothing it sent was read)")
     detail = "no detail" if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else _protocol(value)
-    return "other", f"refused a connection whose handshake failed ({detail}); nothing it sent was read"
+    return "other", (
+        f"refused a connection whose handshake failed ({detail}): a node without encryption (--insecure), "
+        "a node given another researcher's public key, or a program that does not speak CURVE; nothing it "
+        "sent was read" if keyed else
+        f"refused a connection whose handshake failed ({detail}); nothing it sent was read")

@@ -11,9 +11,9 @@ just keeps knocking, and a restarted researcher never receives a backlog of stal
 
 With a ``key`` and the researcher's public key (``server_key``) the socket is a CURVE client:
 it talks only to that researcher, encrypted. A handshake monitor logs why a researcher
-refused this node (or why this node refused it); after a refusal of its key, which zmq does
-not retry, the node rebuilds its socket now and then, so that it gets in once the researcher
-has added it to its allowlist.
+refused this node (or why this node refused it); after a refused handshake, which zmq does
+not always retry, the node rebuilds its socket every few seconds, so that it gets in once the
+researcher has added it to its allowlist or restarted with the right key.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ __all__ = ["ZmqNodeTransport"]
 log = logging.getLogger("fedlab.transport")
 _GOODBYE_LINGER_MS = 300
 _RETRY_SECONDS = 10.0
-_REFUSED_RETRY_SECONDS = 5.0  # a researcher that refused our key may have added it since
+_REFUSED_RETRY_SECONDS = 5.0  # a researcher that refused us may have added our key since
 
 
 class ZmqNodeTransport:
@@ -152,9 +152,9 @@ class ZmqNodeTransport:
         """Log why a handshake failed (once a minute per reason); plan a retry after a refused key."""
         assert self._monitor is not None
         for event, value in self._monitor.events():
-            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # zmq gives up on this socket: we will not
-                self._rebuild_at = min(self._rebuild_at, time.monotonic() + _REFUSED_RETRY_SECONDS)
             refusal = node_refusal(event, value, self.address, keyed=self.key is not None)
+            if refusal is not None:  # after a refused key or mechanism zmq gives up on the socket: we do not
+                self._rebuild_at = min(self._rebuild_at, time.monotonic() + _REFUSED_RETRY_SECONDS)
             if refusal is not None and self._throttle.ready(refusal[0]):
                 log.warning("%s", refusal[1])
 
