@@ -68,9 +68,9 @@ def security(key: str | os.PathLike[str] | None, allowlist: str | os.PathLike[st
     if key is None and allowlist is None:
         return None, None
     if key is None or allowlist is None:
-        given, missing = ("key", "allowlist") if key is not None else ("allowlist", "key")
+        given, missing = ("a key", "an allowlist") if key is not None else ("an allowlist", "a key")
         raise FedlabConfigError(
-            f"a researcher with a {given} needs a {missing} too: key= is this researcher's NAME.key_secret "
+            f"a researcher with {given} needs {missing} too: key= is this researcher's NAME.key_secret "
             f"(${KEY_ENV}), allowlist= the file of node public keys it accepts (${ALLOWLIST_ENV})"
         )
     return load_keypair(key), Allowlist(allowlist)

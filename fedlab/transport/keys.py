@@ -6,8 +6,8 @@ must stay with its owner, so it is created readable by its owner only (0600). Ke
 as their 40-character Z85 text, which is what zmq's socket options take and what people copy.
 
 The allowlist is the researcher's list of nodes it accepts: one node per line,
-``PUBLIC_KEY [name or comment]``; lines starting with ``#`` are comments. (A Z85 key may
-itself start with ``#``: a line whose first word is a well-formed key is a key line.)
+``PUBLIC_KEY [name or comment]``; lines starting with ``#`` are comments. (Z85 has ``#`` in its
+alphabet, but never as the first character of a 32-bit group, so no key starts with it.)
 Every way a file can be wrong becomes a :class:`FedlabConfigError` naming the file, and the
 line, and what to do.
 """
@@ -164,9 +164,11 @@ def parse_allowlist(text: str, source: str) -> dict[str, str]:
         words = line.split(None, 1)
         if not words:
             continue
+        if words[0].startswith("#"):
+            continue
         if is_public_key(words[0]):
             entries[words[0]] = words[1].strip() if len(words) > 1 else ""
-        elif not words[0].startswith("#"):
+        else:
             shown = line.strip() if len(line.strip()) <= 60 else line.strip()[:57] + "..."
             raise FedlabConfigError(
                 f"{source} line {number}: {shown!r} does not start with a 40-character public key; each line "
