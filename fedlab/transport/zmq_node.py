@@ -152,6 +152,8 @@ class ZmqNodeTransport:
         """Log why a handshake failed (once a minute per reason); plan a retry after a refused key."""
         assert self._monitor is not None
         for event, value in self._monitor.events():
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # zmq's own retry got through: keep this socket
+                self._rebuild_at = float("inf")
             refusal = node_refusal(event, value, self.address, keyed=self.key is not None)
             if refusal is not None:  # after a refused key or mechanism zmq gives up on the socket: we do not
                 self._rebuild_at = min(self._rebuild_at, time.monotonic() + _REFUSED_RETRY_SECONDS)
