@@ -8,6 +8,9 @@ as their 40-character Z85 text, which is what zmq's socket options take and what
 The allowlist is the researcher's list of nodes it accepts: one node per line,
 ``PUBLIC_KEY [name or comment]``; lines starting with ``#`` are comments. (Z85 has ``#`` in its
 alphabet, but never as the first character of a 32-bit group, so no key starts with it.)
+A ``(node-...)`` in the comment, as in the line ``fedlab node init`` prints, binds the key to
+that node id: the key may then speak only as that node, and that node only with that key, so
+one admitted node cannot pass itself off as another.
 Every way a file can be wrong becomes a :class:`FedlabConfigError` naming the file, and the
 line, and what to do.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import stat
 import struct
@@ -46,6 +50,7 @@ log = logging.getLogger("fedlab.transport")
 PUBLIC_SUFFIX = ".key"
 KEYPAIR_SUFFIX = ".key_secret"  # the secret file holds the whole pair
 _KEY_LENGTH = 40  # Z85 text of a 32-byte curve25519 key
+_BOUND_NODE = re.compile(r"\((node-[^\s()]+)\)")
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,8 @@ class Allowlist:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self.entries: dict[str, str] = {}
+        self._node_of: dict[str, str] = {}
+        self._key_of: dict[str, str] = {}
         self._read(strict=True)
 
     def _read(self, *, strict: bool) -> None:
@@ -213,12 +220,25 @@ class Allowlist:
             log.error("%s (keeping the previous allowlist of %d nodes)", message, len(self.entries))
             return
         self.entries, self._stamp = entries, stamp
+        self._node_of = {key: m.group(1) for key, name in entries.items() if (m := _BOUND_NODE.search(name))}
+        self._key_of = {node: key for key, node in self._node_of.items()}
 
     def name_of(self, key: str) -> str | None:
         """The name given to ``key``, or None if the key is not allowed (re-reads a changed file)."""
         with self._lock:
             self._read(strict=False)
             return self.entries.get(key)
+
+    def impersonation(self, key: str, node_id: str) -> str | None:
+        """Why a message from ``node_id``, sent over a connection authenticated with ``key``, must
+        be dropped (the allowlist binds the key to another node, or the node to another key)."""
+        with self._lock:
+            bound_node, bound_key = self._node_of.get(key), self._key_of.get(node_id)
+        if bound_node is not None and bound_node != node_id:
+            return f"key {key} is allowed as node {bound_node} but claims to be node {node_id}"
+        if bound_key is not None and bound_key != key:
+            return f"node {node_id} is bound to key {bound_key} in the allowlist but connected with key {key}"
+        return None
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -247,6 +247,13 @@ class ZmqResearcherTransport:
 
     def _receive(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
         node_id = frames[0].bytes.decode("utf-8", "replace")
+        if self.allowlist is not None:  # the key the ZAP handler accepted, as its user id
+            key = frames[-1].get("User-Id")
+            wrong = self.allowlist.impersonation(str(key), node_id)
+            if wrong is not None:
+                if self._throttle.ready("impersonation " + node_id):
+                    log.warning("dropped a message: %s; check that node's allowlist line", wrong)
+                return
         try:
             envelope = decode([f.buffer for f in frames[1:]], max_bytes=self.max_message_bytes)
         except DecodeError as exc:

@@ -203,3 +203,17 @@ def test_raw_zmq_peers_without_an_allowed_key_are_never_heard(address, researche
         wait_until(lambda: f"its public key {unlisted.public} is not in the allowlist" in fedlab_log.text,
                    DEADLINE, "the refusal of the unlisted CURVE peer")
         assert r.nodes().empty
+
+
+def test_an_admitted_node_cannot_pass_itself_off_as_another(nodes, address, researcher_keys, tmp_path, fedlab_log):
+    public, secret = researcher_keys
+    a, impostor = nodes("hospital-a", str(public)), nodes("impostor", str(public))
+    allowlist = write_allowlist(tmp_path / "allowlist.txt", a, impostor)  # each key bound to its node id
+    config = impostor.directory / "config.toml"
+    config.write_text(config.read_text().replace(impostor.node_id, a.node_id))  # now claims a's id
+    impostor.start()
+    with Researcher(address, heartbeat_interval=HEARTBEAT, key=secret, allowlist=allowlist) as r:
+        line = (f"dropped a message: key {node_key(impostor)} is allowed as node {impostor.node_id} but claims "
+                f"to be node {a.node_id}")
+        wait_until(lambda: line in fedlab_log.text, DEADLINE, "the researcher's impersonation line")
+        assert r.nodes().empty

@@ -148,6 +148,18 @@ def test_allowlist_file_rereads_changes_and_keeps_the_last_good_list(tmp_path: P
     assert "keeping the previous allowlist" in caplog.text
 
 
+def test_allowlist_binds_keys_to_the_node_ids_in_their_lines(tmp_path: Path) -> None:
+    path = tmp_path / "allow.txt"
+    path.write_text(f"{KEY} hospital a (node-aaa)\n{KEY2} site b, no id (Paris)\n")
+    allowlist = Allowlist(path)
+    assert allowlist.impersonation(KEY, "node-aaa") is None
+    assert allowlist.impersonation(KEY, "node-bbb") == (
+        f"key {KEY} is allowed as node node-aaa but claims to be node node-bbb")
+    assert allowlist.impersonation(KEY2, "node-aaa") == (
+        f"node node-aaa is bound to key {KEY} in the allowlist but connected with key {KEY2}")
+    assert allowlist.impersonation(KEY2, "node-anything") is None  # an unbound key speaks as any other node
+
+
 def test_allowlist_file_errors(tmp_path: Path) -> None:
     with pytest.raises(FedlabConfigError, match="cannot read allowlist .*missing.txt.*one line `PUBLIC_KEY name`"):
         Allowlist(tmp_path / "missing.txt")
