@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import tomllib
 from pathlib import Path
@@ -287,6 +288,24 @@ def test_fed_connect_takes_key_and_allowlist() -> None:
     args = parse("connect tcp://0.0.0.0:5555 --key r.key_secret --allowlist allow.txt".split())
     assert (args.address, args.key, args.allowlist) == ("tcp://0.0.0.0:5555", "r.key_secret", "allow.txt")
     assert parse(["connect"]).key is None
+
+
+def test_session_connect_passes_key_and_allowlist_and_keeps_them(tmp_path: Path) -> None:
+    from fedlab.notebook.session import Session
+
+    _, secret = create_keypair(tmp_path, "researcher")
+    allow = tmp_path / "allow.txt"
+    allow.write_text(f"{KEY} a\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    session = Session(f"tcp://127.0.0.1:{port}")
+    try:
+        researcher = session.connect(key=str(secret), allowlist=str(allow), first_node_timeout=0.05)
+        assert researcher.public_key == load_keypair(secret).public
+        assert session.connect(first_node_timeout=0.05).public_key == researcher.public_key  # kept
+    finally:
+        session.close()
 
 
 # --- refusal messages -------------------------------------------------------------------------------------------
