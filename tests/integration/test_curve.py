@@ -217,3 +217,15 @@ def test_an_admitted_node_cannot_pass_itself_off_as_another(nodes, address, rese
                 f"to be node {a.node_id}")
         wait_until(lambda: line in fedlab_log.text, DEADLINE, "the researcher's impersonation line")
         assert r.nodes().empty
+
+
+def test_keyed_node_never_talks_to_a_researcher_without_a_key(nodes, address, researcher_keys, fedlab_log):
+    public, _ = researcher_keys
+    node = nodes("hospital-a", str(public)).start()
+    with Researcher(address, heartbeat_interval=HEARTBEAT) as r:  # insecure: anyone could have started it
+        wait_until(lambda: "does not use encryption (it was started without a key)" in node.log(), DEADLINE,
+                   "the node's refusal line")
+        wait_until(lambda: re.search(r"refused a node that connects with encryption|refused a connection whose "
+                                     r"handshake failed", fedlab_log.text), DEADLINE, "the researcher's line")
+        assert r.nodes().empty
+    assert "connected to researcher" not in node.log()
