@@ -1,5 +1,5 @@
-"""The ``fedlab`` command: set up a node, register its datasets, decide which training plans may
-run on it, start it, or run the demo.
+"""The ``fedlab`` command: make the researcher's key pair, set up a node, register its datasets,
+decide which training plans may run on it, start it, or run the demo.
 
 A data owner at a hospital uses this, not Python: every mistake they can make (a wrong
 directory, a file that is not a CSV, a name already taken) ends as one ``fedlab: error:``
@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 
 from fedlab import __version__
 from fedlab.argtypes import positive_int, seconds
-from fedlab.errors import FedlabError
+from fedlab.errors import FedlabConfigError, FedlabError
 
 if TYPE_CHECKING:
     from fedlab.node.approvals import ApprovalRegistry, PlanRecord
+    from fedlab.node.config import NodeConfig
     from fedlab.node.registry import DatasetRegistry
 
 __all__ = ["build_parser", "main"]
@@ -59,18 +60,74 @@ def _approvals(directory: str) -> tuple[ApprovalRegistry, bool]:
     return ApprovalRegistry(config.db_path), config.require_approval
 
 
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from fedlab.transport.keys import create_keypair, load_keypair
+
+    public, secret = create_keypair(args.dir, args.name)
+    key = load_keypair(secret)
+    print(f"researcher public key: {key.public}")
+    print(f"  public key file: {public}   (give it to the node operators)")
+    print(f"  secret key file: {secret}   (readable by you only; never share it)")
+    print("next:")
+    print(f"  1. each node operator runs: fedlab node init DIR --name NAME --researcher tcp://HOST:PORT "
+          f"--researcher-key {shlex.quote(public.name)}")
+    print("  2. put the allowlist line each of them sends you in a file, e.g. allowlist.txt")
+    print(f"  3. connect: fedlab.Researcher(ADDRESS, key={str(secret)!r}, allowlist='allowlist.txt'), or set")
+    print(f"     FEDLAB_KEY={shlex.quote(str(secret))} and FEDLAB_ALLOWLIST=allowlist.txt for notebooks")
+    return 0
+
+
+def _allowlist_line(config: NodeConfig) -> str:
+    from fedlab.transport.keys import load_keypair
+
+    if config.insecure or not config.secret_key_path.is_file():
+        raise FedlabConfigError(
+            f"node {config.name!r} in {config.directory} is insecure and has no key; create a node with "
+            "`fedlab node init DIR --name NAME --researcher-key FILE` to get one"
+        )
+    key = load_keypair(config.secret_key_path)
+    return f"{key.public} {' '.join(config.name.split())} ({config.node_id})"
+
+
+def _print_allowlist_line(config: NodeConfig) -> None:
+    line = _allowlist_line(config)
+    print(f"node public key: {line.split()[0]}")
+    print("the researcher must add this line to its allowlist file before the node can connect:")
+    print(f"  {line}")
+
+
 def _cmd_node_init(args: argparse.Namespace) -> int:
     from fedlab.node.config import init_node_dir
 
-    config = init_node_dir(args.dir, name=args.name, researcher=args.researcher)
+    if (args.researcher_key is None) == (not args.insecure):
+        raise FedlabConfigError(
+            "node init needs exactly one of --researcher-key FILE_OR_KEY (the researcher's public key from "
+            "`fedlab keygen`: the node then talks only to that researcher, encrypted) or --insecure (no "
+            "encryption or authentication, for local demos only)"
+        )
+    config = init_node_dir(args.dir, name=args.name, researcher=args.researcher, researcher_key=args.researcher_key)
     print(f"initialised node {config.name!r} with node id {config.node_id}")
     print(f"  directory:  {config.directory}")
     print(f"  config:     {config.config_path}")
     print(f"  registry:   {config.db_path}")
     print(f"  researcher: {config.researcher}")
+    if config.insecure:
+        print("WARNING: INSECURE node: no encryption and no authentication; anyone on the network can read its "
+              "traffic or pose as the researcher. For local demos only.")
+    else:
+        print(f"  researcher key: {config.researcher_public_key}")
+        print(f"  node key:   {config.public_key_path} (secret: {config.secret_key_path}, readable by you only)")
+        _print_allowlist_line(config)
     print(
         f"next: fedlab node dataset add {shlex.quote(args.dir)} --name NAME --tags a,b --type csv --path FILE"
     )
+    return 0
+
+
+def _cmd_node_key(args: argparse.Namespace) -> int:
+    from fedlab.node.config import load_config
+
+    _print_allowlist_line(load_config(args.dir))
     return 0
 
 
@@ -227,7 +284,16 @@ def _add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     init.add_argument(
         "--researcher", help="researcher address tcp://HOST:PORT (default tcp://127.0.0.1:5555)"
     )
+    init.add_argument("--researcher-key", metavar="FILE_OR_KEY",
+                      help="the researcher's public key: its NAME.key file from `fedlab keygen`, or the key itself; "
+                      "the node then talks only to that researcher, encrypted")
+    init.add_argument("--insecure", action="store_true",
+                      help="no encryption and no authentication: for local demos only")
     init.set_defaults(handler=_cmd_node_init)
+
+    key = node_sub.add_parser("key", help="print the node's public key and the researcher's allowlist line")
+    key.add_argument("dir", metavar="DIR", help="node directory")
+    key.set_defaults(handler=_cmd_node_key)
 
     start = node_sub.add_parser("start", help="run the node in DIR until interrupted")
     start.add_argument("dir", metavar="DIR", help="node directory")
@@ -291,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fedlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    keygen = sub.add_parser("keygen", help="make the researcher's key pair (NAME.key public, NAME.key_secret)")
+    keygen.add_argument("--dir", default=".", help="where to write the key files (default: here)")
+    keygen.add_argument("--name", default="researcher", help="file name of the key pair (default researcher)")
+    keygen.set_defaults(handler=_cmd_keygen)
     _add_node_commands(sub)
 
     demo = sub.add_parser(

@@ -3,7 +3,10 @@
 A node lives in one directory that holds everything it owns: ``config.toml`` (who the node
 is, which researcher it talks to, whether training plans need the operator's approval and,
 in its ``[disclosure]`` table, what analytics results may leave the node), ``node.db`` (the
-dataset registry, training-plan approvals and training state) and ``node.log``. The disclosure
+dataset registry, training-plan approvals and training state), ``node.log`` and, unless the
+node is ``insecure``, its CURVE key pair ``node.key`` / ``node.key_secret``: the researcher's
+public key in the config and the node's own secret key are what make the node talk only to
+that researcher, encrypted. The disclosure
 rules come only from this file: nothing a researcher sends can change them.
 This module creates such a directory (``fedlab node init``) and reads it back, turning every
 way the file can be wrong into a :class:`FedlabConfigError` that says what to fix.
@@ -24,12 +27,14 @@ from typing import Any
 
 from fedlab.analytics.disclosure import RULE_HELP, DisclosureRules
 from fedlab.errors import FedlabConfigError
+from fedlab.transport.keys import KEYPAIR_SUFFIX, PUBLIC_SUFFIX, create_keypair, is_public_key, read_public_key
 
 __all__ = [
     "CONFIG_FILE",
     "DB_FILE",
     "DEFAULT_RESEARCHER",
     "LOG_FILE",
+    "NODE_KEY_NAME",
     "NodeConfig",
     "init_node_dir",
     "load_config",
@@ -40,6 +45,7 @@ CONFIG_FILE = "config.toml"
 DB_FILE = "node.db"
 LOG_FILE = "node.log"
 DEFAULT_RESEARCHER = "tcp://127.0.0.1:5555"
+NODE_KEY_NAME = "node"  # DIR/node.key (public, goes in the researcher's allowlist), DIR/node.key_secret
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ADDRESS_RE = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})$")
@@ -57,6 +63,8 @@ class NodeConfig:
     log_level: str = "INFO"
     require_approval: bool = True
     training_threads: int = 0
+    researcher_public_key: str = ""
+    insecure: bool = False
     disclosure: DisclosureRules = field(default_factory=DisclosureRules)
     directory: Path = field(kw_only=True)
 
@@ -72,6 +80,14 @@ class NodeConfig:
     def config_path(self) -> Path:
         return self.directory / CONFIG_FILE
 
+    @property
+    def public_key_path(self) -> Path:
+        return self.directory / f"{NODE_KEY_NAME}{PUBLIC_SUFFIX}"
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.directory / f"{NODE_KEY_NAME}{KEYPAIR_SUFFIX}"
+
 
 # Keys of the file and the types they must have (``directory`` is not written in it).
 _KEYS: dict[str, tuple[type, ...]] = {
@@ -83,6 +99,8 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "log_level": (str,),
     "require_approval": (bool,),
     "training_threads": (int,),
+    "researcher_public_key": (str,),
+    "insecure": (bool,),
     "disclosure": (dict,),
 }
 _REQUIRED = ("node_id", "name")
@@ -97,6 +115,14 @@ _COMMENTS = {
     "training_threads": [
         "# CPU threads torch may use for training (0: torch's default, one per core). Set it when",
         "# several nodes or other services share this machine: each would otherwise take every core.",
+    ],
+    "researcher_public_key": [
+        "# The researcher this node talks to, and only it: the node checks the researcher's CURVE public key",
+        "# (from its `fedlab keygen`) and encrypts everything; the node's own key pair is node.key_secret.",
+    ],
+    "insecure": [
+        "# INSECURE: no encryption and no authentication. Anyone on the network can read this node's",
+        "# traffic or pose as the researcher. For local demos only, never for real data.",
     ],
 }
 
@@ -139,6 +165,8 @@ def _render_toml(config: NodeConfig) -> str:
     lines = ["# fedlab node configuration, written by `fedlab node init`."]
     for f in fields(config):
         if f.name not in ("directory", "disclosure"):
+            if f.name in ("researcher_public_key", "insecure") and not getattr(config, f.name):
+                continue  # only the mode in use is written
             lines += _COMMENTS.get(f.name, [])
             lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
     lines += [
@@ -173,12 +201,20 @@ def _existing_node_id(config_path: Path) -> str:
         return "unknown"
 
 
-def init_node_dir(directory: str | os.PathLike[str], name: str, researcher: str | None = None) -> NodeConfig:
-    """Make ``directory`` a node: write its config with a fresh node id and create its registry."""
+def init_node_dir(directory: str | os.PathLike[str], name: str, researcher: str | None = None, *,
+                  researcher_key: str | None = None) -> NodeConfig:
+    """Make ``directory`` a node: write its config with a fresh node id and create its registry.
+
+    ``researcher_key`` (the researcher's public key, as Z85 text or a ``NAME.key`` file) makes
+    the node talk only to that researcher, encrypted, with a key pair of its own written as
+    ``node.key`` / ``node.key_secret``. Without it the node is ``insecure``, for local demos, and
+    its config says so.
+    """
     from fedlab.node.registry import create_schema  # registry imports nothing from here
 
     name = _validate_name(name)
     researcher = validate_researcher_address(researcher if researcher is not None else DEFAULT_RESEARCHER)
+    server_key = read_public_key(researcher_key) if researcher_key is not None else ""
     path = Path(directory).expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise FedlabConfigError(f"{path} exists and is not a directory; pick a directory for the node")
@@ -193,8 +229,11 @@ def init_node_dir(directory: str | os.PathLike[str], name: str, researcher: str 
     except OSError as exc:
         raise FedlabConfigError(f"cannot create node directory {path}: {exc.strerror or exc}") from exc
     config = NodeConfig(
-        node_id="node-" + uuid.uuid4().hex[:12], name=name, researcher=researcher, directory=path
+        node_id="node-" + uuid.uuid4().hex[:12], name=name, researcher=researcher, directory=path,
+        researcher_public_key=server_key, insecure=not server_key,
     )
+    if server_key:
+        create_keypair(path, NODE_KEY_NAME)  # refuses to replace a key pair left in the directory
     create_schema(config.db_path)
     try:
         _write_atomic(config_path, _render_toml(config))
@@ -266,6 +305,17 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
     if data.get("training_threads", 0) < 0:
         raise FedlabConfigError(
             f"{config_path}: training_threads must be 0 (torch's default) or a number of threads >= 1"
+        )
+    key = data.get("researcher_public_key", "")
+    if key and not is_public_key(key):
+        raise FedlabConfigError(
+            f"{config_path}: researcher_public_key {key!r} is not a 40-character public key; copy it again "
+            "from the researcher's NAME.key file"
+        )
+    if key and data.get("insecure", False):
+        raise FedlabConfigError(
+            f"{config_path} sets both researcher_public_key and insecure = true; remove the insecure line "
+            "(keep the key) unless this is a local demo"
         )
     log_level = data.get("log_level", "INFO").upper()
     if log_level not in _LOG_LEVELS:

@@ -22,18 +22,42 @@ from pathlib import Path
 from types import FrameType
 
 from fedlab.analytics.disclosure_rules import describe
-from fedlab.errors import FedlabProtocolError
+from fedlab.errors import FedlabConfigError, FedlabProtocolError
 from fedlab.node.config import NodeConfig, load_config
 from fedlab.node.dispatch import Dispatcher
 from fedlab.node.registry import DatasetRegistry
 from fedlab.protocol import Envelope, ErrorReply, make_envelope
 from fedlab.transport import ZmqNodeTransport
+from fedlab.transport.keys import KeyPair, load_keypair
 
 __all__ = ["Node", "run_node"]
 
 log = logging.getLogger("fedlab.node")
 _WARM_UP_PAUSE_S = 30.0
 _TRAINING_MESSAGES = frozenset({"training_plan_approve_request", "training_plan_status_request", "train_request"})
+INSECURE_WARNING = (
+    "INSECURE: this node talks to the researcher with no encryption or authentication: anyone on the network "
+    "can read what it sends and pose as the researcher. For local demos only; for real data create the node "
+    "with `fedlab node init DIR --name NAME --researcher-key FILE`"
+)
+
+
+def node_keys(config: NodeConfig) -> KeyPair | None:
+    """The node's own key pair, or None for an insecure node; a config with neither is refused."""
+    if config.insecure:
+        return None
+    if not config.researcher_public_key:
+        raise FedlabConfigError(
+            f"{config.config_path} has no researcher_public_key, so this node cannot know whom it may talk to: "
+            "create the node with `fedlab node init DIR --name NAME --researcher-key FILE`, or for a local demo "
+            "only add `insecure = true` to config.toml"
+        )
+    if not config.secret_key_path.is_file():
+        raise FedlabConfigError(
+            f"{config.secret_key_path} is missing: this node's secret key is gone. Restore it, or create the "
+            "node again with `fedlab node init` (its new public key must then go in the researcher's allowlist)"
+        )
+    return load_keypair(config.secret_key_path)
 
 
 class Node:
@@ -50,6 +74,7 @@ class Node:
         self._busy = 0
         self._warming = False
         self._busy_lock = threading.Lock()
+        keys = node_keys(config)
         self.transport = ZmqNodeTransport(
             config.researcher,
             node_id=config.node_id,
@@ -57,6 +82,8 @@ class Node:
             heartbeat_interval=config.heartbeat_interval,
             max_message_bytes=config.max_message_bytes,
             state=self.state,
+            key=keys,
+            server_key=config.researcher_public_key if keys is not None else None,
         )
 
     def state(self) -> str:
@@ -131,7 +158,10 @@ def run_node(directory: str | Path, *, researcher: str | None = None,
         config = dataclasses.replace(config, researcher=researcher)
     if heartbeat_interval:
         config = dataclasses.replace(config, heartbeat_interval=heartbeat_interval)
+    node_keys(config)  # a node that cannot be secured says so before it logs anything
     _setup_logging(config)
+    if config.insecure:
+        log.warning("%s", INSECURE_WARNING)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -142,7 +172,9 @@ def run_node(directory: str | Path, *, researcher: str | None = None,
     signal.signal(signal.SIGTERM, on_signal)
     node = Node(config)
     node.start()
-    log.info("node %s (%s) started; dialing researcher at %s", config.name, config.node_id, config.researcher)
+    log.info("node %s (%s) started; dialing researcher at %s (%s)", config.name, config.node_id, config.researcher,
+             "INSECURE, no encryption" if config.insecure else
+             f"encrypted, researcher key {config.researcher_public_key}")
     log.info("%s", describe(config.disclosure))
     while not stop.wait(0.2):
         pass

@@ -85,7 +85,8 @@ class FedMagics(Magics):
     # -- connection and data -------------------------------------------------------------------------
     def _connect(self, args: Any, cell: str | None) -> pd.DataFrame:
         try:
-            researcher = self.session.connect(args.address, wait=args.wait, timeout=args.timeout)
+            researcher = self.session.connect(args.address, wait=args.wait, timeout=args.timeout,
+                                              key=args.key, allowlist=args.allowlist)
         except FedlabTransportError as exc:
             if isinstance(exc, FedlabTimeoutError):
                 raise

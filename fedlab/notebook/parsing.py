@@ -22,7 +22,7 @@ __all__ = ["SUBCOMMANDS", "FedArgumentError", "HelpShown", "build_parser", "comm
 
 # sub-command -> one line for `%fed help` (the order is the order of the help text)
 SUBCOMMANDS = {
-    "connect": "connect [ADDRESS] [--wait N]: bind the researcher socket the nodes dial into",
+    "connect": "connect [ADDRESS] [--wait N] [--key FILE --allowlist FILE]: bind the socket the nodes dial into",
     "nodes": "nodes: the nodes seen so far, online or not",
     "datasets": "datasets [--tags T ...]: every dataset on the online nodes, or those carrying all tags",
     "stats": "stats STAT ... --tags T ... [--columns C ...]: federated statistics, one row per column",
@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address", nargs="?", help="tcp://HOST:PORT (default: $FEDLAB_ADDRESS or tcp://127.0.0.1:5555)")
     p.add_argument("--wait", type=positive_int, metavar="N", help="wait until N nodes are online")
     p.add_argument("--timeout", type=seconds, default=30.0, help="how long to wait for the nodes (default 30 s)")
+    p.add_argument("--key", metavar="FILE", help="this researcher's NAME.key_secret (default: $FEDLAB_KEY)")
+    p.add_argument("--allowlist", metavar="FILE", help="the node public keys accepted (default: $FEDLAB_ALLOWLIST)")
     add("nodes")
     p = add("datasets")
     _tags(p, required=False)

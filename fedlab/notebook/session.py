@@ -40,6 +40,8 @@ class Session:
     def __init__(self, address: str | None = None, *, heartbeat_interval: float = 1.0) -> None:
         self.address = address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
         self.heartbeat_interval = heartbeat_interval
+        self.key: str | None = None  # None: the researcher reads $FEDLAB_KEY / $FEDLAB_ALLOWLIST
+        self.allowlist: str | None = None
         self._researcher: Researcher | None = None
         self.plans: dict[str, tuple[str, str]] = {}
         self.jobs: dict[str, BackgroundTraining] = {}
@@ -62,8 +64,12 @@ class Session:
         return self._researcher is not None
 
     def connect(self, address: str | None = None, *, wait: int | None = None, timeout: float = 30.0,
-                first_node_timeout: float = 5.0) -> Researcher:
+                first_node_timeout: float = 5.0, key: str | None = None, allowlist: str | None = None
+                ) -> Researcher:
         """Bind ``address`` (default: the session's) and wait for the nodes to dial in.
+
+        ``key`` and ``allowlist`` (kept for later reconnections) make the connection encrypted and
+        limited to the listed nodes; see ``Researcher``.
 
         With ``wait`` the call waits for that many nodes (and raises when they do not come);
         without, it waits up to ``first_node_timeout`` for a first node and a moment more for
@@ -80,7 +86,9 @@ class Session:
         self.panels.clear()
         self.close_researcher()
         self.address = address or self.address
-        self._researcher = Researcher(self.address, heartbeat_interval=self.heartbeat_interval)
+        self.key, self.allowlist = key or self.key, allowlist or self.allowlist
+        self._researcher = Researcher(self.address, heartbeat_interval=self.heartbeat_interval,
+                                      key=self.key, allowlist=self.allowlist)
         if wait:
             self._researcher.wait_for_nodes(wait, timeout=timeout)
         else:

@@ -7,11 +7,18 @@ nodes are online, and sends requests. Typical use in a notebook::
         r.wait_for_nodes(3, timeout=30)
         r.nodes()                       # DataFrame: node_id, name, status, last_seen
         fds = r.search(["breast-cancer"])  # FederatedDataset, data-quality checked
+
+With ``key=`` (the researcher's ``NAME.key_secret`` from ``fedlab keygen``) and ``allowlist=``
+(one ``NODE_PUBLIC_KEY name`` line per node it accepts) every connection is encrypted and only
+the listed nodes get in; ``$FEDLAB_KEY`` and ``$FEDLAB_ALLOWLIST`` supply them when the
+arguments are left out, so a notebook runs unchanged. Without a key the researcher is
+insecure (plain TCP, any node), for local demos, and logs a warning saying so.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 import fedlab.training.messages  # noqa: F401 -- registers the training message types for decoding
-from fedlab.errors import FedlabDatasetError, FedlabNodeError, FedlabTimeoutError
+from fedlab.errors import FedlabConfigError, FedlabDatasetError, FedlabNodeError, FedlabTimeoutError
 from fedlab.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DatasetInfo,
@@ -39,10 +46,34 @@ from fedlab.researcher.federated_dataset import FederatedDataset, check_data_qua
 from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.requests import FederatedRequest, Requests
 from fedlab.transport import OFFLINE, ZmqResearcherTransport
+from fedlab.transport.keys import Allowlist, KeyPair, load_keypair
 
 __all__ = ["Researcher"]
 
 log = logging.getLogger("fedlab.researcher")
+KEY_ENV = "FEDLAB_KEY"
+ALLOWLIST_ENV = "FEDLAB_ALLOWLIST"
+INSECURE_WARNING = (
+    "INSECURE: researcher at %s runs without a key: no encryption and no authentication, so any program that "
+    "can reach this port can join as a node and anyone on the network can read the traffic. For local demos "
+    "only; pass key= and allowlist= (or set FEDLAB_KEY and FEDLAB_ALLOWLIST) for real data"
+)
+
+
+def security(key: str | os.PathLike[str] | None, allowlist: str | os.PathLike[str] | None
+             ) -> tuple[KeyPair | None, Allowlist | None]:
+    """The key pair and allowlist from the arguments or, where left out, the environment."""
+    key = key if key is not None else (os.environ.get(KEY_ENV) or None)
+    allowlist = allowlist if allowlist is not None else (os.environ.get(ALLOWLIST_ENV) or None)
+    if key is None and allowlist is None:
+        return None, None
+    if key is None or allowlist is None:
+        given, missing = ("a key", "an allowlist") if key is not None else ("an allowlist", "a key")
+        raise FedlabConfigError(
+            f"a researcher with {given} needs {missing} too: key= is this researcher's NAME.key_secret "
+            f"(${KEY_ENV}), allowlist= the file of node public keys it accepts (${ALLOWLIST_ENV})"
+        )
+    return load_keypair(key), Allowlist(allowlist)
 
 
 class Researcher:
@@ -55,15 +86,37 @@ class Researcher:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         transport: Any = None,
         start: bool = True,
+        key: str | os.PathLike[str] | None = None,
+        allowlist: str | os.PathLike[str] | None = None,
     ) -> None:
-        """``transport`` replaces the ZeroMQ transport (the in-memory twin in unit tests)."""
+        """``transport`` replaces the ZeroMQ transport (the in-memory twin in unit tests).
+
+        ``key`` is this researcher's secret key file (``NAME.key_secret`` from ``fedlab keygen``)
+        and ``allowlist`` the file of node public keys it accepts; both default to
+        ``$FEDLAB_KEY`` and ``$FEDLAB_ALLOWLIST``. With neither, the researcher is insecure.
+        """
         self.address = address
-        self._transport = transport or ZmqResearcherTransport(
-            address, heartbeat_interval=heartbeat_interval, max_message_bytes=max_message_bytes)
+        if transport is None:
+            keypair, nodes_allowed = security(key, allowlist)
+            if keypair is None:
+                log.warning(INSECURE_WARNING, address)
+            else:
+                log.info("researcher at %s: encrypted (CURVE), public key %s, %d node key(s) allowed by %s",
+                         address, keypair.public, len(nodes_allowed or ()), getattr(nodes_allowed, "path", ""))
+            transport = ZmqResearcherTransport(address, heartbeat_interval=heartbeat_interval,
+                                               max_message_bytes=max_message_bytes, key=keypair,
+                                               allowlist=nodes_allowed)
+        self._transport = transport
         self.requests = Requests(self._transport, default_timeout=default_timeout)
         self._started = False
         if start:
             self.start()
+
+    @property
+    def public_key(self) -> str | None:
+        """This researcher's CURVE public key (what nodes are given), or None when insecure."""
+        key = getattr(self._transport, "key", None)
+        return key.public if key is not None else None
 
     @property
     def id(self) -> str:

@@ -8,6 +8,12 @@ message to ``on_message``. Replies come back from worker threads through an outb
 
 ``IMMEDIATE`` is set so nothing queues while no researcher is there: a node started first
 just keeps knocking, and a restarted researcher never receives a backlog of stale beats.
+
+With a ``key`` and the researcher's public key (``server_key``) the socket is a CURVE client:
+it talks only to that researcher, encrypted. A handshake monitor logs why a researcher
+refused this node (or why this node refused it); after a refused handshake, which zmq does
+not always retry, the node rebuilds its socket every few seconds, so that it gets in once the
+researcher has added it to its allowlist or restarted with the right key.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from fedlab.protocol import (
     error_reply_for,
     make_envelope,
 )
+from fedlab.transport.curve import HandshakeMonitor, Throttle, node_refusal
+from fedlab.transport.keys import KeyPair
 from fedlab.transport.outbox import Outbox, Outgoing
 from fedlab.transport.zmq_researcher import check_size, socket_options
 
@@ -39,6 +47,7 @@ __all__ = ["ZmqNodeTransport"]
 log = logging.getLogger("fedlab.transport")
 _GOODBYE_LINGER_MS = 300
 _RETRY_SECONDS = 10.0
+_REFUSED_RETRY_SECONDS = 5.0  # a researcher that refused us may have added our key since
 
 
 class ZmqNodeTransport:
@@ -51,8 +60,13 @@ class ZmqNodeTransport:
         heartbeat_interval: float = 1.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         state: Callable[[], str] = lambda: "online",
+        key: KeyPair | None = None,
+        server_key: str | None = None,
     ) -> None:
+        if (key is None) != (server_key is None):
+            raise ValueError("a CURVE node needs both its own key pair and the researcher's public key")
         self.address = address
+        self.key, self.server_key = key, server_key
         self.node_id = node_id
         self.name = name
         self.heartbeat_interval = heartbeat_interval
@@ -69,6 +83,9 @@ class ZmqNodeTransport:
         self._pause_until = 0.0
         self._beat_now = threading.Event()
         self._beat_sent = threading.Event()
+        self._monitor: HandshakeMonitor | None = None
+        self._throttle = Throttle()
+        self._rebuild_at = float("inf")
 
     def start(self, on_message: Callable[[Envelope], None]) -> None:
         self._on_message = on_message
@@ -116,14 +133,41 @@ class ZmqNodeTransport:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(int(self.heartbeat_interval * 1000), 100))
+        if self.key is not None and self.server_key is not None:
+            sock.curve_secretkey = self.key.secret.encode("ascii")
+            sock.curve_publickey = self.key.public.encode("ascii")
+            sock.curve_serverkey = self.server_key.encode("ascii")
+        self._monitor = HandshakeMonitor(sock)
+        self._rebuild_at = float("inf")
         sock.connect(self.address)
         return sock
 
+    def _disconnect(self, sock: zmq.Socket[Any], linger: int) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+        sock.close(linger=linger)
+
+    def _handshakes(self) -> None:
+        """Log why a handshake failed (once a minute per reason); plan a retry after a refused key."""
+        assert self._monitor is not None
+        for event, value in self._monitor.events():
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # zmq's own retry got through: keep this socket
+                self._rebuild_at = float("inf")
+            refusal = node_refusal(event, value, self.address, keyed=self.key is not None)
+            if refusal is not None:  # after a refused key or mechanism zmq gives up on the socket: we do not
+                self._rebuild_at = min(self._rebuild_at, time.monotonic() + _REFUSED_RETRY_SECONDS)
+            if refusal is not None and self._throttle.ready(refusal[0]):
+                log.warning("%s", refusal[1])
+
     def _run(self) -> None:
         sock = self._connect()
+        assert self._monitor is not None
+        monitor_sock = self._monitor.socket
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._outbox.fileno, zmq.POLLIN)
+        poller.register(monitor_sock, zmq.POLLIN)
         pending: list[tuple[float, Outgoing]] = []
         next_beat = 0.0
         try:
@@ -133,11 +177,15 @@ class ZmqNodeTransport:
                     self._beat_now.clear()
                     self._beat(sock)
                     next_beat = now + self.heartbeat_interval
-                    if self._researcher_lost(now):
+                    if self._researcher_lost(now) or now >= self._rebuild_at:
                         poller.unregister(sock)
-                        sock.close(0)
+                        poller.unregister(monitor_sock)
+                        self._disconnect(sock, 0)
                         sock = self._connect()
+                        assert self._monitor is not None
+                        monitor_sock = self._monitor.socket
                         poller.register(sock, zmq.POLLIN)
+                        poller.register(monitor_sock, zmq.POLLIN)
                 timeout = 50 if pending else max(0, int((next_beat - time.monotonic()) * 1000)) + 1
                 events = dict(poller.poll(timeout))
                 if self._outbox.fileno in events or pending:
@@ -150,6 +198,8 @@ class ZmqNodeTransport:
                         except zmq.Again:
                             break
                         self._receive(frames)
+                if monitor_sock in events:
+                    self._handshakes()
             # leaving: flush the goodbye and any last replies, briefly
             deadline = time.monotonic() + 0.3
             pending += [(time.monotonic(), item) for item in self._outbox.drain() if item]
@@ -160,7 +210,7 @@ class ZmqNodeTransport:
         except Exception:  # pragma: no cover - a bug here must be visible
             log.exception("node transport loop crashed")
         finally:
-            sock.close(linger=_GOODBYE_LINGER_MS)  # let the goodbye leave; LINGER=0 would drop it
+            self._disconnect(sock, _GOODBYE_LINGER_MS)  # let the goodbye leave; LINGER=0 would drop it
 
     def _send_pending(self, sock: zmq.Socket[Any], pending: list[tuple[float, Outgoing]]
                       ) -> list[tuple[float, Outgoing]]:

@@ -6,6 +6,10 @@ heartbeats, sends this side's heartbeats, and hands every other message to ``on_
 Other threads send through :meth:`send`, which queues frames in an :class:`Outbox`; the
 same buffer objects can be queued for many nodes, so a model is serialized once and never
 copied per node.
+
+With a ``key`` (and its ``allowlist``) the socket is a CURVE server: traffic is encrypted and
+only nodes whose public key is in the allowlist get through the handshake; without, it is
+plain TCP, for local demos. A handshake monitor logs refused connections either way.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from fedlab.protocol import (
     error_reply_for,
     make_envelope,
 )
+from fedlab.transport.curve import AllowlistAuthenticator, HandshakeMonitor, Throttle, researcher_refusal
 from fedlab.transport.directory import BUSY, ONLINE, NodeDirectory, NodeRecord
+from fedlab.transport.keys import Allowlist, KeyPair
 from fedlab.transport.outbox import Outbox, Outgoing
 
 __all__ = ["MessageHandler", "ZmqResearcherTransport", "check_size"]
@@ -70,8 +76,13 @@ class ZmqResearcherTransport:
         researcher_id: str | None = None,
         heartbeat_interval: float = 1.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        key: KeyPair | None = None,
+        allowlist: Allowlist | None = None,
     ) -> None:
+        if (key is None) != (allowlist is None):
+            raise FedlabTransportError("a CURVE researcher needs both its key pair and an allowlist of node keys")
         self.address = address
+        self.key, self.allowlist = key, allowlist
         self.researcher_id = researcher_id or "researcher-" + uuid.uuid4().hex[:12]
         self.heartbeat_interval = heartbeat_interval
         self.max_message_bytes = max_message_bytes
@@ -82,6 +93,9 @@ class ZmqResearcherTransport:
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context[Any] | None = None
         self._sock: zmq.Socket[Any] | None = None
+        self._auth: AllowlistAuthenticator | None = None
+        self._monitor: HandshakeMonitor | None = None
+        self._throttle = Throttle()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, on_message: MessageHandler) -> None:
@@ -92,10 +106,20 @@ class ZmqResearcherTransport:
         socket_options(sock, self.heartbeat_interval, self.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self.key is not None and self.allowlist is not None:
+            # the ZAP handler must answer before the first node knocks: zmq lets everyone in without one
+            self._auth = AllowlistAuthenticator(ctx, self.allowlist)
+            self._auth.start()
+            sock.curve_secretkey = self.key.secret.encode("ascii")
+            sock.curve_publickey = self.key.public.encode("ascii")
+            sock.curve_server = True
+        self._monitor = HandshakeMonitor(sock)
         try:
             sock.bind(self.address)
         except zmq.ZMQError as exc:
+            self._monitor.close()
             sock.close(0)
+            self._stop_auth()
             ctx.term()
             raise FedlabTransportError(
                 f"cannot listen on {self.address}: {exc.strerror}. Is another researcher running "
@@ -116,8 +140,14 @@ class ZmqResearcherTransport:
         self._thread.join(timeout=2.0)
         self._thread = None
         self._outbox.close()
+        self._stop_auth()
         if self._ctx is not None:
             self._ctx.term()
+
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     # -- API used by researcher/ -------------------------------------------------------------
     def nodes(self) -> list[NodeRecord]:
@@ -145,11 +175,12 @@ class ZmqResearcherTransport:
 
     # -- loop (owns the socket) --------------------------------------------------------------
     def _run(self) -> None:
-        assert self._sock is not None
-        sock = self._sock
+        assert self._sock is not None and self._monitor is not None
+        sock, monitor = self._sock, self._monitor
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._outbox.fileno, zmq.POLLIN)
+        poller.register(monitor.socket, zmq.POLLIN)
         next_beat = 0.0
         try:
             while True:
@@ -171,10 +202,19 @@ class ZmqResearcherTransport:
                         except zmq.Again:
                             break
                         self._receive(sock, frames)
+                if monitor.socket in events:
+                    self._handshakes(monitor)
         except Exception:  # pragma: no cover - a bug here must be visible, not silent
             log.exception("researcher transport loop crashed")
         finally:
+            monitor.close()
             sock.close(linger=_GOODBYE_LINGER_MS)  # let the goodbye leave; LINGER=0 would drop it
+
+    def _handshakes(self, monitor: HandshakeMonitor) -> None:
+        for event, value in monitor.events():
+            refusal = researcher_refusal(event, value, keyed=self.key is not None)
+            if refusal is not None and self._throttle.ready(refusal[0]):
+                log.warning("%s", refusal[1])
 
     def _flush(self, sock: zmq.Socket[Any]) -> bool:
         stop = False
@@ -207,6 +247,13 @@ class ZmqResearcherTransport:
 
     def _receive(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
         node_id = frames[0].bytes.decode("utf-8", "replace")
+        if self.allowlist is not None:  # the key the ZAP handler accepted, as its user id
+            key = frames[-1].get("User-Id")
+            wrong = self.allowlist.impersonation(str(key), node_id)
+            if wrong is not None:
+                if self._throttle.ready("impersonation " + node_id):
+                    log.warning("dropped a message: %s; check that node's allowlist line", wrong)
+                return
         try:
             envelope = decode([f.buffer for f in frames[1:]], max_bytes=self.max_message_bytes)
         except DecodeError as exc:

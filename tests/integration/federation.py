@@ -50,9 +50,10 @@ class NodeProcess:
 
     @classmethod
     def create(cls, root: Path, name: str, address: str, *, frame: pd.DataFrame | None = None,
-               tags: tuple[str, ...] = ("breast-cancer", "csv"), heartbeat: float = HEARTBEAT) -> NodeProcess:
+               tags: tuple[str, ...] = ("breast-cancer", "csv"), heartbeat: float = HEARTBEAT,
+               researcher_key: str | None = None) -> NodeProcess:
         directory = root / name
-        config = init_node_dir(directory, name, address)
+        config = init_node_dir(directory, name, address, researcher_key=researcher_key)
         if frame is not None:
             csv = root / f"{name}.csv"
             frame.to_csv(csv, index=False)

@@ -48,7 +48,7 @@ def assert_error(result: subprocess.CompletedProcess[str], *fragments: str) -> s
 
 @pytest.fixture
 def node(tmp_path: Path) -> Path:
-    assert_ok(fedlab("node", "init", "node", "--name", "Hospital A", cwd=tmp_path))
+    assert_ok(fedlab("node", "init", "node", "--name", "Hospital A", "--insecure", cwd=tmp_path))
     return tmp_path / "node"
 
 
@@ -82,7 +82,8 @@ def test_version(tmp_path: Path) -> None:
 
 def test_init_prints_node_id_and_paths(tmp_path: Path) -> None:
     out = assert_ok(
-        fedlab("node", "init", "site", "--name", "Site", "--researcher", "tcp://10.0.0.1:7000", cwd=tmp_path)
+        fedlab("node", "init", "site", "--name", "Site", "--researcher", "tcp://10.0.0.1:7000", "--insecure",
+               cwd=tmp_path)
     )
     match = re.search(r"node id (node-[0-9a-f]{12})", out)
     assert match
@@ -94,12 +95,12 @@ def test_init_prints_node_id_and_paths(tmp_path: Path) -> None:
 
 
 def test_init_twice_is_refused(tmp_path: Path, node: Path) -> None:
-    assert_error(fedlab("node", "init", node, "--name", "again", cwd=tmp_path), "already a fedlab node")
+    assert_error(fedlab("node", "init", node, "--name", "again", "--insecure", cwd=tmp_path), "already a fedlab node")
 
 
 def test_init_with_bad_researcher(tmp_path: Path) -> None:
     assert_error(
-        fedlab("node", "init", "n", "--name", "x", "--researcher", "localhost:1", cwd=tmp_path),
+        fedlab("node", "init", "n", "--name", "x", "--researcher", "localhost:1", "--insecure", cwd=tmp_path),
         "tcp://HOST:PORT",
     )
     assert not (tmp_path / "n" / "config.toml").exists()

@@ -91,8 +91,10 @@ def test_init_writes_valid_toml_without_directory_key(tmp_path: Path) -> None:
         "log_level",
         "require_approval",
         "training_threads",
+        "insecure",
         "disclosure",
     }
+    assert data["insecure"] is True  # no researcher key: the config says the node is insecure
     assert isinstance(data["heartbeat_interval"], float)
 
 
