@@ -115,6 +115,41 @@ def test_a_node_killed_mid_round_is_named_and_rejoins_the_next_round(tmp_path, a
     assert rows == [[r, f"site-{x}", "missing" if (r, x) == (2, "c") else "ok"] for r in (1, 2, 3) for x in "abc"]
 
 
+
+@pytest.mark.timeout(300)
+def test_a_node_restarted_at_once_mid_round_is_dropped_from_that_round_not_waited_for(tmp_path, address, nodes):
+    """A supervisor (systemd, say) restarts a crashed node within a second, well inside the
+    disconnect grace: the new process knows nothing of the round, so the researcher must not
+    wait for its reply until the round timeout; it drops the node as restarted."""
+    a, b, victim = nodes(3)
+    restarted = threading.Event()
+
+    def on_progress(node_id, event):
+        if node_id == victim.node_id and event.round == 2 and event.phase == "training" and not restarted.is_set():
+            assert victim.proc is not None
+            victim.proc.send_signal(signal.SIGKILL)
+            victim.proc.wait(10)
+            victim.start()
+            restarted.set()
+
+    with Researcher(address, heartbeat_interval=HEARTBEAT) as researcher:
+        researcher.wait_for_nodes(3, timeout=60)
+        exp = Experiment(researcher, list(TAGS), SlowLogReg, model_args=MODEL_ARGS, training_args=ARGS, rounds=3,
+                         round_timeout=120, disconnect_grace=10.0, on_progress=on_progress)
+        first = exp.run_once().set_index("node_id")
+        assert (first["status"] == "ok").all(), (first, logs([a, b, victim]))
+        exp.round_timeout = 60.0  # with a node waited for in vain, round 2 would end only here
+        second = exp.run_once().set_index("node_id")
+        assert restarted.is_set(), "the victim never reported training round 2"
+        assert second.loc[[a.node_id, b.node_id], "status"].tolist() == ["ok", "ok"], second
+        row = second.loc[victim.node_id]
+        assert (row["status"], row["node"]) == ("missing", "site-c"), second
+        assert row["reason"].startswith("restarted:"), row["reason"]
+        wait_until(lambda: victim.node_id in researcher.online_node_ids(), 60, "the restarted node to be online")
+        third = exp.run_once().set_index("node_id")
+        assert (third["status"] == "ok").all(), (third, logs([a, b, victim]))
+
+
 PLAN_IMPORTS = ("import time\nimport torch.nn.functional as F\nfrom torch import nn\n"
                 "from fedlab import TorchTrainingPlan\n")
 
