@@ -69,6 +69,10 @@ def netns_missing(ip_command: str = "ip") -> str | None:
     if done.returncode != 0:
         return f"`ip netns add` failed: {done.stderr.strip() or f'exit status {done.returncode}'}"
     try:
+        done = subprocess.run([ip_command, "netns", "exec", probe, "true"], capture_output=True, text=True,
+                              timeout=30, check=False)
+        if done.returncode != 0:
+            return f"`ip netns exec` failed: {done.stderr.strip() or f'exit status {done.returncode}'}"
         for what, args in (("bring a namespace's loopback up", ["link", "set", "lo", "up"]),
                            ("create a veth pair", ["link", "add", "p0", "type", "veth", "peer", "name", "p1"]),
                            ("create a bridge", ["link", "add", "br0", "type", "bridge"])):
