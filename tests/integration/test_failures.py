@@ -3,7 +3,9 @@
 A node SIGKILLed while it trains is dropped from that round by the experiment's disconnect
 policy, the other nodes' round completes and the history names the dead node and why; the same
 node directory started again rejoins and trains in the next round (its optimizer state, kept
-in its SQLite database, survives the kill). A Jupyter kernel that dies in the middle of an
+in its SQLite database, survives the kill). A node restarted at once, as a supervisor would,
+is left out of the round as restarted instead of being waited for until the round timeout.
+A Jupyter kernel that dies in the middle of an
 experiment loses everything it held; a fresh kernel resumes from the last breakpoint and ends
 with the parameters of an uninterrupted run of the same seeds.
 """
@@ -113,7 +115,6 @@ def test_a_node_killed_mid_round_is_named_and_rejoins_the_next_round(tmp_path, a
         assert sorted(exp.aggregator.added) == sorted(n.node_id for n in (a, b, victim))
     rows = sorted(exp.history[["round", "node", "status"]].values.tolist())
     assert rows == [[r, f"site-{x}", "missing" if (r, x) == (2, "c") else "ok"] for r in (1, 2, 3) for x in "abc"]
-
 
 
 @pytest.mark.timeout(300)
