@@ -60,11 +60,14 @@ class Heartbeat(Message, frozen=True):
 
     From a node it also introduces the node (``name``) so a researcher that just started, or
     restarted, learns of it without the node restarting. ``state`` is ``"online"`` or ``"busy"``.
+    ``session`` is new in every node process: when it changes under the same node id the node
+    was restarted, and whatever the old process was working on is lost (added in 1.1).
     """
 
     name: Name
     state: str = "online"
     interval: float = 1.0
+    session: str = ""
 
 
 class Bye(Message, frozen=True):

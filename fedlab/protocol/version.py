@@ -6,7 +6,7 @@ message types, which an older peer answers with an ``unknown_type`` error reply.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 
 
 def major(version: str) -> int | None:

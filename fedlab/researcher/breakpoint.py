@@ -60,6 +60,7 @@ class Breakpoint(msgspec.Struct, forbid_unknown_fields=True):
     round_timeout: float
     share_persistent_buffers: bool
     breakpoint_dir: str | None = None
+    disconnect_grace: float = 10.0  # Experiment's default, for breakpoints written before it was kept
     format_version: int = FORMAT_VERSION
     param_names: list[str] = []
     aggregator_names: list[str] = []

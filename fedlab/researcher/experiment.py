@@ -261,7 +261,8 @@ class Experiment:
             aggregator_args=self.aggregator.args(), aggregator_meta=meta, rounds=self.rounds,
             round_current=self.round_current, state_ids=self.state_ids, history=self._records,
             round_timeout=self.round_timeout, share_persistent_buffers=self.share_persistent_buffers,
-            breakpoint_dir=str(self.breakpoint_dir.resolve()) if self.breakpoint_dir is not None else None)
+            breakpoint_dir=str(self.breakpoint_dir.resolve()) if self.breakpoint_dir is not None else None,
+            disconnect_grace=self.disconnect_grace)
         return write_breakpoint(bp, self._params, arrays, path)
 
     @classmethod
@@ -283,7 +284,7 @@ class Experiment:
                   training_args=bp.training_args, rounds=bp.rounds, aggregator=aggregator, nodes=bp.nodes,
                   round_timeout=bp.round_timeout, policies=policies, breakpoint_dir=bp.breakpoint_dir,
                   on_progress=on_progress, experiment_id=bp.experiment_id,
-                  share_persistent_buffers=bp.share_persistent_buffers)
+                  share_persistent_buffers=bp.share_persistent_buffers, disconnect_grace=bp.disconnect_grace)
         if set(exp.node_ids) != set(bp.node_ids):
             log.warning("the experiment ran on nodes %s; the search now finds %s", sorted(bp.node_ids),
                         sorted(exp.node_ids))

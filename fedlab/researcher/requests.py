@@ -32,7 +32,7 @@ from fedlab.researcher.policies import (
     NodeProgress,
     RequestPolicy,
 )
-from fedlab.transport.directory import OFFLINE, NodeDirectory, NodeRecord
+from fedlab.transport.directory import OFFLINE, RESTARTED, NodeDirectory, NodeRecord
 
 __all__ = ["FederatedRequest", "MessagesByNode", "MissingNode", "Requests"]
 
@@ -57,7 +57,7 @@ class MessagesByNode(dict[str, Message | tuple[Message, Buffers]]):
 
 @dataclass(frozen=True)
 class MissingNode:
-    """A node that gave no answer: ``reason`` is timeout, disconnected, stopped or unknown."""
+    """A node that gave no answer: ``reason`` is timeout, disconnected, restarted, stopped or unknown."""
 
     reason: str
     detail: str
@@ -118,7 +118,12 @@ class FederatedRequest:
             progress = self._progress.get(node_id)
             if progress is None or progress.status != PENDING:
                 return
-            progress.offline_since = time.monotonic() if status == OFFLINE else None
+            if status == RESTARTED:  # a new process under the same id: it never got this request
+                progress.status, progress.reason = MISSING, "restarted"
+                progress.detail = "the node restarted while the request was pending; its new process never got it"
+                log.warning("node %s restarted while a request was pending: left out of it", node_id)
+            else:
+                progress.offline_since = time.monotonic() if status == OFFLINE else None
             self._cond.notify_all()
 
     def _mark_missing(self, node_id: str, reason: str, detail: str) -> None:

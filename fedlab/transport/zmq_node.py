@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +87,7 @@ class ZmqNodeTransport:
         self._monitor: HandshakeMonitor | None = None
         self._throttle = Throttle()
         self._rebuild_at = float("inf")
+        self.session = uuid.uuid4().hex[:12]  # this process: a restart under the same node id shows as a new session in the heartbeats
 
     def start(self, on_message: Callable[[Envelope], None]) -> None:
         self._on_message = on_message
@@ -229,7 +231,8 @@ class ZmqNodeTransport:
     def _beat(self, sock: zmq.Socket[Any]) -> None:
         pause_left = self._pause_until - time.monotonic()
         interval = max(self.heartbeat_interval, pause_left / 2)  # liveness is 3 intervals: 1.5x the pause
-        beat = make_envelope(Heartbeat(name=self.name, state=self._state(), interval=interval), self.node_id)
+        beat = make_envelope(Heartbeat(name=self.name, state=self._state(), interval=interval,
+                                       session=self.session), self.node_id)
         try:
             sock.send_multipart(encode(beat), zmq.NOBLOCK)
         except zmq.Again:

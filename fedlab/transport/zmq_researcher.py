@@ -266,7 +266,7 @@ class ZmqResearcherTransport:
         content = envelope.content
         if isinstance(content, Heartbeat):
             state = BUSY if content.state == BUSY else ONLINE
-            self.directory.seen(node_id, content.name, state, content.interval)
+            self.directory.seen(node_id, content.name, state, content.interval, content.session)
             return
         if isinstance(content, Bye):
             log.info("node %s said goodbye: %s", node_id, content.reason)

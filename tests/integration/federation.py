@@ -63,12 +63,13 @@ class NodeProcess:
         return node
 
     node_id: str = ""
+    launcher: tuple[str, ...] = ()  # runs the node through this command, e.g. ("ip", "netns", "exec", NS)
 
     def start(self) -> NodeProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fedlab", "node", "start", str(self.directory),
+                [*self.launcher, sys.executable, "-m", "fedlab", "node", "start", str(self.directory),
                  "--researcher", self.address, "--heartbeat", str(self.heartbeat)],
                 stdout=subprocess.DEVNULL, stderr=err, env=env,
             )

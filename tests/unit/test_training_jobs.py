@@ -251,6 +251,14 @@ def test_resuming_from_a_breakpoint_ends_where_an_uninterrupted_run_does(federat
         assert any(np.abs(c).sum() > 0 for c in resumed.aggregator.c.values())
 
 
+def test_a_resumed_experiment_keeps_its_round_timeout_and_disconnect_grace(federation, tmp_path):
+    nodes = [FakeNode("a", frame(40, 17))]
+    first = experiment(federation(*nodes), breakpoint_dir=tmp_path, round_timeout=7.0, disconnect_grace=3.5)
+    first.run(rounds=1)
+    resumed = Experiment.load_breakpoint(tmp_path, federation(*nodes))
+    assert (resumed.round_timeout, resumed.disconnect_grace) == (7.0, 3.5)
+
+
 def test_approve_and_check_tables_list_silent_nodes(federation):
     researcher = federation(FakeNode("a", frame(40, 11)), FakeNode("b", frame(40, 12)))
     exp = experiment(researcher)
