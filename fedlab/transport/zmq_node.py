@@ -59,6 +59,8 @@ class ZmqNodeTransport:
         self.max_message_bytes = max_message_bytes
         self._state = state
         self._on_message: Callable[[Envelope], None] = lambda env: None
+        # called (io thread) with each message refused before dispatch, its size and frame count
+        self.on_refused: Callable[[DecodeError, int, int], None] = lambda exc, size, n_frames: None
         self._outbox = Outbox()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -201,6 +203,7 @@ class ZmqNodeTransport:
             envelope = decode([f.buffer for f in frames], max_bytes=self.max_message_bytes)
         except DecodeError as exc:
             log.warning("refused a message: %s", exc)
+            self.on_refused(exc, sum(len(f) for f in frames), len(frames))
             if exc.header is None or exc.header.msg_type != "error_reply":
                 reply, parent = error_reply_for(exc, node=self.node_id)
                 self._outbox.put(Outgoing(b"", encode(
