@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# One buffer frame per array or tensor: far more than any model has, far fewer than a flood of
+# empty frames would need to cost real memory before the size check could see it.
+MAX_FRAMES = 65536
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Buffer = bytes | memoryview
 
@@ -161,11 +164,14 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYT
         raise DecodeError(
             f"expected at least 2 frames (header, content), got {len(frames)}", code="malformed"
         )
+    if len(frames) > MAX_FRAMES:
+        raise DecodeError(
+            f"message of {len(frames)} frames exceeds the limit of {MAX_FRAMES} frames", code="too_large")
     size = sum(len(f) for f in frames)
     if size > max_bytes:
         try:  # name the request in the refusal when its header is readable
             known: Header | None = _header_decoder.decode(frames[0]) if len(frames[0]) < 4096 else None
-        except msgspec.MsgspecError:
+        except (msgspec.MsgspecError, RecursionError):
             known = None
         raise DecodeError(
             f"message of {size} bytes exceeds the limit of {max_bytes} bytes", code="too_large",
@@ -177,6 +183,8 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYT
         raise DecodeError(f"invalid header: {exc}", code="invalid_field", field=_field_of(exc)) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"unreadable header frame: {exc}", code="malformed") from None
+    except RecursionError:  # msgspec raises this for hostile nesting depth
+        raise DecodeError("header frame nested too deeply", code="malformed") from None
     if not compatible(header.version):
         raise _version_error(header)
     try:
@@ -195,6 +203,10 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYT
     except msgspec.DecodeError as exc:
         raise DecodeError(
             f"unreadable {header.msg_type} content frame: {exc}", code="malformed", header=header
+        ) from None
+    except RecursionError:
+        raise DecodeError(
+            f"{header.msg_type} content nested too deeply", code="malformed", header=header
         ) from None
     return Envelope(header, content, tuple(frames[2:]))
 

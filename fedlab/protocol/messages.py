@@ -63,8 +63,9 @@ class Heartbeat(Message, frozen=True):
     """
 
     name: Name
-    state: str = "online"
-    interval: float = 1.0
+    state: Annotated[str, msgspec.Meta(max_length=32)] = "online"
+    # bounded: a NaN, zero or infinite interval would make the peer's liveness check meaningless
+    interval: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 1.0
 
 
 class Bye(Message, frozen=True):
