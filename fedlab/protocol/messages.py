@@ -64,8 +64,8 @@ class Heartbeat(Message, frozen=True):
 
     name: Name
     state: Annotated[str, msgspec.Meta(max_length=32)] = "online"
-    # bounded: a NaN, zero or infinite interval would make the peer's liveness check meaningless
-    interval: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 1.0
+    # bounded: a NaN, tiny or infinite interval would make the peer's liveness check meaningless
+    interval: Annotated[float, msgspec.Meta(ge=0.001, le=86400)] = 1.0
 
 
 class Bye(Message, frozen=True):

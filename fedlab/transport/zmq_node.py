@@ -22,6 +22,7 @@ import zmq
 
 from fedlab.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_FRAMES,
     Bye,
     DecodeError,
     Envelope,
@@ -200,7 +201,7 @@ class ZmqNodeTransport:
 
     def _receive(self, frames: list[zmq.Frame]) -> None:
         try:
-            envelope = decode([f.buffer for f in frames], max_bytes=self.max_message_bytes)
+            envelope = decode([f.buffer for f in frames[:MAX_FRAMES + 1]], max_bytes=self.max_message_bytes)
         except DecodeError as exc:
             log.warning("refused a message: %s", exc)
             self.on_refused(exc, sum(len(f) for f in frames), len(frames))

@@ -22,6 +22,7 @@ import zmq
 from fedlab.errors import FedlabProtocolError, FedlabTransportError
 from fedlab.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_FRAMES,
     Bye,
     DecodeError,
     Envelope,
@@ -208,7 +209,7 @@ class ZmqResearcherTransport:
     def _receive(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
         node_id = frames[0].bytes.decode("utf-8", "replace")
         try:
-            envelope = decode([f.buffer for f in frames[1:]], max_bytes=self.max_message_bytes)
+            envelope = decode([f.buffer for f in frames[1:MAX_FRAMES + 2]], max_bytes=self.max_message_bytes)
         except DecodeError as exc:
             log.warning("refused a message from %s: %s", node_id, exc)
             if exc.header is None or exc.header.msg_type != "error_reply":
