@@ -83,6 +83,9 @@ class ZmqResearcherTransport:
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context[Any] | None = None
         self._sock: zmq.Socket[Any] | None = None
+        # when the loop last found no message waiting: a node is judged silent only up to then,
+        # so a flood that keeps the loop busy cannot make it miss heartbeats still queued
+        self._caught_up = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, on_message: MessageHandler) -> None:
@@ -160,6 +163,8 @@ class ZmqResearcherTransport:
                     next_beat = now + self.heartbeat_interval
                 timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000)) + 1
                 events = dict(poller.poll(timeout_ms))
+                if sock not in events:
+                    self._caught_up = time.time()
                 if self._outbox.fileno in events or self._stop.is_set():
                     stop = self._flush(sock)
                     if stop or self._stop.is_set():
@@ -170,6 +175,7 @@ class ZmqResearcherTransport:
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
+                            self._caught_up = time.time()
                             break
                         self._receive(sock, frames)
         except Exception:  # pragma: no cover - a bug here must be visible, not silent
@@ -196,7 +202,7 @@ class ZmqResearcherTransport:
                 item.on_failure(reason)
 
     def _heartbeat(self, sock: zmq.Socket[Any]) -> None:
-        self.directory.sweep()
+        self.directory.sweep(self._caught_up)
         beat = make_envelope(
             Heartbeat(name=self.researcher_id, state=ONLINE, interval=self.heartbeat_interval),
             self.researcher_id,
