@@ -130,14 +130,15 @@ class AuditLog:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._failed = False
-        last = _last_line(self.path)
-        self._prev = GENESIS if last is None else _digest(last)
+        self._prev = GENESIS
         self._file = None
-        try:
+        try:  # a node whose audit file is unusable still starts and serves, and says so loudly
+            last = _last_line(self.path)
+            self._prev = GENESIS if last is None else _digest(last)
             if self.path.exists() and self.path.stat().st_size and not self._ends_with_newline():
                 with open(self.path, "ab") as f:  # a line cut short by a crash stays visible to verify
                     f.write(b"\n")
-            self._file = open(self.path, "ab")  # noqa: SIM115 - held for the node's lifetime
+            self._file = open(self.path, "ab")  # held open for the node's lifetime
         except OSError as exc:
             self._report(exc)
 
