@@ -9,6 +9,7 @@ well-formed headers carrying junk or one wrong field in otherwise valid content.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from fedlab.protocol.messages import MESSAGE_TYPES, Message
 
 Frames = list[bytes]
 _HEADER_FIELDS = ("msg_id", "msg_type", "sender", "version", "time", "parent_id")
+_ids = itertools.count()
 
 
 def junk_value(rng: random.Random, depth: int = 0) -> Any:
@@ -68,7 +70,7 @@ def pack(value: Any) -> bytes:
 
 def header_dict(msg_type: str, *, msg_id: str | None = None, sender: str = "hostile",
                 parent_id: str | None = None, version: str = PROTOCOL_VERSION) -> dict[str, Any]:
-    return {"msg_id": msg_id or f"h-{random.getrandbits(48):x}", "msg_type": msg_type, "sender": sender,
+    return {"msg_id": msg_id or f"h-{next(_ids)}", "msg_type": msg_type, "sender": sender,
             "version": version, "time": time.time(), "parent_id": parent_id}
 
 
@@ -76,9 +78,9 @@ def header_frame(msg_type: str, **kw: Any) -> bytes:
     return pack(header_dict(msg_type, **kw))
 
 
-def huge_declared() -> bytes:
+def huge_declared(rng: random.Random) -> bytes:
     """msgpack values that declare far more than they carry (bin32, str32, array32, map32)."""
-    return random.choice([b"\xc6\xff\xff\xff\xff" + b"abc", b"\xdb\xff\xff\xff\xff" + b"abc",
+    return rng.choice([b"\xc6\xff\xff\xff\xff" + b"abc", b"\xdb\xff\xff\xff\xff" + b"abc",
                           b"\xdd\xff\xff\xff\xff" + b"\xc0", b"\xdf\xff\xff\xff\xff" + b"\xa1a\xc0",
                           b"\xde\xff\xff", b"\xdc\xff\xff\xc0"])
 
@@ -101,7 +103,6 @@ class Hostile:
                  parents: Callable[[], list[str]] = list, sender: str = "hostile",
                  costly: frozenset[str] = frozenset()) -> None:
         self.rng = random.Random(seed)
-        random.seed(seed)  # header_frame's msg ids
         self.templates = templates
         # types whose handler takes long (a preprocessing fit writes state): mutated, not repeated
         self.base_types = sorted(set(templates) - costly)
@@ -168,7 +169,7 @@ class Hostile:
 
     def huge_declared_sizes(self) -> Frames:
         frames = self._valid()
-        frames[self.rng.randrange(2)] = huge_declared()
+        frames[self.rng.randrange(2)] = huge_declared(self.rng)
         return frames
 
     def nesting(self) -> Frames:
