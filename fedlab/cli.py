@@ -267,6 +267,41 @@ def _cmd_node_start(args: argparse.Namespace) -> int:
     return int(run_node(args.dir, researcher=args.researcher, heartbeat_interval=args.heartbeat))
 
 
+def _audit_line(entry: dict[str, object]) -> str:
+    """One audit entry as one readable line: when, who, what, outcome (control characters escaped)."""
+    if "unreadable" in entry:
+        return _visible(f"UNREADABLE LINE: {entry['unreadable']}")[0]
+    asked = entry.get("asked") or {}
+    what = " ".join(f"{k}={v}" for k, v in asked.items()) if isinstance(asked, dict) else str(asked)
+    outcome = str(entry.get("outcome", "?"))
+    if entry.get("code"):
+        outcome += f" [{entry['code']}] {entry.get('message', '')}"
+    who, kind = entry.get("sender") or "-", entry.get("msg_type") or "-"
+    text = f"{entry.get('time', '?')}  {who}  {kind}  {what}  -> {outcome}"
+    return _visible(_one_line(text, 400))[0]
+
+
+def _cmd_node_audit(args: argparse.Namespace) -> int:
+    from fedlab.node.audit import AUDIT_FILE, read_entries, verify
+    from fedlab.node.config import load_config
+
+    path = load_config(args.dir).directory / AUDIT_FILE
+    if not path.exists():
+        print(f"no audit log yet at {path}: the node writes it when it handles its first request")
+        return 0
+    if args.verify:
+        result = verify(path)
+        if not result.ok:
+            raise FedlabError(f"audit log {path} is broken at line {result.broken_line} of {result.n_lines}: "
+                              f"{result.reason}; the lines before it are intact")
+        print(f"audit log {path}: {result.n_lines} entries, hash chain intact")
+        return 0
+    entries = list(read_entries(path))
+    for entry in entries[-args.tail:] if args.tail else entries:
+        print(_audit_line(entry))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedlab.demo import run_demo
 
@@ -321,6 +356,13 @@ def _add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     remove.add_argument("dir", metavar="DIR", help="node directory")
     remove.add_argument("name", metavar="NAME", help="dataset name or id")
     remove.set_defaults(handler=_cmd_dataset_remove)
+
+    audit = node_sub.add_parser("audit", help="show or verify the node's log of requests and its answers")
+    audit.add_argument("dir", metavar="DIR", help="node directory")
+    audit.add_argument("--tail", type=positive_int, metavar="N", help="show only the last N entries")
+    audit.add_argument("--verify", action="store_true",
+                       help="check the hash chain; report the first edited, inserted or removed line")
+    audit.set_defaults(handler=_cmd_node_audit)
 
     _add_plan_commands(node_sub)
 

@@ -23,10 +23,11 @@ from types import FrameType
 
 from fedlab.analytics.disclosure_rules import describe
 from fedlab.errors import FedlabConfigError, FedlabProtocolError
+from fedlab.node.audit import AUDIT_FILE, AuditLog
 from fedlab.node.config import NodeConfig, load_config
 from fedlab.node.dispatch import Dispatcher
 from fedlab.node.registry import DatasetRegistry
-from fedlab.protocol import Envelope, ErrorReply, make_envelope
+from fedlab.protocol import DecodeError, Envelope, ErrorReply, make_envelope
 from fedlab.transport import ZmqNodeTransport
 from fedlab.transport.keys import KeyPair, load_keypair
 
@@ -85,6 +86,8 @@ class Node:
             key=keys,
             server_key=config.researcher_public_key if keys is not None else None,
         )
+        self.audit = AuditLog(config.directory / AUDIT_FILE)
+        self.transport.on_refused = self._refused
 
     def state(self) -> str:
         return "busy" if self._busy else "online"
@@ -97,6 +100,7 @@ class Node:
         self.transport.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._train_executor.shutdown(wait=False, cancel_futures=True)
+        self.audit.close()
 
     def _emit(self, envelope: Envelope) -> None:
         """Send a message that is not a reply (a progress event) to the researcher."""
@@ -125,6 +129,13 @@ class Node:
         finally:
             self.transport.announce_pause(0.0)
 
+    def _refused(self, exc: DecodeError, size: int, n_frames: int) -> None:
+        """Audit a message the transport refused before dispatch (never raises into the io loop)."""
+        try:
+            self.audit.record_refusal(exc.code, str(exc), exc.header, size=size, n_frames=n_frames)
+        except Exception:  # pragma: no cover - the audit must never stop the transport
+            log.exception("could not audit a refused message")
+
     def _work(self, envelope: Envelope) -> None:
         with self._busy_lock:
             self._busy += 1
@@ -133,9 +144,11 @@ class Node:
             try:
                 self.transport.send(reply)
             except FedlabProtocolError as exc:  # the reply itself is too large to send
-                self.transport.send(make_envelope(
+                reply = make_envelope(
                     ErrorReply(code=exc.code, message=str(exc), node=self.config.node_id),
-                    self.config.node_id, parent_id=envelope.msg_id))
+                    self.config.node_id, parent_id=envelope.msg_id)
+                self.transport.send(reply)
+            self.audit.record_reply(envelope, reply)
         finally:
             with self._busy_lock:
                 self._busy -= 1

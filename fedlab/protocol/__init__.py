@@ -7,6 +7,7 @@ this package.
 from fedlab.protocol.arrays import pack_array, unpack_array
 from fedlab.protocol.envelope import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_FRAMES,
     DecodeError,
     Envelope,
     Header,
@@ -23,6 +24,7 @@ from fedlab.protocol.version import PROTOCOL_VERSION, compatible
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_FRAMES",
     "PROTOCOL_VERSION",
     "DecodeError",
     "Envelope",

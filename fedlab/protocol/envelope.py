@@ -30,6 +30,7 @@ from fedlab.protocol.version import PROTOCOL_VERSION, compatible
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_FRAMES",
     "DecodeError",
     "Envelope",
     "Header",
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# One buffer frame per array or tensor: far more than any model has, far fewer than a flood of
+# empty frames would need to cost real memory before the size check could see it.
+MAX_FRAMES = 16384
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Buffer = bytes | memoryview
 
@@ -146,6 +150,15 @@ def _field_of(exc: msgspec.ValidationError) -> str | None:
     return None
 
 
+def _describe(exc: Exception) -> str:
+    """A decoding failure msgspec does not wrap in its own errors, in words."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, UnicodeError):
+        return "a string is not valid UTF-8"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _decoder_for(msg_type: str) -> msgspec.msgpack.Decoder[Any]:
     decoder = _content_decoders.get(msg_type)
     if decoder is None and msg_type in MESSAGE_TYPES:  # registered after import
@@ -156,16 +169,23 @@ def _decoder_for(msg_type: str) -> msgspec.msgpack.Decoder[Any]:
 
 
 def decode(frames: Sequence[Buffer], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Envelope:
-    """Validate and decode ``frames``; raise :class:`DecodeError` saying what was wrong."""
+    """Validate and decode ``frames``; raise :class:`DecodeError` saying what was wrong.
+
+    A receiver may pass only the first ``MAX_FRAMES + 1`` frames of a message: the rest cannot
+    change the verdict, and a flood of empty frames then costs nothing more to refuse.
+    """
     if len(frames) < 2:
         raise DecodeError(
             f"expected at least 2 frames (header, content), got {len(frames)}", code="malformed"
         )
+    if len(frames) > MAX_FRAMES:
+        raise DecodeError(
+            f"message of more than {MAX_FRAMES} frames (the limit)", code="too_large")
     size = sum(len(f) for f in frames)
     if size > max_bytes:
         try:  # name the request in the refusal when its header is readable
             known: Header | None = _header_decoder.decode(frames[0]) if len(frames[0]) < 4096 else None
-        except msgspec.MsgspecError:
+        except Exception:  # any failure to read it just means it goes unnamed
             known = None
         raise DecodeError(
             f"message of {size} bytes exceeds the limit of {max_bytes} bytes", code="too_large",
@@ -177,6 +197,8 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYT
         raise DecodeError(f"invalid header: {exc}", code="invalid_field", field=_field_of(exc)) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"unreadable header frame: {exc}", code="malformed") from None
+    except Exception as exc:  # msgspec also raises RecursionError (nesting), UnicodeDecodeError (bad utf-8)
+        raise DecodeError(f"unreadable header frame: {_describe(exc)}", code="malformed") from None
     if not compatible(header.version):
         raise _version_error(header)
     try:
@@ -195,6 +217,10 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYT
     except msgspec.DecodeError as exc:
         raise DecodeError(
             f"unreadable {header.msg_type} content frame: {exc}", code="malformed", header=header
+        ) from None
+    except Exception as exc:
+        raise DecodeError(
+            f"unreadable {header.msg_type} content frame: {_describe(exc)}", code="malformed", header=header
         ) from None
     return Envelope(header, content, tuple(frames[2:]))
 

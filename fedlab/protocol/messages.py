@@ -65,9 +65,10 @@ class Heartbeat(Message, frozen=True):
     """
 
     name: Name
-    state: str = "online"
-    interval: float = 1.0
-    session: str = ""
+    state: Annotated[str, msgspec.Meta(max_length=32)] = "online"
+    # bounded: a NaN, tiny or infinite interval would make the peer's liveness check meaningless
+    interval: Annotated[float, msgspec.Meta(ge=0.001, le=86400)] = 1.0
+    session: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class Bye(Message, frozen=True):

@@ -29,6 +29,7 @@ import zmq
 
 from fedlab.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_FRAMES,
     Bye,
     DecodeError,
     Envelope,
@@ -74,6 +75,8 @@ class ZmqNodeTransport:
         self.max_message_bytes = max_message_bytes
         self._state = state
         self._on_message: Callable[[Envelope], None] = lambda env: None
+        # called (io thread) with each message refused before dispatch, its size and frame count
+        self.on_refused: Callable[[DecodeError, int, int], None] = lambda exc, size, n_frames: None
         self._outbox = Outbox()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,7 +90,8 @@ class ZmqNodeTransport:
         self._monitor: HandshakeMonitor | None = None
         self._throttle = Throttle()
         self._rebuild_at = float("inf")
-        self.session = uuid.uuid4().hex[:12]  # this process: a restart under the same node id shows as a new session in the heartbeats
+        # this process: a restart under the same node id shows as a new session in the heartbeats
+        self.session = uuid.uuid4().hex[:12]
 
     def start(self, on_message: Callable[[Envelope], None]) -> None:
         self._on_message = on_message
@@ -251,9 +255,10 @@ class ZmqNodeTransport:
 
     def _receive(self, frames: list[zmq.Frame]) -> None:
         try:
-            envelope = decode([f.buffer for f in frames], max_bytes=self.max_message_bytes)
+            envelope = decode([f.buffer for f in frames[:MAX_FRAMES + 1]], max_bytes=self.max_message_bytes)
         except DecodeError as exc:
             log.warning("refused a message: %s", exc)
+            self.on_refused(exc, sum(len(f) for f in frames), len(frames))
             if exc.header is None or exc.header.msg_type != "error_reply":
                 reply, parent = error_reply_for(exc, node=self.node_id)
                 self._outbox.put(Outgoing(b"", encode(

@@ -26,6 +26,7 @@ import zmq
 from fedlab.errors import FedlabProtocolError, FedlabTransportError
 from fedlab.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_FRAMES,
     Bye,
     DecodeError,
     Envelope,
@@ -96,6 +97,9 @@ class ZmqResearcherTransport:
         self._auth: AllowlistAuthenticator | None = None
         self._monitor: HandshakeMonitor | None = None
         self._throttle = Throttle()
+        # when the loop last found no message waiting: a node is judged silent only up to then,
+        # so a flood that keeps the loop busy cannot make it miss heartbeats still queued
+        self._caught_up = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, on_message: MessageHandler) -> None:
@@ -190,6 +194,8 @@ class ZmqResearcherTransport:
                     next_beat = now + self.heartbeat_interval
                 timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000)) + 1
                 events = dict(poller.poll(timeout_ms))
+                if sock not in events:
+                    self._caught_up = time.time()
                 if self._outbox.fileno in events or self._stop.is_set():
                     stop = self._flush(sock)
                     if stop or self._stop.is_set():
@@ -200,6 +206,7 @@ class ZmqResearcherTransport:
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
+                            self._caught_up = time.time()
                             break
                         self._receive(sock, frames)
                 if monitor.socket in events:
@@ -235,7 +242,7 @@ class ZmqResearcherTransport:
                 item.on_failure(reason)
 
     def _heartbeat(self, sock: zmq.Socket[Any]) -> None:
-        self.directory.sweep()
+        self.directory.sweep(self._caught_up)
         beat = make_envelope(
             Heartbeat(name=self.researcher_id, state=ONLINE, interval=self.heartbeat_interval),
             self.researcher_id,
@@ -255,7 +262,7 @@ class ZmqResearcherTransport:
                     log.warning("dropped a message: %s; check that node's allowlist line", wrong)
                 return
         try:
-            envelope = decode([f.buffer for f in frames[1:]], max_bytes=self.max_message_bytes)
+            envelope = decode([f.buffer for f in frames[1:MAX_FRAMES + 2]], max_bytes=self.max_message_bytes)
         except DecodeError as exc:
             log.warning("refused a message from %s: %s", node_id, exc)
             if exc.header is None or exc.header.msg_type != "error_reply":
