@@ -87,6 +87,10 @@ class Node:
             server_key=config.researcher_public_key if keys is not None else None,
         )
         self.audit = AuditLog(config.directory / AUDIT_FILE)
+        # Who can have sent a message: with keys, only the researcher holding the key in config.toml
+        # (CURVE authenticated it); without, anyone who could reach the researcher's address.
+        self._peer = (f"researcher key {config.researcher_public_key}" if config.researcher_public_key
+                      else "unauthenticated (insecure mode)")
         self.transport.on_refused = self._refused
 
     def state(self) -> str:
@@ -132,7 +136,7 @@ class Node:
     def _refused(self, exc: DecodeError, size: int, n_frames: int) -> None:
         """Audit a message the transport refused before dispatch (never raises into the io loop)."""
         try:
-            self.audit.record_refusal(exc.code, str(exc), exc.header, size=size, n_frames=n_frames)
+            self.audit.record_refusal(exc.code, str(exc), exc.header, size=size, n_frames=n_frames, peer=self._peer)
         except Exception:  # pragma: no cover - the audit must never stop the transport
             log.exception("could not audit a refused message")
 
@@ -148,7 +152,7 @@ class Node:
                     ErrorReply(code=exc.code, message=str(exc), node=self.config.node_id),
                     self.config.node_id, parent_id=envelope.msg_id)
                 self.transport.send(reply)
-            self.audit.record_reply(envelope, reply)
+            self.audit.record_reply(envelope, reply, peer=self._peer)
         finally:
             with self._busy_lock:
                 self._busy -= 1

@@ -55,7 +55,8 @@ def test_audit_log_records_questions_answers_and_refusals(tmp_path, address):
 
             wait_until(lambda: len(entries(a)) >= 3 and len(entries(b)) >= 2, 10, "the audit lines")
             a_log, b_log = entries(a), entries(b)
-            assert all(e["sender"] == researcher.id and e["peer"] is None for e in a_log + b_log)
+            assert all(e["sender"] == researcher.id and e["peer"] == "unauthenticated (insecure mode)"
+                       for e in a_log + b_log)
             fa = [e for e in a_log if e["msg_type"] == "fa_request"]
             assert fa and {"count", "mean"} <= set(fa[0]["asked"]["stats"]) and fa[0]["outcome"] == "ok"
             assert fa[0]["asked"]["columns"] == ["mean radius", "worst area"]

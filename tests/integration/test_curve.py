@@ -8,6 +8,7 @@ loudly; a zmq program that does not speak CURVE (or has no allowed key) is never
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -90,6 +91,8 @@ def test_keyed_nodes_and_researcher_answer_ping_and_stats(nodes, address, resear
     for node in (a, b):
         assert "encrypted, researcher key" in node.log()
         assert "INSECURE" not in node.log()
+        audit = [json.loads(line) for line in (node.directory / "audit.log").read_text().splitlines()]
+        assert audit and all(e["peer"] == f"researcher key {r.public_key}" for e in audit), audit  # who asked
 
 
 def test_unknown_node_key_is_refused_on_both_sides_until_allowlisted(nodes, address, researcher_keys, tmp_path,
@@ -148,6 +151,8 @@ def test_insecure_mode_works_and_warns_loudly(nodes, address, fedlab_log):
         "authentication" in stderr and "For local demos only" in stderr
     assert "INSECURE: this node" in (demo.directory / "node.log").read_text()
     assert "insecure = true" in (demo.directory / "config.toml").read_text()
+    audit = [json.loads(line) for line in (demo.directory / "audit.log").read_text().splitlines()]
+    assert audit and all(e["peer"] == "unauthenticated (insecure mode)" for e in audit), audit
 
 
 def test_insecure_node_cannot_join_a_keyed_researcher(nodes, address, researcher_keys, tmp_path, fedlab_log):

@@ -373,9 +373,22 @@ def test_researcher_survives_10000_hostile_messages(tmp_path, address, caplog):
         assert growth < RSS_GROWTH_KIB, f"RSS grew by {growth} KiB"
 
         # the hostile node's request is still pending, untouched by 10,000 junk and forged messages
-        # (replies() would wait for the outcome, so look at the request's progress itself)
-        assert pending._progress["hostile-node"].status == PENDING, pending._progress
-        hostile.poll(100)
+        # (replies() would wait for the outcome, so look at the request's progress itself). The one
+        # exception is the protocol's own: a valid heartbeat of the flood with a new ``session`` says
+        # the hostile node restarted, which ends its pending request as "restarted"; then a fresh
+        # request must work.
+        progress = pending._progress["hostile-node"]
+        assert progress.status == PENDING or (progress.status == "missing" and progress.reason == "restarted"), \
+            pending._progress
+        if progress.status != PENDING:
+            with pending:  # ended already: forget it
+                pass
+            pending = researcher.requests.send(PingRequest(), nodes=["hostile-node"],
+                                               policies=[DiscardOnTimeout(60)])
+            pending_id = pending.msg_ids["hostile-node"]
+        deadline = time.monotonic() + 30
+        while not [env for env in hostile.received if env.msg_id == pending_id] and time.monotonic() < deadline:
+            hostile.poll(100)
         asked = [env for env in hostile.received if env.msg_id == pending_id]
         assert asked and isinstance(asked[0].content, PingRequest)
         hostile.send(envelope_frames(PingReply(node_name="genuine"), "hostile-node", parent_id=pending_id))
