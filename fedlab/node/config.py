@@ -57,6 +57,7 @@ class NodeConfig:
     log_level: str = "INFO"
     require_approval: bool = True
     training_threads: int = 0
+    training_timeout: float = 3600.0
     disclosure: DisclosureRules = field(default_factory=DisclosureRules)
     directory: Path = field(kw_only=True)
 
@@ -83,6 +84,7 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "log_level": (str,),
     "require_approval": (bool,),
     "training_threads": (int,),
+    "training_timeout": (int, float),
     "disclosure": (dict,),
 }
 _REQUIRED = ("node_id", "name")
@@ -97,6 +99,10 @@ _COMMENTS = {
     "training_threads": [
         "# CPU threads torch may use for training (0: torch's default, one per core). Set it when",
         "# several nodes or other services share this machine: each would otherwise take every core.",
+    ],
+    "training_timeout": [
+        "# Seconds one training round may take. Plans run in a separate worker process; a round past",
+        "# this limit is stopped (the worker is killed), the researcher is told why, and the node keeps serving.",
     ],
 }
 
@@ -267,6 +273,12 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
         raise FedlabConfigError(
             f"{config_path}: training_threads must be 0 (torch's default) or a number of threads >= 1"
         )
+    training_timeout = float(data.get("training_timeout", 3600.0))
+    if not (training_timeout > 0 and math.isfinite(training_timeout)):
+        raise FedlabConfigError(
+            f"{config_path}: training_timeout must be a finite number of seconds > 0 (for example 3600), "
+            f"not {training_timeout}"
+        )
     log_level = data.get("log_level", "INFO").upper()
     if log_level not in _LOG_LEVELS:
         raise FedlabConfigError(
@@ -275,5 +287,5 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
     return NodeConfig(
         directory=path,
         disclosure=disclosure,
-        **{**data, "heartbeat_interval": heartbeat, "log_level": log_level},
+        **{**data, "heartbeat_interval": heartbeat, "training_timeout": training_timeout, "log_level": log_level},
     )

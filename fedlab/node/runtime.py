@@ -44,7 +44,8 @@ class Node:
         self.dispatcher = Dispatcher(config.node_id, config.name, DatasetRegistry(config.db_path),
                                      config.disclosure, node_dir=config.directory,
                                      require_approval=config.require_approval,
-                                     training_threads=config.training_threads, emit=self._emit)
+                                     training_threads=config.training_threads,
+                                     training_timeout=config.training_timeout, emit=self._emit)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedlab-worker")
         self._train_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlab-train")
         self._busy = 0
@@ -66,7 +67,7 @@ class Node:
         self.transport.start(self._on_message)
 
     def stop(self) -> None:
-        self.dispatcher.training.cancel_all()  # a running round stops at its next iteration
+        self.dispatcher.training.close()  # a running round is cancelled, the training worker stopped
         self.transport.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._train_executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,155 @@
+"""What a node and its training worker process say to each other, and how it travels.
+
+The node runs training plans in a separate process (``fedlab.training.worker``) so that a
+plan that hangs can be killed and a plan never shares the node's memory. The two talk over
+one end each of a Unix socket pair. Nothing is pickled, not even between these two local
+processes: a message is a msgpack header (one of the structs below, tagged by type) followed
+by raw buffer frames, the same layout as on the network (``NamedArray`` specs index the
+frames). Each part is preceded by its length (8 bytes, little endian); frames are sent from
+the caller's memory and received into one fresh ``bytearray`` each, so a 100 MB model
+crosses the pair once, without intermediate copies.
+
+This module imports neither torch nor anything of the node.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from fedlab.training.messages import NamedArray
+
+__all__ = [
+    "Failed",
+    "Ready",
+    "RoundDone",
+    "RoundProgress",
+    "RunRound",
+    "WorkerMessage",
+    "recv_message",
+    "send_message",
+]
+
+_LENGTH = struct.Struct("<Q")
+_MAX_HEADER = 64 << 20  # a header is a few kB (a plan's source at most 1 MiB); more is a broken peer
+
+
+class _Base(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
+    n_buffers: int = 0
+
+
+class RunRound(_Base, tag="run_round"):
+    """Node -> worker: one round. ``params``/``aux_vars`` index the frames that follow; ``state`` is
+    what the previous round asked to keep (``fedlab.training.state`` bytes), read from the node's database."""
+
+    job_id: str = ""
+    plan_id: str = ""
+    plan_source: str = ""
+    plan_class: str = ""
+    dataset_id: str = ""
+    data_type: str = ""
+    data_path: str = ""
+    round: int = 0
+    model_args: dict[str, Any] = {}
+    training_args: dict[str, Any] = {}
+    aggregator_args: dict[str, Any] = {}
+    params: list[NamedArray] = []
+    aux_vars: dict[str, list[NamedArray]] = {}
+    state: bytes | None = None
+    do_training: bool = True
+    share_persistent_buffers: bool = True
+
+
+class Ready(_Base, tag="ready"):
+    """Worker -> node, once: torch is loaded and warm; the plan import guard is in place."""
+
+    torch_version: str = ""
+    threads: int = 0
+    seconds: float = 0.0
+
+
+class RoundProgress(_Base, tag="progress"):
+    job_id: str = ""
+    phase: str = ""
+    epoch: int = 0
+    n_epochs: int = 0
+    iteration: int = 0
+    n_iterations: int = 0
+    loss: float | None = None
+
+
+class RoundDone(_Base, tag="done"):
+    """Worker -> node: the round's result; ``params`` and ``aux_vars`` index the frames that follow.
+    ``loaded`` names what had to be (re)loaded for this round (``"plan"``, ``"dataset"``)."""
+
+    job_id: str = ""
+    params: list[NamedArray] = []
+    aux_vars: dict[str, list[NamedArray]] = {}
+    n_samples: int = 0
+    n_test_samples: int = 0
+    n_updates: int = 0
+    train_loss: float | None = None
+    metrics_before: dict[str, float] = {}
+    metrics_after: dict[str, float] = {}
+    state: bytes | None = None
+    compute_seconds: float = 0.0
+    loaded: list[str] = []
+
+
+class Failed(_Base, tag="failed"):
+    """Worker -> node: the round failed. ``error`` is the ``fedlab.errors`` class name, ``code`` a
+    protocol error's code; ``message`` is written for the researcher."""
+
+    job_id: str = ""
+    error: str = "FedlabTrainingError"
+    code: str = ""
+    message: str = ""
+
+
+WorkerMessage = RunRound | Ready | RoundProgress | RoundDone | Failed
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(WorkerMessage)
+
+
+def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[bytes | memoryview] = ()) -> None:
+    """Write ``message`` and its frames; ``message.n_buffers`` must equal ``len(buffers)``."""
+    if message.n_buffers != len(buffers):
+        raise ValueError(f"message announces {message.n_buffers} buffers, {len(buffers)} given")
+    header = _encoder.encode(message)
+    sock.sendall(_LENGTH.pack(len(header)) + header)
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        sock.sendall(_LENGTH.pack(view.nbytes))
+        sock.sendall(view)
+
+
+def recv_message(sock: socket.socket) -> tuple[WorkerMessage, list[memoryview]]:
+    """Read one message and its frames; ``EOFError`` when the peer has gone (closed or died)."""
+    (size,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
+    if size > _MAX_HEADER:
+        raise EOFError(f"worker message header of {size} bytes: the peer is not speaking this protocol")
+    try:
+        message = _decoder.decode(_recv_exactly(sock, size))
+    except msgspec.ValidationError as exc:  # pragma: no cover - both ends are this module
+        raise EOFError(f"undecodable worker message: {exc}") from exc
+    buffers = []
+    for _ in range(message.n_buffers):
+        (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
+        buffers.append(memoryview(_recv_exactly(sock, length)))
+    return message, buffers
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            raise EOFError("the other end of the worker socket closed")
+        got += n
+    return data
