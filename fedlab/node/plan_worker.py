@@ -116,8 +116,8 @@ class PlanWorker:
                     "node's Python environment") from exc
             assert isinstance(message, Ready), message
             self.ready = message
-            log.info("training worker %d ready: torch %s, %d threads, loaded in %.1f s", self._proc.pid,
-                     message.torch_version, message.threads, message.seconds)
+            log.info("torch %s loaded for training in %.1f s, in training worker process %d (%d threads)",
+                     message.torch_version, message.seconds, self._proc.pid, message.threads)
             return message
 
     def run(self, job: RunRound, buffers: Sequence[bytes | memoryview], *, timeout: float,
