@@ -5,15 +5,23 @@ plan that hangs can be killed and a plan never shares the node's memory. The two
 one end each of a Unix socket pair. Nothing is pickled, not even between these two local
 processes: a message is a msgpack header (one of the structs below, tagged by type) followed
 by raw buffer frames, the same layout as on the network (``NamedArray`` specs index the
-frames). Each part is preceded by its length (8 bytes, little endian); frames are sent from
-the caller's memory and received into one fresh ``bytearray`` each, so a 100 MB model
-crosses the pair once, without intermediate copies.
+frames). The header is preceded by its length (8 bytes, little endian).
+
+Small frames follow the header on the socket, each with its length. Large ones (a model's
+parameters: 1 MiB and more in all) go through shared memory instead: the sender copies them
+once into an anonymous memory file (``memfd``) and passes its file descriptor with the
+header (``SCM_RIGHTS``); the receiver maps it and reads the frames in place. Pushing 100 MB
+through a socket's few-MB buffer would cost two copies and thousands of hand-overs between
+the two processes, each waiting for the other to be scheduled; the memory file costs one
+copy and no hand-over, and the kernel frees it when both ends have let go (even if one dies).
 
 This module imports neither torch nor anything of the node.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -36,10 +44,13 @@ __all__ = [
 
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER = 64 << 20  # a header is a few kB (a plan's source at most 1 MiB); more is a broken peer
+_SHARED_FROM = 1 << 20  # frames of this many bytes in all go through a shared memory file
+_SHARED = hasattr(os, "memfd_create")  # Linux; elsewhere every frame goes through the socket
 
 
 class _Base(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
     n_buffers: int = 0
+    shared: list[int] | None = None  # frame sizes, when the frames are in the shared memory file sent along
 
 
 class RunRound(_Base, tag="run_round"):
@@ -119,28 +130,80 @@ def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[
     """Write ``message`` and its frames; ``message.n_buffers`` must equal ``len(buffers)``."""
     if message.n_buffers != len(buffers):
         raise ValueError(f"message announces {message.n_buffers} buffers, {len(buffers)} given")
+    views = [memoryview(buffer).cast("B") for buffer in buffers]
+    total = sum(view.nbytes for view in views)
+    if _SHARED and total >= _SHARED_FROM:
+        message.shared = [view.nbytes for view in views]
+        header = _encoder.encode(message)
+        fd = _shared_file(views, total)
+        try:
+            socket.send_fds(sock, [_LENGTH.pack(len(header))], [fd])
+        finally:
+            os.close(fd)  # the receiver got its own descriptor with the message
+        sock.sendall(header)
+        return
+    message.shared = None
     header = _encoder.encode(message)
     sock.sendall(_LENGTH.pack(len(header)) + header)
-    for buffer in buffers:
-        view = memoryview(buffer).cast("B")
+    for view in views:
         sock.sendall(_LENGTH.pack(view.nbytes))
         sock.sendall(view)
 
 
 def recv_message(sock: socket.socket) -> tuple[WorkerMessage, list[memoryview]]:
     """Read one message and its frames; ``EOFError`` when the peer has gone (closed or died)."""
-    (size,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
-    if size > _MAX_HEADER:
-        raise EOFError(f"worker message header of {size} bytes: the peer is not speaking this protocol")
+    start, fds, _, _ = socket.recv_fds(sock, _LENGTH.size, 1)
     try:
-        message = _decoder.decode(_recv_exactly(sock, size))
-    except msgspec.ValidationError as exc:  # pragma: no cover - both ends are this module
-        raise EOFError(f"undecodable worker message: {exc}") from exc
-    buffers = []
-    for _ in range(message.n_buffers):
-        (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
-        buffers.append(memoryview(_recv_exactly(sock, length)))
-    return message, buffers
+        if not start:
+            raise EOFError("the other end of the worker socket closed")
+        (size,) = _LENGTH.unpack(bytes(start) + bytes(_recv_exactly(sock, _LENGTH.size - len(start))))
+        if size > _MAX_HEADER:
+            raise EOFError(f"worker message header of {size} bytes: the peer is not speaking this protocol")
+        try:
+            message = _decoder.decode(_recv_exactly(sock, size))
+        except msgspec.ValidationError as exc:  # pragma: no cover - both ends are this module
+            raise EOFError(f"undecodable worker message: {exc}") from exc
+        if message.shared is not None:
+            if len(fds) != 1 or len(message.shared) != message.n_buffers:
+                raise EOFError("a worker message announced shared frames without their memory file")
+            return message, _map_frames(fds[0], message.shared)
+        buffers = []
+        for _ in range(message.n_buffers):
+            (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
+            buffers.append(memoryview(_recv_exactly(sock, length)))
+        return message, buffers
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _shared_file(views: Sequence[memoryview], total: int) -> int:
+    """A memory file holding ``views`` back to back; its descriptor."""
+    fd = os.memfd_create("fedlab-frames", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, total)
+        with mmap.mmap(fd, total) as mapped:
+            offset = 0
+            for view in views:
+                mapped[offset:offset + view.nbytes] = view
+                offset += view.nbytes
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _map_frames(fd: int, sizes: list[int]) -> list[memoryview]:
+    """The frames in the memory file ``fd``, as views of one mapping (kept alive by the views)."""
+    total = sum(sizes)
+    if total == 0 or os.fstat(fd).st_size < total:
+        raise EOFError("a worker message's memory file is smaller than its frames")
+    whole = memoryview(mmap.mmap(fd, total))
+    frames, offset = [], 0
+    for size in sizes:
+        frames.append(whole[offset:offset + size])
+        offset += size
+    return frames
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytearray:

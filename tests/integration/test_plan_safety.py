@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from federation import HEARTBEAT, NodeProcess, breast_cancer_splits, wait_until
+from federation import HEARTBEAT, NodeProcess, breast_cancer_splits
 
 import fedlab.training.messages  # noqa: F401  (registers the training message types on this side)
 from fedlab import DiscardOnTimeout, Researcher
