@@ -7,9 +7,9 @@ a fork: the node runs zmq threads) at the first training message and kept warm f
 next rounds; after it is killed, or dies, the next round starts another.
 
 ``run`` is called from the node's one training thread, so one round at a time. While it
-waits it forwards the worker's progress events, watches the request's cancel flag (a cancel
-is a ``SIGUSR1``, which the training loop sees at its next iteration; a plan that does not
-stop within ``cancel_grace`` seconds is killed) and the round's deadline (past it, the worker
+waits it forwards the worker's progress events, watches the request's cancel flag (passed on
+as a ``Cancel`` message, which the training loop sees at its next iteration; a plan that does
+not stop within ``cancel_grace`` seconds is killed) and the round's deadline (past it, the worker
 is killed).
 """
 
@@ -30,11 +30,13 @@ from collections.abc import Callable, Sequence
 
 from fedlab.errors import FedlabConfigError
 from fedlab.training.worker_wire import (
+    Cancel,
     Failed,
     Ready,
     RoundDone,
     RoundProgress,
     RunRound,
+    SharedArena,
     WorkerMessage,
     recv_message,
     send_message,
@@ -79,6 +81,7 @@ class PlanWorker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._scratch: str | None = None
+        self._arena = SharedArena()  # the parameters sent to the worker, one memory file reused every round
         self._lock = threading.Lock()
 
     @property
@@ -130,14 +133,17 @@ class PlanWorker:
         assert self._sock is not None and self._proc is not None
         deadline = time.monotonic() + timeout
         try:
-            send_message(self._sock, job, buffers)
+            send_message(self._sock, job, buffers, self._arena)
         except OSError as exc:
             raise WorkerDied(self._kill()) from exc
         kill_at: float | None = None
         while True:
             if cancelled.is_set() and kill_at is None:
                 kill_at = time.monotonic() + self.cancel_grace
-                self._signal(signal.SIGUSR1)
+                try:
+                    send_message(self._sock, Cancel(job_id=job.job_id))
+                except OSError:
+                    pass  # the worker is gone: the receive below says so
             if kill_at is not None and time.monotonic() >= kill_at:
                 self._kill()
                 return Failed(job_id=job.job_id, error="FedlabRequestStopped", message=(
@@ -165,6 +171,7 @@ class PlanWorker:
         """Stop the worker (the node is shutting down)."""
         with self._lock:
             self._discard()
+            self._arena.close()
 
     # -- internals ---------------------------------------------------------------------------
     def _receive(self, deadline: float) -> tuple[WorkerMessage, list[memoryview]]:
@@ -176,13 +183,6 @@ class PlanWorker:
         if not readable:
             raise WorkerTimeout()
         return recv_message(self._sock)
-
-    def _signal(self, signum: int) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            try:
-                self._proc.send_signal(signum)
-            except ProcessLookupError:
-                pass
 
     def _kill(self) -> int | None:
         """Kill the worker now (SIGKILL: a hung plan ignores everything else); its exit status."""

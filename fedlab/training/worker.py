@@ -11,26 +11,35 @@ approved by the node), its arguments, the parameters and the kept state as bytes
 dataset's type and path. It reads the dataset itself from that path, so a table is not
 copied through the socket every round and an image folder stays lazy. It never opens the
 node's database or config, its working directory is a scratch directory, and
-``fedlab.training.import_guard`` refuses the node's own modules to the plan. Cancel is a
-``SIGUSR1`` from the node, seen by the training loop at its next iteration. The worker ends
-when the node closes its socket or dies.
+``fedlab.training.import_guard`` refuses the node's own modules to the plan. A reader thread
+takes the node's messages while a round runs, so a ``Cancel`` for that round is seen by the
+training loop at its next iteration. The worker ends when the node closes its socket or dies.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import signal
 import socket
 import sys
 import threading
 import time
 from collections import OrderedDict
-from types import FrameType
 from typing import Any
 
 from fedlab.errors import FedlabDatasetError, FedlabError, FedlabProtocolError
-from fedlab.training.worker_wire import Failed, Ready, RoundDone, RoundProgress, RunRound, recv_message, send_message
+from fedlab.training.worker_wire import (
+    Cancel,
+    Failed,
+    Ready,
+    RoundDone,
+    RoundProgress,
+    RunRound,
+    recv_message,
+    send_message,
+)
 
 __all__ = ["Worker", "main"]
 
@@ -46,7 +55,7 @@ class Worker:
         self.sock = sock
         self.node_name = node_name
         self.threads = threads
-        self.cancelled = False
+        self._cancelled: set[str] = set()  # job ids; cleared after every round, so a late cancel stays harmless
         self._plans: OrderedDict[tuple[str, str], type] = OrderedDict()
         self._data: OrderedDict[str, tuple[tuple[int, int], Any]] = OrderedDict()
 
@@ -75,15 +84,26 @@ class Worker:
 
     def serve(self) -> None:
         """Answer rounds until the node closes the socket."""
-        while True:
-            try:
+        jobs: queue.Queue[tuple[RunRound, list[memoryview]] | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(jobs,), name="fedlab-worker-reader", daemon=True).start()
+        while (item := jobs.get()) is not None:
+            job, buffers = item
+            reply, out = self.run(job, buffers)
+            del buffers  # done with the node's frames before replying (the node reuses their memory)
+            self._cancelled.clear()
+            send_message(self.sock, reply, out)
+
+    def _read(self, jobs: queue.Queue[tuple[RunRound, list[memoryview]] | None]) -> None:
+        """The node's messages: rounds go to the queue, cancels are noted at once."""
+        try:
+            while True:
                 message, buffers = recv_message(self.sock)
-            except (EOFError, OSError):
-                return
-            if isinstance(message, RunRound):
-                self.cancelled = False
-                reply, out = self.run(message, buffers)
-                send_message(self.sock, reply, out)
+                if isinstance(message, RunRound):
+                    jobs.put((message, buffers))
+                elif isinstance(message, Cancel):
+                    self._cancelled.add(message.job_id)
+        except (EOFError, OSError):
+            jobs.put(None)
 
     def run(self, job: RunRound, buffers: list[memoryview]) -> tuple[RoundDone | Failed, list[memoryview]]:
         try:
@@ -119,7 +139,7 @@ class Worker:
             training_args=dict(job.training_args), params=params, aggregator_args=dict(job.aggregator_args),
             aux_vars=aux_vars or None, state_arrays=state_arrays, state_meta=state_meta,
             do_training=job.do_training, share_persistent_buffers=job.share_persistent_buffers,
-            progress=progress, should_stop=lambda: self.cancelled)
+            progress=progress, should_stop=lambda: job.job_id in self._cancelled)
         state = None
         # Only arrays (moments, control variates) need keeping: the hyperparameters in the meta come
         # from the next request's optimizer_args anyway. Plain SGD keeps nothing.
@@ -201,11 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     threading.Thread(target=_exit_with_parent, args=(args.parent,), name="parent-watch", daemon=True).start()
     worker = Worker(sock, node_name=args.name, threads=args.threads)
-
-    def on_cancel(signum: int, frame: FrameType | None) -> None:
-        worker.cancelled = True
-
-    signal.signal(signal.SIGUSR1, on_cancel)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the node's terminal is the node's to handle
     ready = worker.warm_up()
     from fedlab.training import import_guard

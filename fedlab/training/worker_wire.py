@@ -14,6 +14,10 @@ header (``SCM_RIGHTS``); the receiver maps it and reads the frames in place. Pus
 through a socket's few-MB buffer would cost two copies and thousands of hand-overs between
 the two processes, each waiting for the other to be scheduled; the memory file costs one
 copy and no hand-over, and the kernel frees it when both ends have let go (even if one dies).
+The node reuses one memory file (``SharedArena``) for the parameters it sends: filling fresh
+pages costs the kernel as much as the copy itself, and the worker is done with a round's
+parameters before it replies. The worker's results always go in a fresh file, because the
+node passes them on to the network without copying and cannot know when they are sent.
 
 This module imports neither torch nor anything of the node.
 """
@@ -32,11 +36,13 @@ import msgspec
 from fedlab.training.messages import NamedArray
 
 __all__ = [
+    "Cancel",
     "Failed",
     "Ready",
     "RoundDone",
     "RoundProgress",
     "RunRound",
+    "SharedArena",
     "WorkerMessage",
     "recv_message",
     "send_message",
@@ -73,6 +79,12 @@ class RunRound(_Base, tag="run_round"):
     state: bytes | None = None
     do_training: bool = True
     share_persistent_buffers: bool = True
+
+
+class Cancel(_Base, tag="cancel"):
+    """Node -> worker: stop round ``job_id`` at its next iteration (ignored once that round is over)."""
+
+    job_id: str = ""
 
 
 class Ready(_Base, tag="ready"):
@@ -121,13 +133,42 @@ class Failed(_Base, tag="failed"):
     message: str = ""
 
 
-WorkerMessage = RunRound | Ready | RoundProgress | RoundDone | Failed
+WorkerMessage = RunRound | Cancel | Ready | RoundProgress | RoundDone | Failed
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(WorkerMessage)
 
 
-def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[bytes | memoryview] = ()) -> None:
-    """Write ``message`` and its frames; ``message.n_buffers`` must equal ``len(buffers)``."""
+class SharedArena:
+    """One memory file reused for the large frames of successive messages, grown as needed.
+
+    Only for a sender whose receiver is done with a message's frames before the next message
+    is written (the node and its worker take turns: a round, then its reply).
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._size = 0
+
+    def write(self, views: Sequence[memoryview], total: int) -> int:
+        """Put ``views`` back to back at the start of the file; its descriptor (still the arena's)."""
+        if self._fd is None:
+            self._fd = os.memfd_create("fedlab-frames", os.MFD_CLOEXEC)
+        if total > self._size:
+            os.ftruncate(self._fd, total)
+            self._size = total
+        _fill(self._fd, views, total)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self._size = None, 0
+
+
+def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[bytes | memoryview] = (),
+                 arena: SharedArena | None = None) -> None:
+    """Write ``message`` and its frames; ``message.n_buffers`` must equal ``len(buffers)``. Large frames
+    go in ``arena`` when given (see ``SharedArena`` for when that is safe), else in a fresh memory file."""
     if message.n_buffers != len(buffers):
         raise ValueError(f"message announces {message.n_buffers} buffers, {len(buffers)} given")
     views = [memoryview(buffer).cast("B") for buffer in buffers]
@@ -135,11 +176,12 @@ def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[
     if _SHARED and total >= _SHARED_FROM:
         message.shared = [view.nbytes for view in views]
         header = _encoder.encode(message)
-        fd = _shared_file(views, total)
+        fd = arena.write(views, total) if arena is not None else _shared_file(views, total)
         try:
             socket.send_fds(sock, [_LENGTH.pack(len(header))], [fd])
         finally:
-            os.close(fd)  # the receiver got its own descriptor with the message
+            if arena is None:
+                os.close(fd)  # the receiver got its own descriptor with the message
         sock.sendall(header)
         return
     message.shared = None
@@ -182,15 +224,19 @@ def _shared_file(views: Sequence[memoryview], total: int) -> int:
     fd = os.memfd_create("fedlab-frames", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, total)
-        with mmap.mmap(fd, total) as mapped:
-            offset = 0
-            for view in views:
-                mapped[offset:offset + view.nbytes] = view
-                offset += view.nbytes
+        _fill(fd, views, total)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _fill(fd: int, views: Sequence[memoryview], total: int) -> None:
+    with mmap.mmap(fd, total) as mapped:
+        offset = 0
+        for view in views:
+            mapped[offset:offset + view.nbytes] = view
+            offset += view.nbytes
 
 
 def _map_frames(fd: int, sizes: list[int]) -> list[memoryview]:

@@ -20,7 +20,16 @@ from sklearn.datasets import load_breast_cancer
 from fedlab.node.plan_worker import PlanWorker, WorkerDied, WorkerTimeout
 from fedlab.training.source import plan_id
 from fedlab.training.tensors import pack_named, unpack_named
-from fedlab.training.worker_wire import Failed, Ready, RoundDone, RoundProgress, RunRound, recv_message, send_message
+from fedlab.training.worker_wire import (
+    Failed,
+    Ready,
+    RoundDone,
+    RoundProgress,
+    RunRound,
+    SharedArena,
+    recv_message,
+    send_message,
+)
 
 PLAN = '''import time
 import numpy as np
@@ -85,6 +94,20 @@ def test_large_frames_go_through_shared_memory_and_arrive_unchanged(pair: tuple[
     assert np.array_equal(out["big"], params["big"]) and np.array_equal(out["small"], params["small"])
     send_message(a, Ready())  # the stream stays in step after a shared message
     assert recv_message(b) == (Ready(), [])
+
+
+def test_an_arena_is_reused_for_successive_messages(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    arena = SharedArena()
+    try:
+        for value in (1.0, 2.0):
+            frames = [np.full(300_000, value).data]  # 2.4 MB
+            send_message(a, Ready(n_buffers=1), frames, arena)
+            got, buffers = recv_message(b)
+            assert np.array_equal(np.frombuffer(buffers[0]), np.full(300_000, value))
+            del buffers  # the receiver is done before the next message, as the node and its worker are
+    finally:
+        arena.close()
 
 
 def test_every_message_type_round_trips(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -220,11 +243,17 @@ def test_a_round_past_its_deadline_kills_the_worker_and_the_next_starts_another(
 def test_cancel_stops_at_the_next_iteration_or_kills_after_the_grace(worker: PlanWorker, csv: Path) -> None:
     cancelled = threading.Event()
     cancelled.set()
+    worker.start()
     pid = worker.pid
     stopped = run(worker, job(csv, PLAN.replace("delay = 0.0", "delay = 0.01")), cancelled=cancelled)
     assert isinstance(stopped, Failed) and stopped.error == "FedlabRequestStopped"
     assert worker.pid == pid  # the plan honoured it: the worker lives on
-    stuck = run(worker, job(csv, PLAN.replace("delay = 0.0", "delay = 1000.0")), cancelled=cancelled)
+    stuck_plan = PLAN.replace("time.sleep(self.delay)",
+                              "type(self).steps += 1\n        time.sleep(1000 if self.steps > 1 else 0)",
+                              ).replace("delay = 0.0", "steps = 0")
+    late = threading.Event()  # set after the first step: the plan is then stuck in its second
+    stuck, _ = worker.run(job(csv, stuck_plan, progress_interval=0.0), (), timeout=120, cancelled=late,
+                          on_progress=lambda p: late.set())
     assert isinstance(stuck, Failed) and stuck.error == "FedlabRequestStopped"
     assert "did not stop within 1 s" in stuck.message and worker.pid is None
 
