@@ -3,9 +3,10 @@
 The transport's thread receives; work runs on a small thread pool so the message loop, and
 with it the heartbeats, never waits for a handler. Training requests run one at a time on
 their own long-lived thread (``fedlab-train``), so a round that takes minutes never holds up
-a ping, an analytics request or the cancel that stops it. Torch is imported there once, at
-the first training message (an approval or status request, usually, so that the first round
-is already warm), and stays loaded; a node that never trains never loads it. The main thread
+a ping, an analytics request or the cancel that stops it. That thread hands each round to the
+node's training worker process (``fedlab.node.plan_worker``), which is started, and imports
+torch, once, at the first training message (an approval or status request, usually, so that
+the first round is already warm); a node that never trains never starts it. The main thread
 only waits for SIGINT/SIGTERM and then shuts down within a second or two (a running training
 is cancelled first).
 """
