@@ -168,7 +168,10 @@ class PlanWorker:
                 return message, frames
 
     def close(self) -> None:
-        """Stop the worker (the node is shutting down)."""
+        """Stop the worker (the node is shutting down), without waiting for a start in progress."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # a start waiting for torch to load sees the end at once and gives up the lock
         with self._lock:
             self._discard()
             self._arena.close()

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,7 @@ def test_cancel_kills_a_plan_that_does_not_stop(connect):
     request = researcher.requests.send(train(node, STUCK_AFTER_ONE_STEP_PLAN), [node.node_id],
                                        [DiscardOnTimeout(60)], on_event=lambda node_id, env: progress.set())
     assert progress.wait(60), node.log()[-3000:]
+    time.sleep(0.5)  # the plan is now well inside its second step
     reply = ask(researcher, node, TrainCancelRequest(request_id=request.msg_ids[node.node_id]), timeout=10)
     assert isinstance(reply, TrainCancelReply) and reply.cancelled is True
     request.wait()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,7 +254,7 @@ def test_cancel_stops_at_the_next_iteration_or_kills_after_the_grace(worker: Pla
                               ).replace("delay = 0.0", "steps = 0")
     late = threading.Event()  # set after the first step: the plan is then stuck in its second
     stuck, _ = worker.run(job(csv, stuck_plan, progress_interval=0.0), (), timeout=120, cancelled=late,
-                          on_progress=lambda p: late.set())
+                          on_progress=lambda p: (time.sleep(0.5), late.set()))  # let it get stuck
     assert isinstance(stuck, Failed) and stuck.error == "FedlabRequestStopped"
     assert "did not stop within 1 s" in stuck.message and worker.pid is None
 
