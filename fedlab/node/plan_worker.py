@@ -165,6 +165,8 @@ class PlanWorker:
                 if isinstance(message, RoundDone):
                     for what in message.loaded:
                         self.loads[what] = self.loads.get(what, 0) + 1
+                if message.shared is not None:  # the worker reuses that memory next round: copy out now
+                    frames = [memoryview(bytearray(frame)) for frame in frames]
                 return message, frames
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from fedlab.training.worker_wire import (
     RoundDone,
     RoundProgress,
     RunRound,
+    SharedArena,
     recv_message,
     send_message,
 )
@@ -56,6 +57,7 @@ class Worker:
         self.node_name = node_name
         self.threads = threads
         self._cancelled: set[str] = set()  # job ids; cleared after every round, so a late cancel stays harmless
+        self._arena = SharedArena()  # the results' frames; the node copies them out as soon as they arrive
         self._plans: OrderedDict[tuple[str, str], type] = OrderedDict()
         self._data: OrderedDict[str, tuple[tuple[int, int], Any]] = OrderedDict()
 
@@ -91,7 +93,7 @@ class Worker:
             reply, out = self.run(job, buffers)
             del buffers  # done with the node's frames before replying (the node reuses their memory)
             self._cancelled.clear()
-            send_message(self.sock, reply, out)
+            send_message(self.sock, reply, out, self._arena)
 
     def _read(self, jobs: queue.Queue[tuple[RunRound, list[memoryview]] | None]) -> None:
         """The node's messages: rounds go to the queue, cancels are noted at once."""

@@ -14,10 +14,12 @@ header (``SCM_RIGHTS``); the receiver maps it and reads the frames in place. Pus
 through a socket's few-MB buffer would cost two copies and thousands of hand-overs between
 the two processes, each waiting for the other to be scheduled; the memory file costs one
 copy and no hand-over, and the kernel frees it when both ends have let go (even if one dies).
-The node reuses one memory file (``SharedArena``) for the parameters it sends: filling fresh
-pages costs the kernel as much as the copy itself, and the worker is done with a round's
-parameters before it replies. The worker's results always go in a fresh file, because the
-node passes them on to the network without copying and cannot know when they are sent.
+Each side reuses one memory file (``SharedArena``), kept mapped, for the frames it sends:
+filling fresh pages of a memory file costs the kernel several times the copy itself. That is
+safe because the two take turns (a round, then its reply) and each receiver is done with a
+message's frames before it sends the next message: the worker has loaded the parameters into
+its model, and the node copies a result's frames out (into ordinary memory, cheap to
+allocate) at once, since it hands them to the network without knowing when they are sent.
 
 This module imports neither torch nor anything of the node.
 """
@@ -52,6 +54,7 @@ _LENGTH = struct.Struct("<Q")
 _MAX_HEADER = 64 << 20  # a header is a few kB (a plan's source at most 1 MiB); more is a broken peer
 _SHARED_FROM = 1 << 20  # frames of this many bytes in all go through a shared memory file
 _SHARED = hasattr(os, "memfd_create")  # Linux; elsewhere every frame goes through the socket
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 class _Base(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
@@ -139,30 +142,38 @@ _decoder = msgspec.msgpack.Decoder(WorkerMessage)
 
 
 class SharedArena:
-    """One memory file reused for the large frames of successive messages, grown as needed.
+    """One memory file, kept mapped, reused for the large frames of successive messages; grown as needed.
 
-    Only for a sender whose receiver is done with a message's frames before the next message
-    is written (the node and its worker take turns: a round, then its reply).
+    Only for a sender whose receiver is done with (or has copied) a message's frames before the
+    sender writes its next message, as the node and its worker are (see the module's docstring).
     """
 
     def __init__(self) -> None:
         self._fd: int | None = None
-        self._size = 0
+        self._map: mmap.mmap | None = None
 
     def write(self, views: Sequence[memoryview], total: int) -> int:
         """Put ``views`` back to back at the start of the file; its descriptor (still the arena's)."""
         if self._fd is None:
             self._fd = os.memfd_create("fedlab-frames", os.MFD_CLOEXEC)
-        if total > self._size:
+        if self._map is None or len(self._map) < total:
+            if self._map is not None:
+                self._map.close()
             os.ftruncate(self._fd, total)
-            self._size = total
-        _fill(self._fd, views, total)
+            self._map = mmap.mmap(self._fd, total)
+        offset = 0
+        for view in views:
+            self._map[offset:offset + view.nbytes] = view
+            offset += view.nbytes
         return self._fd
 
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self._fd is not None:
             os.close(self._fd)
-            self._fd, self._size = None, 0
+            self._fd = None
 
 
 def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[bytes | memoryview] = (),
@@ -244,7 +255,7 @@ def _map_frames(fd: int, sizes: list[int]) -> list[memoryview]:
     total = sum(sizes)
     if total == 0 or os.fstat(fd).st_size < total:
         raise EOFError("a worker message's memory file is smaller than its frames")
-    whole = memoryview(mmap.mmap(fd, total))
+    whole = memoryview(mmap.mmap(fd, total, flags=mmap.MAP_SHARED | _POPULATE))  # one fault-in, not one per page
     frames, offset = [], 0
     for size in sizes:
         frames.append(whole[offset:offset + size])
