@@ -65,6 +65,7 @@ class NodeConfig:
     training_threads: int = 0
     researcher_public_key: str = ""
     insecure: bool = False
+    training_timeout: float = 3600.0
     disclosure: DisclosureRules = field(default_factory=DisclosureRules)
     directory: Path = field(kw_only=True)
 
@@ -101,6 +102,7 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "training_threads": (int,),
     "researcher_public_key": (str,),
     "insecure": (bool,),
+    "training_timeout": (int, float),
     "disclosure": (dict,),
 }
 _REQUIRED = ("node_id", "name")
@@ -123,6 +125,10 @@ _COMMENTS = {
     "insecure": [
         "# INSECURE: no encryption and no authentication. Anyone on the network can read this node's",
         "# traffic or pose as the researcher. For local demos only, never for real data.",
+    ],
+    "training_timeout": [
+        "# Seconds one training round may take. Plans run in a separate worker process; a round past",
+        "# this limit is stopped (the worker is killed), the researcher is told why, and the node keeps serving.",
     ],
 }
 
@@ -317,6 +323,12 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
             f"{config_path} sets both researcher_public_key and insecure = true; remove the insecure line "
             "(keep the key) unless this is a local demo"
         )
+    training_timeout = float(data.get("training_timeout", 3600.0))
+    if not (training_timeout > 0 and math.isfinite(training_timeout)):
+        raise FedlabConfigError(
+            f"{config_path}: training_timeout must be a finite number of seconds > 0 (for example 3600), "
+            f"not {training_timeout}"
+        )
     log_level = data.get("log_level", "INFO").upper()
     if log_level not in _LOG_LEVELS:
         raise FedlabConfigError(
@@ -325,5 +337,5 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
     return NodeConfig(
         directory=path,
         disclosure=disclosure,
-        **{**data, "heartbeat_interval": heartbeat, "log_level": log_level},
+        **{**data, "heartbeat_interval": heartbeat, "training_timeout": training_timeout, "log_level": log_level},
     )

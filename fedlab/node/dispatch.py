@@ -27,7 +27,7 @@ from fedlab.errors import (
 from fedlab.node.analytics_handler import AnalyticsHandler
 from fedlab.node.preproc_handler import PreprocHandler
 from fedlab.node.registry import DatasetRegistry
-from fedlab.node.training_handler import Emit, TrainingHandler
+from fedlab.node.training_handler import DEFAULT_TIMEOUT, Emit, TrainingHandler
 from fedlab.preprocessing.messages import PreprocRequest
 from fedlab.protocol import (
     DatasetListReply,
@@ -70,7 +70,8 @@ def error_code(exc: FedlabError) -> str:
 class Dispatcher:
     def __init__(self, node_id: str, name: str, registry: DatasetRegistry,
                  rules: DisclosureRules | None = None, node_dir: Path | None = None, *,
-                 require_approval: bool = True, training_threads: int = 0, emit: Emit | None = None) -> None:
+                 require_approval: bool = True, training_threads: int = 0,
+                 training_timeout: float = DEFAULT_TIMEOUT, emit: Emit | None = None) -> None:
         self.node_id = node_id
         self.name = name
         self.registry = registry
@@ -81,7 +82,8 @@ class Dispatcher:
             registry, rules, node_id=node_id, node_dir=node_dir, analytics=self.analytics)
         # ``emit`` sends progress events while a training request runs (the node's transport).
         self.training = TrainingHandler(registry, node_id=node_id, name=name,
-                                        require_approval=require_approval, threads=training_threads, emit=emit)
+                                        require_approval=require_approval, threads=training_threads,
+                                        timeout=training_timeout, emit=emit)
         self.table: dict[str, Handler] = {
             "ping_request": self._ping,
             "dataset_search_request": self._search,

@@ -3,9 +3,10 @@
 The transport's thread receives; work runs on a small thread pool so the message loop, and
 with it the heartbeats, never waits for a handler. Training requests run one at a time on
 their own long-lived thread (``fedlab-train``), so a round that takes minutes never holds up
-a ping, an analytics request or the cancel that stops it. Torch is imported there once, at
-the first training message (an approval or status request, usually, so that the first round
-is already warm), and stays loaded; a node that never trains never loads it. The main thread
+a ping, an analytics request or the cancel that stops it. That thread hands each round to the
+node's training worker process (``fedlab.node.plan_worker``), which is started, and imports
+torch, once, at the first training message (an approval or status request, usually, so that
+the first round is already warm); a node that never trains never starts it. The main thread
 only waits for SIGINT/SIGTERM and then shuts down within a second or two (a running training
 is cancelled first).
 """
@@ -69,7 +70,8 @@ class Node:
         self.dispatcher = Dispatcher(config.node_id, config.name, DatasetRegistry(config.db_path),
                                      config.disclosure, node_dir=config.directory,
                                      require_approval=config.require_approval,
-                                     training_threads=config.training_threads, emit=self._emit)
+                                     training_threads=config.training_threads,
+                                     training_timeout=config.training_timeout, emit=self._emit)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedlab-worker")
         self._train_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlab-train")
         self._busy = 0
@@ -100,7 +102,7 @@ class Node:
         self.transport.start(self._on_message)
 
     def stop(self) -> None:
-        self.dispatcher.training.cancel_all()  # a running round stops at its next iteration
+        self.dispatcher.training.close()  # a running round is cancelled, the training worker stopped
         self.transport.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._train_executor.shutdown(wait=False, cancel_futures=True)

@@ -6,41 +6,40 @@ only parsed (``ast.parse``), never executed. The approval table is read at every
 a decision made with ``fedlab node plan approve|reject`` while the node runs applies to the
 very next request.
 
-A training request runs on the node's one training thread (see :mod:`fedlab.node.runtime`).
-Everything slow is done once and kept: torch is imported (and warmed up) at the first
-training message, a plan class is loaded once per plan id, a dataset read once per file
-version (each round gets its own copy of a table, so a plan that pops its target column
-leaves the next round's data as it was). Progress
-goes to the researcher as ``TrainProgress`` events whose parent is the request, and a
-``TrainCancelRequest`` sets a flag that the training loop checks at every iteration.
+An approved plan never runs in the node process: a round is handed to the node's training
+worker process (:mod:`fedlab.node.plan_worker`), started at the first training message and
+kept warm (torch imported once, a plan class compiled once per plan id, a dataset read once
+per file version). This handler keeps what is the node's: the approval check, the dataset
+registry (the worker gets a dataset's type and path, never the database), the optimizer and
+Scaffold state between rounds (in node.db), the deadline (``training_timeout``), and the
+progress events, which go to the researcher as ``TrainProgress`` whose parent is the request.
+A ``TrainCancelRequest`` sets a flag that stops the round at its next iteration, or kills a
+worker whose plan does not stop.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import pandas as pd
-
+import fedlab.errors as errors
 from fedlab.errors import (
     FedlabConfigError,
-    FedlabDatasetError,
+    FedlabError,
+    FedlabProtocolError,
     FedlabRequestStopped,
+    FedlabTrainingError,
 )
 from fedlab.node.approvals import ApprovalRegistry, check_plan_source
+from fedlab.node.plan_worker import PlanWorker, WorkerDied, WorkerTimeout
 from fedlab.node.registry import DatasetRegistry
 from fedlab.node.training_state import StateStore
 from fedlab.protocol import Envelope, Message, make_envelope
 from fedlab.training.messages import (
     NOT_REGISTERED,
     PENDING,
-    NamedArray,
     TrainCancelReply,
     TrainCancelRequest,
     TrainingPlanApproveReply,
@@ -51,14 +50,14 @@ from fedlab.training.messages import (
     TrainReply,
     TrainRequest,
 )
+from fedlab.training.worker_wire import Failed, RoundProgress, RunRound
 
 __all__ = ["TrainingHandler"]
 
 log = logging.getLogger("fedlab.node")
 Emit = Callable[[Envelope], None]
 HandlerResult = Message | tuple[Message, Sequence[bytes | memoryview]]
-_PLAN_CACHE = 16  # plan classes kept loaded
-_DATA_CACHE = 4  # datasets kept in memory
+DEFAULT_TIMEOUT = 3600.0  # seconds a round may take (node config `training_timeout`)
 
 
 class TrainingHandler:
@@ -72,6 +71,7 @@ class TrainingHandler:
         name: str,
         require_approval: bool = True,
         threads: int = 0,
+        timeout: float = DEFAULT_TIMEOUT,
         emit: Emit | None = None,
         approvals: ApprovalRegistry | None = None,
         states: StateStore | None = None,
@@ -82,12 +82,12 @@ class TrainingHandler:
         self.node_id = node_id
         self.name = name
         self.require_approval = require_approval
-        self.threads = threads  # torch's intra-op threads; 0 leaves torch's default (one per core)
+        self.threads = threads  # torch's intra-op threads in the worker; 0 leaves torch's default (one per core)
+        self.timeout = timeout  # seconds a round may take before its worker is killed
         self.emit = emit
+        self.worker = PlanWorker(node_name=name, threads=threads)
         self._lock = threading.Lock()
         self._cancel: dict[str, threading.Event] = {}
-        self._plans: OrderedDict[tuple[str, str], type] = OrderedDict()
-        self._data: OrderedDict[str, tuple[tuple[int, int], Any]] = OrderedDict()
         self._warm = False
 
     # -- approval ------------------------------------------------------------------------------
@@ -119,13 +119,12 @@ class TrainingHandler:
 
     # -- warm-up -----------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Import torch and the training loop, and take one tiny optimizer step, once per process.
+        """Start the training worker (torch imported and warmed up in it), once.
 
         A cold torch costs seconds (the import, then lazy set-up at the first optimizer step
         and DataLoader). The runtime calls this on the training thread at the first training
         message, an approval or status request usually, so that the first round is as fast as
-        the next ones. Touches no random state; a failure is only logged (the train request
-        that follows reports it properly).
+        the next ones. A failure is only logged (the train request that follows reports it).
         """
         with self._lock:
             if self._warm:
@@ -133,27 +132,15 @@ class TrainingHandler:
             self._warm = True
         if importlib.util.find_spec("torch") is None:
             return
-        started = time.monotonic()
         try:
-            import torch
-            import torch.utils.data
+            self.worker.start()
+        except FedlabError:
+            log.exception("starting the training worker failed")
 
-            import fedlab.training.loop  # noqa: F401
-
-            if self.threads:
-                torch.set_num_threads(self.threads)
-            weight = torch.zeros(2, requires_grad=True)
-            optimizer = torch.optim.SGD([weight], lr=0.1)
-            (weight * weight).sum().backward()
-            optimizer.step()
-            batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2,
-                                                  shuffle=True, generator=torch.Generator().manual_seed(0))
-            for _ in batches:
-                pass
-        except Exception:
-            log.exception("warming up torch failed")
-            return
-        log.info("torch %s loaded for training in %.1f s", torch.__version__, time.monotonic() - started)
+    def close(self) -> None:
+        """Stop every training and the worker process (the node is shutting down)."""
+        self.cancel_all()
+        self.worker.close()
 
     # -- cancel ------------------------------------------------------------------------------
     def expect(self, request_id: str) -> None:
@@ -196,61 +183,59 @@ class TrainingHandler:
                                                require_approval=self.require_approval,
                                                researcher_id=envelope.sender)
         _require_torch(self.name)
-        self.warm_up()  # once per process: torch loaded, its thread count set
-        from fedlab.training.loop import Progress, run_round
-        from fedlab.training.state import decode_state, encode_state
-        from fedlab.training.tensors import pack_named, unpack_named
-
         record = self.registry.get(request.dataset_id)
-        dataset = self._dataset(record.dataset_id, record.data_type, record.path)
-        plan_cls = self._plan_class(plan_id, request.plan_source, request.plan_class)
-        state_arrays, state_meta = None, None
+        state = None
         if request.state_id is not None:
-            blob = self.states.get(request.state_id, experiment_id=request.experiment_id,
-                                   dataset_id=record.dataset_id)
-            state_arrays, state_meta = decode_state(blob)
-        params = unpack_named(request.params, envelope.buffers) if request.params else None
-        aux_vars = {name: unpack_named(specs, envelope.buffers) for name, specs in request.aux_vars.items()}
+            state = self.states.get(request.state_id, experiment_id=request.experiment_id,
+                                    dataset_id=record.dataset_id)
         if flag.is_set():
             raise FedlabRequestStopped(f"training cancelled on node {self.name} before it started")
+        job = RunRound(
+            job_id=envelope.msg_id, n_buffers=len(envelope.buffers), plan_id=plan_id,
+            plan_source=request.plan_source, plan_class=request.plan_class, dataset_id=record.dataset_id,
+            data_type=record.data_type, data_path=str(record.path), round=request.round,
+            model_args=dict(request.model_args), training_args=dict(request.training_args),
+            aggregator_args=dict(request.aggregator_args), params=list(request.params),
+            aux_vars={k: list(v) for k, v in request.aux_vars.items()}, state=state,
+            do_training=request.do_training, share_persistent_buffers=request.share_persistent_buffers)
 
-        def progress(p: Progress) -> None:
+        def progress(p: RoundProgress) -> None:
             self._send_event(envelope, TrainProgress(
                 experiment_id=request.experiment_id, round=request.round, phase=p.phase, epoch=p.epoch,
                 n_epochs=p.n_epochs, iteration=p.iteration, n_iterations=p.n_iterations, loss=p.loss))
 
         log.info("training round %d of %s on %s with plan %s (%s)", request.round, request.experiment_id,
                  record.name, plan_id[:12], request.plan_class)
-        result = run_round(
-            plan_cls, dataset, round=request.round, model_args=dict(request.model_args),
-            training_args=dict(request.training_args), params=params,
-            aggregator_args=dict(request.aggregator_args), aux_vars=aux_vars or None,
-            state_arrays=state_arrays, state_meta=state_meta, do_training=request.do_training,
-            share_persistent_buffers=request.share_persistent_buffers, progress=progress,
-            should_stop=flag.is_set)
+        try:
+            result, buffers = self.worker.run(job, envelope.buffers, timeout=self.timeout, cancelled=flag,
+                                              on_progress=progress)
+        except WorkerTimeout:
+            raise FedlabTrainingError(
+                f"training plan {plan_id[:12]} ({request.plan_class}) ran past node {self.name}'s "
+                f"training_timeout of {self.timeout:g} s and was stopped (its worker process was killed; the "
+                "node keeps serving). Make a round shorter (fewer epochs or num_updates), or ask the node's "
+                "operator to raise training_timeout in its config.toml") from None
+        except WorkerDied as exc:
+            raise FedlabTrainingError(
+                f"the training worker of node {self.name} {exc} during round {request.round} of plan "
+                f"{plan_id[:12]} ({request.plan_class}); this round is lost, the next one starts a fresh "
+                "worker. If it happens again, the node's operator checks node.log (a plan using too much "
+                "memory is a common cause)") from None
+        if isinstance(result, Failed):
+            raise _worker_error(result)
         state_id = request.state_id
-        # Only arrays (moments, control variates) need keeping: the hyperparameters in the meta come
-        # from the next request's optimizer_args anyway. Plain SGD keeps nothing and writes nothing.
-        if request.do_training and result.state_arrays:
-            state_id = self.states.put(encode_state(result.state_arrays, result.state_meta),
-                                       request.experiment_id, record.dataset_id)
-        specs, buffers = pack_named(result.params)
-        out_buffers: list[bytes | memoryview] = list(buffers)
-        aux_out: dict[str, list[NamedArray]] = {}
-        for name, arrays in result.aux_vars.items():
-            aux_specs, aux_buffers = pack_named(arrays, first_buffer=len(out_buffers))
-            aux_out[name] = list(aux_specs)
-            out_buffers += aux_buffers
-        log.info("round %d of %s done: %d samples, %d updates in %.2f s", request.round, request.experiment_id,
-                 result.n_samples, result.n_updates, result.compute_seconds)
+        if result.state is not None:
+            state_id = self.states.put(result.state, request.experiment_id, record.dataset_id)
+        log.info("round %d of %s done: %d samples, %d updates in %.2f s%s", request.round, request.experiment_id,
+                 result.n_samples, result.n_updates, result.compute_seconds,
+                 f" ({' and '.join(result.loaded)} loaded)" if result.loaded else "")
         reply = TrainReply(
             experiment_id=request.experiment_id, round=request.round, dataset_id=record.dataset_id,
-            params=list(specs), n_samples=result.n_samples, n_test_samples=result.n_test_samples,
-            n_updates=result.n_updates, train_loss=_float_or_none(result.train_loss),
-            metrics_before={k: float(v) for k, v in result.metrics_before.items()},
-            metrics_after={k: float(v) for k, v in result.metrics_after.items()},
-            aux_vars=aux_out, compute_seconds=float(result.compute_seconds), state_id=state_id)
-        return reply, out_buffers
+            params=list(result.params), n_samples=result.n_samples, n_test_samples=result.n_test_samples,
+            n_updates=result.n_updates, train_loss=result.train_loss, metrics_before=dict(result.metrics_before),
+            metrics_after=dict(result.metrics_after), aux_vars={k: list(v) for k, v in result.aux_vars.items()},
+            compute_seconds=result.compute_seconds, state_id=state_id)
+        return reply, buffers
 
     def _send_event(self, request: Envelope, content: Message) -> None:
         if self.emit is None:
@@ -260,59 +245,21 @@ class TrainingHandler:
         except Exception:  # progress is best effort: never let it end a training
             log.exception("could not send a progress event for %s", request.msg_id)
 
-    def _plan_class(self, plan_id: str, source: str, plan_class: str) -> type:
-        """The plan's class, loaded once per plan id (nothing is re-imported per round)."""
-        from fedlab.training.source import load_plan_class
 
-        key = (plan_id, plan_class)
-        with self._lock:
-            cls = self._plans.get(key)
-            if cls is not None:
-                self._plans.move_to_end(key)
-                return cls
-        cls = load_plan_class(source, plan_class)
-        with self._lock:
-            self._plans[key] = cls
-            while len(self._plans) > _PLAN_CACHE:
-                self._plans.popitem(last=False)
-        return cls
-
-    def _dataset(self, dataset_id: str, data_type: str, path: str) -> Any:
-        """The dataset as the plan sees it, read again only when its file (or folder) changed."""
-        dataset = self._cached_dataset(dataset_id, data_type, path)
-        return dataset.copy() if isinstance(dataset, pd.DataFrame) else dataset
-
-    def _cached_dataset(self, dataset_id: str, data_type: str, path: str) -> Any:
-        from fedlab.training.data import load_dataset
-
-        try:
-            stat = os.stat(path)
-        except OSError as exc:
-            raise FedlabDatasetError(
-                f"dataset {dataset_id} is no longer readable on node {self.name} ({exc.strerror}); "
-                "the node's operator should register it again") from None
-        version = (stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            cached = self._data.get(dataset_id)
-            if cached is not None and cached[0] == version:
-                self._data.move_to_end(dataset_id)
-                return cached[1]
-        dataset = load_dataset(data_type, path)
-        with self._lock:
-            self._data[dataset_id] = (version, dataset)
-            while len(self._data) > _DATA_CACHE:
-                self._data.popitem(last=False)
-        return dataset
+def _worker_error(failed: Failed) -> FedlabError:
+    """The ``fedlab.errors`` exception the worker reported, with its message (a plan error by default)."""
+    cls = getattr(errors, failed.error, None)
+    if cls is FedlabProtocolError:
+        return FedlabProtocolError(failed.message, code=failed.code or "invalid_field")
+    if isinstance(cls, type) and issubclass(cls, FedlabError):
+        return cls(failed.message)
+    return FedlabTrainingError(failed.message)
 
 
 def _plan_id(source: str) -> str:
     from fedlab.training.source import plan_id
 
     return plan_id(source)
-
-
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 def _require_torch(node_name: str) -> None:

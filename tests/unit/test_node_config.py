@@ -92,6 +92,7 @@ def test_init_writes_valid_toml_without_directory_key(tmp_path: Path) -> None:
         "require_approval",
         "training_threads",
         "insecure",
+        "training_timeout",
         "disclosure",
     }
     assert data["insecure"] is True  # no researcher key: the config says the node is insecure
@@ -436,4 +437,18 @@ def test_training_threads_is_read_and_checked(tmp_path: Path) -> None:
     assert load_config(tmp_path).training_threads == 2
     config_file.write_text(config_file.read_text().replace("training_threads = 2", "training_threads = -1"))
     with pytest.raises(FedlabConfigError, match="training_threads must be 0"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "inf", "nan", "true", '"1h"'])
+def test_training_timeout_must_be_a_positive_number_of_seconds(tmp_path: Path, value: str) -> None:
+    init_node_dir(tmp_path, "site")
+    config_file = tmp_path / "config.toml"
+    text = config_file.read_text()
+    assert "training_timeout = 3600.0" in text and "# Seconds one training round may take" in text
+    assert load_config(tmp_path).training_timeout == 3600.0
+    config_file.write_text(text.replace("training_timeout = 3600.0", "training_timeout = 90"))
+    assert load_config(tmp_path).training_timeout == 90.0
+    config_file.write_text(text.replace("training_timeout = 3600.0", f"training_timeout = {value}"))
+    with pytest.raises(FedlabConfigError, match="training_timeout must be"):
         load_config(tmp_path)

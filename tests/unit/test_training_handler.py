@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,7 @@ class Node:
         self.dispatcher = Dispatcher(self.config.node_id, "hospital", self.registry, node_dir=self.config.directory,
                                      require_approval=require_approval, emit=self.events.append)
         self.approvals = ApprovalRegistry(self.config.db_path)
+        _OPEN.append(self)
 
     def send(self, content: Message, buffers: tuple[bytes | memoryview, ...] = (), msg_id: str | None = None
              ) -> Envelope:
@@ -100,6 +102,17 @@ class Node:
         }
         fields.update(kw)
         return self.send(TrainRequest(**fields), tuple(buffers), msg_id=msg_id)  # type: ignore[arg-type]
+
+
+_OPEN: list[Node] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_workers() -> Iterator[None]:
+    """Every test's training worker processes end with the test."""
+    yield
+    while _OPEN:
+        _OPEN.pop().dispatcher.training.close()
 
 
 @pytest.fixture
@@ -353,32 +366,17 @@ def test_cancel_of_unknown_request_says_so(node: Node) -> None:
 # --- loaded once, kept ------------------------------------------------------------------------
 
 
-def test_plan_class_and_dataset_are_loaded_once_and_the_dataset_again_when_it_changes(
-        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fedlab.training.data as data_module
-    import fedlab.training.source as source_module
-
-    calls = {"plan": 0, "data": 0}
-    load_plan, load_data = source_module.load_plan_class, data_module.load_dataset
-
-    def counting_plan(*a: object) -> type:
-        calls["plan"] += 1
-        return load_plan(*a)  # type: ignore[arg-type]
-
-    def counting_data(*a: object) -> object:
-        calls["data"] += 1
-        return load_data(*a)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(source_module, "load_plan_class", counting_plan)
-    monkeypatch.setattr(data_module, "load_dataset", counting_data)
+def test_plan_class_and_dataset_are_loaded_once_and_the_dataset_again_when_it_changes(node: Node) -> None:
+    """The worker process keeps them; it reports what each round had to load."""
     node.approve()
+    worker = node.dispatcher.training.worker
     for round_ in range(3):
         assert isinstance(node.train(round=round_).content, TrainReply)
-    assert calls == {"plan": 1, "data": 1}
+    assert worker.loads == {"plan": 1, "dataset": 1}
     stat = os.stat(node.csv)
     os.utime(node.csv, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert isinstance(node.train().content, TrainReply)
-    assert calls == {"plan": 1, "data": 2}
+    assert worker.loads == {"plan": 1, "dataset": 2}
 
 
 def test_progress_that_cannot_be_sent_does_not_end_the_training(node: Node) -> None:
@@ -390,12 +388,14 @@ def test_progress_that_cannot_be_sent_does_not_end_the_training(node: Node) -> N
     assert isinstance(node.train().content, TrainReply)
 
 
-def test_warm_up_runs_once_and_touches_no_random_state(node: Node) -> None:
+def test_warm_up_starts_one_worker_and_leaves_the_node_without_torch_state(node: Node) -> None:
     import torch
 
     before = torch.random.get_rng_state()
     node.dispatcher.training.warm_up()
+    pid = node.dispatcher.training.worker.pid
     node.dispatcher.training.warm_up()
+    assert pid is not None and pid != os.getpid() and node.dispatcher.training.worker.pid == pid
     assert torch.equal(before, torch.random.get_rng_state())
     assert node.dispatcher.training._warm is True
 
@@ -433,20 +433,14 @@ def test_a_plan_that_changes_its_dataframe_leaves_the_next_round_alone(node: Nod
         assert isinstance(reply, TrainReply), reply
 
 
-def test_training_threads_sets_torch_threads_at_warm_up(tmp_path: Path) -> None:
-    """A node sharing a machine gives torch a fixed number of threads (config `training_threads`).
-    Run in a fresh interpreter: the setting is process-wide."""
-    code = (
-        "import torch\n"
-        "from fedlab.node.registry import DatasetRegistry, create_schema\n"
-        "from fedlab.node.training_handler import TrainingHandler\n"
-        "import sys, pathlib\n"
-        "db = pathlib.Path(sys.argv[1]) / 'node.db'\n"
-        "create_schema(db)\n"
-        "torch.set_num_threads(2)\n"
-        "TrainingHandler(DatasetRegistry(db), node_id='n', name='n', threads=1).warm_up()\n"
-        "print(torch.get_num_threads())\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "1"
+def test_training_threads_sets_torch_threads_in_the_worker(tmp_path: Path) -> None:
+    """A node sharing a machine gives torch a fixed number of threads (config `training_threads`),
+    in the worker process that trains; the worker reports the number torch took."""
+    registry = DatasetRegistry(init_node_dir(tmp_path / "n", "n").db_path)
+    handler = handler_module.TrainingHandler(registry, node_id="n", name="n", threads=1)
+    try:
+        handler.warm_up()
+        ready = handler.worker.ready
+        assert ready is not None and ready.threads == 1
+    finally:
+        handler.close()

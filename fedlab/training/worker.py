@@ -1,0 +1,237 @@
+"""The training worker: a separate process that runs a node's training rounds, one at a time.
+
+A node starts it (``python -m fedlab.training.worker --fd N``, a fresh interpreter, never a
+fork of the node with its zmq threads) at its first training message and keeps it warm:
+torch is imported once, a plan class is compiled once per plan id, a dataset read once per
+file version. The node can therefore kill it at any time (a plan past the node's
+``training_timeout``, a cancel the plan ignores) and start another for the next round.
+
+What the worker gets is what a round needs and nothing more: the plan source (already
+approved by the node), its arguments, the parameters and the kept state as bytes, and the
+dataset's type and path. It reads the dataset itself from that path, so a table is not
+copied through the socket every round and an image folder stays lazy. It never opens the
+node's database or config, its working directory is a scratch directory, and
+``fedlab.training.import_guard`` refuses the node's own modules to the plan. A reader thread
+takes the node's messages while a round runs, so a ``Cancel`` for that round is seen by the
+training loop at its next iteration. The worker ends when the node closes its socket or dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from fedlab.errors import FedlabDatasetError, FedlabError, FedlabProtocolError
+from fedlab.training.worker_wire import (
+    Cancel,
+    Failed,
+    Ready,
+    RoundDone,
+    RoundProgress,
+    RunRound,
+    SharedArena,
+    recv_message,
+    send_message,
+)
+
+__all__ = ["Worker", "main"]
+
+_PLAN_CACHE = 16  # plan classes kept loaded
+_DATA_CACHE = 4  # datasets kept in memory
+_PARENT_CHECK_S = 1.0
+
+
+class Worker:
+    """Runs ``RunRound`` messages from ``sock`` and answers each with ``RoundDone`` or ``Failed``."""
+
+    def __init__(self, sock: socket.socket, *, node_name: str, threads: int = 0) -> None:
+        self.sock = sock
+        self.node_name = node_name
+        self.threads = threads
+        self._cancelled: set[str] = set()  # job ids; cleared after every round, so a late cancel stays harmless
+        self._arena = SharedArena()  # the results' frames; the node copies them out as soon as they arrive
+        self._plans: OrderedDict[tuple[str, str], type] = OrderedDict()
+        self._data: OrderedDict[str, tuple[tuple[int, int], Any]] = OrderedDict()
+
+    def warm_up(self) -> Ready:
+        """Import torch and the loop and take one tiny optimizer step, so the first round is as fast as the next."""
+        started = time.monotonic()
+        import torch
+        import torch.utils.data
+
+        import fedlab.training.loop  # noqa: F401
+        import fedlab.training.source  # noqa: F401
+        import fedlab.training.state  # noqa: F401
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        weight = torch.zeros(2, requires_grad=True)
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        (weight * weight).sum().backward()
+        optimizer.step()
+        batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2,
+                                              shuffle=True, generator=torch.Generator().manual_seed(0))
+        for _ in batches:
+            pass
+        return Ready(torch_version=str(torch.__version__), threads=torch.get_num_threads(),
+                     seconds=time.monotonic() - started)
+
+    def serve(self) -> None:
+        """Answer rounds until the node closes the socket."""
+        jobs: queue.Queue[tuple[RunRound, list[memoryview]] | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(jobs,), name="fedlab-worker-reader", daemon=True).start()
+        while (item := jobs.get()) is not None:
+            job, buffers = item
+            reply, out = self.run(job, buffers)
+            del buffers  # done with the node's frames before replying (the node reuses their memory)
+            self._cancelled.clear()
+            send_message(self.sock, reply, out, self._arena)
+
+    def _read(self, jobs: queue.Queue[tuple[RunRound, list[memoryview]] | None]) -> None:
+        """The node's messages: rounds go to the queue, cancels are noted at once."""
+        try:
+            while True:
+                message, buffers = recv_message(self.sock)
+                if isinstance(message, RunRound):
+                    jobs.put((message, buffers))
+                elif isinstance(message, Cancel):
+                    self._cancelled.add(message.job_id)
+        except (EOFError, OSError):
+            jobs.put(None)
+
+    def run(self, job: RunRound, buffers: list[memoryview]) -> tuple[RoundDone | Failed, list[memoryview]]:
+        try:
+            return self._run(job, buffers)
+        except FedlabProtocolError as exc:
+            return Failed(job_id=job.job_id, error=type(exc).__name__, code=exc.code, message=str(exc)), []
+        except FedlabError as exc:
+            return Failed(job_id=job.job_id, error=type(exc).__name__, message=str(exc)), []
+        except Exception as exc:  # a bug of ours: still one clear reply, the worker keeps serving
+            return Failed(job_id=job.job_id, error="FedlabError",
+                          message=f"the training worker of node {self.node_name} failed: "
+                                  f"{type(exc).__name__}: {exc}"), []
+
+    def _run(self, job: RunRound, buffers: list[memoryview]) -> tuple[RoundDone, list[memoryview]]:
+        from fedlab.training.loop import Progress, run_round
+        from fedlab.training.state import decode_state, encode_state
+        from fedlab.training.tensors import pack_named, unpack_named
+
+        loaded: list[str] = []
+        dataset = self._dataset(job, loaded)
+        plan_cls = self._plan_class(job, loaded)
+        state_arrays, state_meta = decode_state(job.state) if job.state is not None else (None, None)
+        params = unpack_named(job.params, buffers) if job.params else None
+        aux_vars = {name: unpack_named(specs, buffers) for name, specs in job.aux_vars.items()}
+
+        def progress(p: Progress) -> None:
+            send_message(self.sock, RoundProgress(
+                job_id=job.job_id, phase=p.phase, epoch=p.epoch, n_epochs=p.n_epochs, iteration=p.iteration,
+                n_iterations=p.n_iterations, loss=p.loss))
+
+        result = run_round(
+            plan_cls, dataset, round=job.round, model_args=dict(job.model_args),
+            training_args=dict(job.training_args), params=params, aggregator_args=dict(job.aggregator_args),
+            aux_vars=aux_vars or None, state_arrays=state_arrays, state_meta=state_meta,
+            do_training=job.do_training, share_persistent_buffers=job.share_persistent_buffers,
+            progress=progress, should_stop=lambda: job.job_id in self._cancelled)
+        state = None
+        # Only arrays (moments, control variates) need keeping: the hyperparameters in the meta come
+        # from the next request's optimizer_args anyway. Plain SGD keeps nothing.
+        if job.do_training and result.state_arrays:
+            state = encode_state(result.state_arrays, result.state_meta)
+        specs, frames = pack_named(result.params)
+        out: list[memoryview] = list(frames)
+        aux_out = {}
+        for name, arrays in result.aux_vars.items():
+            aux_specs, aux_frames = pack_named(arrays, first_buffer=len(out))
+            aux_out[name] = aux_specs
+            out += aux_frames
+        return RoundDone(
+            job_id=job.job_id, n_buffers=len(out), params=specs, aux_vars=aux_out, n_samples=result.n_samples,
+            n_test_samples=result.n_test_samples, n_updates=result.n_updates,
+            train_loss=None if result.train_loss is None else float(result.train_loss),
+            metrics_before={k: float(v) for k, v in result.metrics_before.items()},
+            metrics_after={k: float(v) for k, v in result.metrics_after.items()},
+            state=state, compute_seconds=float(result.compute_seconds), loaded=loaded), out
+
+    def _plan_class(self, job: RunRound, loaded: list[str]) -> type:
+        """The plan's class, compiled once per plan id (the node checked the id against its approvals)."""
+        from fedlab.training.source import load_plan_class
+
+        key = (job.plan_id, job.plan_class)
+        cls = self._plans.get(key)
+        if cls is not None:
+            self._plans.move_to_end(key)
+            return cls
+        cls = load_plan_class(job.plan_source, job.plan_class)
+        loaded.append("plan")
+        self._plans[key] = cls
+        while len(self._plans) > _PLAN_CACHE:
+            self._plans.popitem(last=False)
+        return cls
+
+    def _dataset(self, job: RunRound, loaded: list[str]) -> Any:
+        """The dataset as the plan sees it, read again only when its file (or folder) changed; each
+        round gets its own copy of a table, so a plan that pops a column leaves the next round alone."""
+        import pandas as pd
+
+        from fedlab.training.data import load_dataset
+
+        try:
+            stat = os.stat(job.data_path)
+        except OSError as exc:
+            raise FedlabDatasetError(
+                f"dataset {job.dataset_id} is no longer readable on node {self.node_name} ({exc.strerror}); "
+                "the node's operator should register it again") from None
+        version = (stat.st_mtime_ns, stat.st_size)
+        cached = self._data.get(job.dataset_id)
+        if cached is not None and cached[0] == version:
+            self._data.move_to_end(job.dataset_id)
+            dataset = cached[1]
+        else:
+            dataset = load_dataset(job.data_type, job.data_path)
+            loaded.append("dataset")
+            self._data[job.dataset_id] = (version, dataset)
+            while len(self._data) > _DATA_CACHE:
+                self._data.popitem(last=False)
+        return dataset.copy() if isinstance(dataset, pd.DataFrame) else dataset
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process when the node that started it is gone, even in the middle of a hung plan."""
+    while True:
+        time.sleep(_PARENT_CHECK_S)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedlab.training.worker")
+    parser.add_argument("--fd", type=int, required=True, help="this end of the node's socket pair")
+    parser.add_argument("--parent", type=int, required=True, help="the node's process id")
+    parser.add_argument("--name", default="node", help="the node's name, for messages")
+    parser.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    threading.Thread(target=_exit_with_parent, args=(args.parent,), name="parent-watch", daemon=True).start()
+    worker = Worker(sock, node_name=args.name, threads=args.threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the node's terminal is the node's to handle
+    ready = worker.warm_up()
+    from fedlab.training import import_guard
+
+    import_guard.install()  # before any plan runs
+    send_message(sock, ready)
+    worker.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
