@@ -337,8 +337,13 @@ def run_demo(n_nodes: int = 3, directory: str | Path | None = None, port: int = 
                                     "stop it or pass --lab-port")
     _recreate(root)  # stops an earlier demo's nodes first, so the port check below sees the truth
     if not _port_free(port):
-        raise FedlabConfigError(f"port {port} is taken (a researcher or another demo is listening there); "
-                                "stop it or pass --port")
+        if lab:  # the notebook's researcher must bind it
+            raise FedlabConfigError(f"port {port} is taken (a researcher or another demo is listening there); "
+                                    "stop it or pass --port")
+        # --no-lab: the nodes dial whoever listens there, which is what `binder/start CMD` wants when
+        # CMD binds its researcher first; anything else there would never answer them
+        print(f"note: something already listens on port {port}; if it is your researcher, the nodes will join "
+              "it, otherwise stop it or pass --port", flush=True)
     print(f"creating {n_nodes} sites in {root} (breast-cancer, diabetes, digits) ...", flush=True)
     node_dirs = prepare_federation(root, n_nodes, address)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)

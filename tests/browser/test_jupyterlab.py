@@ -42,10 +42,12 @@ def count_labels(page, text: str) -> int:
     return sum(1 for label in page.evaluate(LABELS_JS) if label == text)
 
 
-def wait_labels(page, text: str, n: int, timeout: float = 60.0) -> None:
+def wait_labels(page, text: str, n: int, timeout: float = 60.0, *, at_least: bool = False) -> None:
+    """Wait until exactly ``n`` widget labels read ``text`` (or at least ``n`` with ``at_least``)."""
+    test = ">=" if at_least else "==="
     page.wait_for_function(
         f"() => Array.from(document.querySelectorAll('.jp-OutputArea .widget-label'))"
-        f".filter(e => e.textContent === {text!r}).length === {n}", timeout=timeout * 1000)
+        f".filter(e => e.textContent === {text!r}).length {test} {n}", timeout=timeout * 1000)
 
 
 def output_of(page, text: str):
@@ -119,7 +121,8 @@ def test_approval_notebook_panel_flips_site_by_site_as_operators_decide(page, ju
 def test_training_notebook_bars_move_while_the_next_cell_runs(page, jupyter_lab, federation, artifacts):
     """03: the FedAvg job runs in the background; its bars are sampled while a later cell waits for it."""
     open_and_run_all(page, jupyter_lab, "03_training.ipynb")
-    wait_labels(page, "plan approval: all 3 nodes may run the plan", 1, timeout=120)
+    # the request's panel, then the check's panel below it, both end all approved
+    wait_labels(page, "plan approval: all 3 nodes may run the plan", 1, timeout=120, at_least=True)
     page.wait_for_function(
         "() => document.querySelectorAll('.jp-OutputArea .widget-hprogress .progress-bar').length >= 3",
         timeout=90_000)

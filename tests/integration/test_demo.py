@@ -134,12 +134,26 @@ def test_a_taken_port_is_a_clear_error(demo_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = run_demo_cli("--no-lab", "--dir", str(demo_dir), "--port", str(port))
+        done = run_demo_cli("--no-browser", "--dir", str(demo_dir), "--port", str(port),
+                            "--lab-port", str(free_port()))
         assert done.returncode == 2
         assert f"port {port} is taken" in done.stderr and "--port" in done.stderr
         assert "Traceback" not in done.stderr
         lab = run_demo_cli("--dir", str(demo_dir), "--port", str(free_port()), "--lab-port", str(port))
         assert lab.returncode == 2 and f"port {port} for JupyterLab is taken" in lab.stderr, lab.stderr
+    assert processes_mentioning(str(demo_dir)) == []
+
+
+def test_no_lab_joins_a_researcher_already_listening(demo_dir):
+    """`binder/start CMD` may bind its researcher before the demo checks the port: with --no-lab
+    the nodes then join it, with a note, instead of the demo refusing to start."""
+    port = free_port()
+    with Researcher(f"tcp://127.0.0.1:{port}") as researcher:
+        demo = Demo(demo_dir, port, "--nodes", "2")
+        demo.wait_running()
+        assert f"something already listens on port {port}" in demo.text()
+        researcher.wait_for_nodes(2, timeout=60)
+        assert demo.stop() == 0
     assert processes_mentioning(str(demo_dir)) == []
 
 
