@@ -45,6 +45,7 @@ __all__ = [
     "RoundProgress",
     "RunRound",
     "SharedArena",
+    "SharedMapping",
     "WorkerMessage",
     "recv_message",
     "send_message",
@@ -176,6 +177,54 @@ class SharedArena:
             self._fd = None
 
 
+class SharedMapping:
+    """The receiving side's mapping of the peer's memory file, kept between messages.
+
+    The peer sends the same file (its ``SharedArena``) with every large message, as a new
+    descriptor each time. Mapping 100 MB again costs the kernel tens of milliseconds every
+    message (the page tables filled anew), so the mapping is kept and reused while the file
+    is the same one (same device and inode) and the frames fit in it. The inode cannot be
+    reused by another file meanwhile: the kept mapping keeps the file alive. The frames
+    returned are valid until the peer writes its next message (the same rule as the arena's).
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+
+    def frames(self, fd: int, sizes: list[int]) -> list[memoryview]:
+        """The frames in the memory file ``fd`` (back to back), as views of the kept mapping."""
+        total = sum(sizes)
+        stat = os.fstat(fd)
+        if total == 0 or stat.st_size < total:
+            raise EOFError("a worker message's memory file is smaller than its frames")
+        key = (stat.st_dev, stat.st_ino)
+        if self._view is None or key != self._key or len(self._view) < total:
+            self.close()
+            self._map = mmap.mmap(fd, stat.st_size, flags=mmap.MAP_SHARED | _POPULATE)  # one fault-in, not one per page
+            self._view = memoryview(self._map)
+            self._key = key
+        frames, offset = [], 0
+        for size in sizes:
+            frames.append(self._view[offset:offset + size])
+            offset += size
+        return frames
+
+    def close(self) -> None:
+        """Let go of the mapping (it ends when the last frame handed out is gone, too)."""
+        view, mapped = self._view, self._map
+        self._view = self._map = None
+        self._key = None
+        try:  # frames still held elsewhere keep the mapping alive until they go
+            if view is not None:
+                view.release()
+            if mapped is not None:
+                mapped.close()
+        except BufferError:
+            pass
+
+
 def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[bytes | memoryview] = (),
                  arena: SharedArena | None = None) -> None:
     """Write ``message`` and its frames; ``message.n_buffers`` must equal ``len(buffers)``. Large frames
@@ -203,8 +252,10 @@ def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[
         sock.sendall(view)
 
 
-def recv_message(sock: socket.socket) -> tuple[WorkerMessage, list[memoryview]]:
-    """Read one message and its frames; ``EOFError`` when the peer has gone (closed or died)."""
+def recv_message(sock: socket.socket, mapping: SharedMapping | None = None
+                 ) -> tuple[WorkerMessage, list[memoryview]]:
+    """Read one message and its frames; ``EOFError`` when the peer has gone (closed or died). Shared
+    frames are views of ``mapping`` when given (valid until the peer's next message), else of a fresh one."""
     start, fds, _, _ = socket.recv_fds(sock, _LENGTH.size, 1)
     try:
         if not start:
@@ -219,6 +270,8 @@ def recv_message(sock: socket.socket) -> tuple[WorkerMessage, list[memoryview]]:
         if message.shared is not None:
             if len(fds) != 1 or len(message.shared) != message.n_buffers:
                 raise EOFError("a worker message announced shared frames without their memory file")
+            if mapping is not None:
+                return message, mapping.frames(fds[0], message.shared)
             return message, _map_frames(fds[0], message.shared)
         buffers = []
         for _ in range(message.n_buffers):
