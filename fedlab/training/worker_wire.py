@@ -7,13 +7,15 @@ processes: a message is a msgpack header (one of the structs below, tagged by ty
 by raw buffer frames, the same layout as on the network (``NamedArray`` specs index the
 frames). The header is preceded by its length (8 bytes, little endian).
 
-Small frames follow the header on the socket, each with its length. Large ones (a model's
-parameters: 1 MiB and more in all) go through shared memory instead: the sender copies them
-once into an anonymous memory file (``memfd``) and passes its file descriptor with the
-header (``SCM_RIGHTS``); the receiver maps it and reads the frames in place. Pushing 100 MB
-through a socket's few-MB buffer would cost two copies and thousands of hand-overs between
-the two processes, each waiting for the other to be scheduled; the memory file costs one
-copy and no hand-over, and the kernel frees it when both ends have let go (even if one dies).
+Small frames (under 64 kB in all) follow the header on the socket, each with its length, in
+one write. Larger ones (a model's parameters) go through shared memory instead: the sender
+copies them once into an anonymous memory file (``memfd``) and passes its file descriptor
+with the header (``SCM_RIGHTS``); the receiver maps it and reads the frames in place. Pushing
+even 0.4 MB through a socket's buffer (a few hundred kB) costs two copies and hand-overs
+between the two processes, each waiting for the other to be scheduled (milliseconds each on a
+loaded machine); the memory file costs one copy and no hand-over, and the kernel frees it when
+both ends have let go (even if one dies). The receiver keeps its mapping of the sender's file
+between messages (``SharedMapping``): mapping 100 MB afresh costs tens of milliseconds.
 Each side reuses one memory file (``SharedArena``), kept mapped, for the frames it sends:
 filling fresh pages of a memory file costs the kernel several times the copy itself. That is
 safe because the two take turns (a round, then its reply) and each receiver is done with a
@@ -53,7 +55,7 @@ __all__ = [
 
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER = 64 << 20  # a header is a few kB (a plan's source at most 1 MiB); more is a broken peer
-_SHARED_FROM = 1 << 20  # frames of this many bytes in all go through a shared memory file
+_SHARED_FROM = 64 << 10  # frames of this many bytes in all go through a shared memory file
 _SHARED = hasattr(os, "memfd_create")  # Linux; elsewhere every frame goes through the socket
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -246,10 +248,14 @@ def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[
         return
     message.shared = None
     header = _encoder.encode(message)
-    sock.sendall(_LENGTH.pack(len(header)) + header)
+    parts: list[bytes | memoryview] = [_LENGTH.pack(len(header)), header]
     for view in views:
-        sock.sendall(_LENGTH.pack(view.nbytes))
-        sock.sendall(view)
+        parts += [_LENGTH.pack(view.nbytes), view]
+    if total < _SHARED_FROM:
+        sock.sendall(b"".join(parts))  # one write
+        return
+    for part in parts:  # large frames where there is no shared memory: not copied once more
+        sock.sendall(part)
 
 
 def recv_message(sock: socket.socket, mapping: SharedMapping | None = None
