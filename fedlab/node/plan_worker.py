@@ -48,7 +48,7 @@ __all__ = ["PlanWorker", "WorkerDied", "WorkerTimeout"]
 log = logging.getLogger("fedlab.node")
 _POLL_S = 0.1  # how often a waiting round looks at its cancel flag
 _STOP_WAIT_S = 10.0
-_KEEP_COPIES = 2  # result buffers kept for reuse (one may still be on its way to the researcher)
+_KEEP_COPIES = 1  # result buffers kept for reuse (when it is still being sent, a fresh one is used)
 _probe = [bytearray(1)]
 _UNUSED_REFS = sys.getrefcount(_probe[0])  # a kept buffer's count when no frame of it is alive
 del _probe
