@@ -37,6 +37,7 @@ from fedlab.training.worker_wire import (
     RoundProgress,
     RunRound,
     SharedArena,
+    SharedMapping,
     WorkerMessage,
     recv_message,
     send_message,
@@ -47,6 +48,10 @@ __all__ = ["PlanWorker", "WorkerDied", "WorkerTimeout"]
 log = logging.getLogger("fedlab.node")
 _POLL_S = 0.1  # how often a waiting round looks at its cancel flag
 _STOP_WAIT_S = 10.0
+_KEEP_COPIES = 1  # result buffers kept for reuse (when it is still being sent, a fresh one is used)
+_probe = [bytearray(1)]
+_UNUSED_REFS = sys.getrefcount(_probe[0])  # a kept buffer's count when no frame of it is alive
+del _probe
 
 
 class WorkerTimeout(Exception):
@@ -67,6 +72,54 @@ class WorkerDied(Exception):
         super().__init__(how)
 
 
+class ResultCopies:
+    """Ordinary memory, reused, for the results copied out of the worker's memory file.
+
+    The worker writes every result into the same memory file, so the node copies a result out
+    at once: the frames go to the network, which sends them when it can (zmq, without a copy of
+    its own). Copying into freshly allocated memory costs the kernel a page fault and a zeroed
+    page per 4 kB, more than the copy itself; a buffer of an earlier round is reused instead, but
+    only once no frame of it is alive anywhere (its reference count, which every view of it
+    holds up, is back to the pool's own), so a reply still queued for sending is never overwritten.
+    """
+
+    def __init__(self, keep: int = _KEEP_COPIES) -> None:
+        self.keep = keep
+        self._buffers: list[bytearray] = []
+        self.reused = 0  # for tests
+
+    def copy(self, frames: Sequence[memoryview]) -> list[memoryview]:
+        """``frames`` copied back to back into one buffer; views of it."""
+        total = sum(frame.nbytes for frame in frames)
+        index = self._free(total)
+        if index is None:
+            buffer = bytearray(total)
+            # forget free buffers too small for this size; busy ones stay, to be reused once sent
+            self._buffers = [self._buffers[i] for i in range(len(self._buffers))
+                             if not (len(self._buffers[i]) < total and self._unused(i))]
+            if len(self._buffers) < self.keep:
+                self._buffers.append(buffer)
+        else:
+            buffer = self._buffers[index]
+            self.reused += 1
+        whole = memoryview(buffer)
+        out, offset = [], 0
+        for frame in frames:
+            whole[offset:offset + frame.nbytes] = frame.cast("B")
+            out.append(whole[offset:offset + frame.nbytes])
+            offset += frame.nbytes
+        return out
+
+    def _free(self, total: int) -> int | None:
+        for i in range(len(self._buffers)):
+            if len(self._buffers[i]) >= total and self._unused(i):
+                return i
+        return None
+
+    def _unused(self, index: int) -> bool:
+        return sys.getrefcount(self._buffers[index]) <= _UNUSED_REFS
+
+
 class PlanWorker:
     """One warm training worker process, started on demand and replaced after it is killed."""
 
@@ -82,6 +135,8 @@ class PlanWorker:
         self._sock: socket.socket | None = None
         self._scratch: str | None = None
         self._arena = SharedArena()  # the parameters sent to the worker, one memory file reused every round
+        self._results = SharedMapping()  # the worker's arena, mapped once per worker process
+        self._copies = ResultCopies()
         self._lock = threading.Lock()
 
     @property
@@ -166,7 +221,7 @@ class PlanWorker:
                     for what in message.loaded:
                         self.loads[what] = self.loads.get(what, 0) + 1
                 if message.shared is not None:  # the worker reuses that memory next round: copy out now
-                    frames = [memoryview(bytearray(frame)) for frame in frames]
+                    frames = self._copies.copy(frames)
                 return message, frames
 
     def close(self) -> None:
@@ -187,7 +242,7 @@ class PlanWorker:
         readable, _, _ = select.select([self._sock], [], [], remaining)
         if not readable:
             raise WorkerTimeout()
-        return recv_message(self._sock)
+        return recv_message(self._sock, self._results)
 
     def _kill(self) -> int | None:
         """Kill the worker now (SIGKILL: a hung plan ignores everything else); its exit status."""
@@ -203,6 +258,7 @@ class PlanWorker:
                 log.info("training worker %d ended (%s)", self._proc.pid, WorkerDied(code))
         self._proc = None
         self.ready = None
+        self._results.close()  # that worker's memory file: the next worker has its own
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -38,6 +38,7 @@ from fedlab.training.worker_wire import (
     RoundProgress,
     RunRound,
     SharedArena,
+    SharedMapping,
     recv_message,
     send_message,
 )
@@ -58,6 +59,7 @@ class Worker:
         self.threads = threads
         self._cancelled: set[str] = set()  # job ids; cleared after every round, so a late cancel stays harmless
         self._arena = SharedArena()  # the results' frames; the node copies them out as soon as they arrive
+        self._params = SharedMapping()  # the node's arena, mapped once (the reader thread's alone)
         self._plans: OrderedDict[tuple[str, str], type] = OrderedDict()
         self._data: OrderedDict[str, tuple[tuple[int, int], Any]] = OrderedDict()
 
@@ -99,7 +101,7 @@ class Worker:
         """The node's messages: rounds go to the queue, cancels are noted at once."""
         try:
             while True:
-                message, buffers = recv_message(self.sock)
+                message, buffers = recv_message(self.sock, self._params)
                 if isinstance(message, RunRound):
                     jobs.put((message, buffers))
                 elif isinstance(message, Cancel):

@@ -7,13 +7,15 @@ processes: a message is a msgpack header (one of the structs below, tagged by ty
 by raw buffer frames, the same layout as on the network (``NamedArray`` specs index the
 frames). The header is preceded by its length (8 bytes, little endian).
 
-Small frames follow the header on the socket, each with its length. Large ones (a model's
-parameters: 1 MiB and more in all) go through shared memory instead: the sender copies them
-once into an anonymous memory file (``memfd``) and passes its file descriptor with the
-header (``SCM_RIGHTS``); the receiver maps it and reads the frames in place. Pushing 100 MB
-through a socket's few-MB buffer would cost two copies and thousands of hand-overs between
-the two processes, each waiting for the other to be scheduled; the memory file costs one
-copy and no hand-over, and the kernel frees it when both ends have let go (even if one dies).
+Small frames (under 64 kB in all) follow the header on the socket, each with its length, in
+one write. Larger ones (a model's parameters) go through shared memory instead: the sender
+copies them once into an anonymous memory file (``memfd``) and passes its file descriptor
+with the header (``SCM_RIGHTS``); the receiver maps it and reads the frames in place. Pushing
+even 0.4 MB through a socket's buffer (a few hundred kB) costs two copies and hand-overs
+between the two processes, each waiting for the other to be scheduled (milliseconds each on a
+loaded machine); the memory file costs one copy and no hand-over, and the kernel frees it when
+both ends have let go (even if one dies). The receiver keeps its mapping of the sender's file
+between messages (``SharedMapping``): mapping 100 MB afresh costs tens of milliseconds.
 Each side reuses one memory file (``SharedArena``), kept mapped, for the frames it sends:
 filling fresh pages of a memory file costs the kernel several times the copy itself. That is
 safe because the two take turns (a round, then its reply) and each receiver is done with a
@@ -45,6 +47,7 @@ __all__ = [
     "RoundProgress",
     "RunRound",
     "SharedArena",
+    "SharedMapping",
     "WorkerMessage",
     "recv_message",
     "send_message",
@@ -52,7 +55,7 @@ __all__ = [
 
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER = 64 << 20  # a header is a few kB (a plan's source at most 1 MiB); more is a broken peer
-_SHARED_FROM = 1 << 20  # frames of this many bytes in all go through a shared memory file
+_SHARED_FROM = 64 << 10  # frames of this many bytes in all go through a shared memory file
 _SHARED = hasattr(os, "memfd_create")  # Linux; elsewhere every frame goes through the socket
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -176,6 +179,54 @@ class SharedArena:
             self._fd = None
 
 
+class SharedMapping:
+    """The receiving side's mapping of the peer's memory file, kept between messages.
+
+    The peer sends the same file (its ``SharedArena``) with every large message, as a new
+    descriptor each time. Mapping 100 MB again costs the kernel tens of milliseconds every
+    message (the page tables filled anew), so the mapping is kept and reused while the file
+    is the same one (same device and inode) and the frames fit in it. The inode cannot be
+    reused by another file meanwhile: the kept mapping keeps the file alive. The frames
+    returned are valid until the peer writes its next message (the same rule as the arena's).
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+
+    def frames(self, fd: int, sizes: list[int]) -> list[memoryview]:
+        """The frames in the memory file ``fd`` (back to back), as views of the kept mapping."""
+        total = sum(sizes)
+        stat = os.fstat(fd)
+        if total == 0 or stat.st_size < total:
+            raise EOFError("a worker message's memory file is smaller than its frames")
+        key = (stat.st_dev, stat.st_ino)
+        if self._view is None or key != self._key or len(self._view) < total:
+            self.close()
+            self._map = mmap.mmap(fd, stat.st_size, flags=mmap.MAP_SHARED | _POPULATE)  # one fault-in, not one per page
+            self._view = memoryview(self._map)
+            self._key = key
+        frames, offset = [], 0
+        for size in sizes:
+            frames.append(self._view[offset:offset + size])
+            offset += size
+        return frames
+
+    def close(self) -> None:
+        """Let go of the mapping (it ends when the last frame handed out is gone, too)."""
+        view, mapped = self._view, self._map
+        self._view = self._map = None
+        self._key = None
+        try:  # frames still held elsewhere keep the mapping alive until they go
+            if view is not None:
+                view.release()
+            if mapped is not None:
+                mapped.close()
+        except BufferError:
+            pass
+
+
 def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[bytes | memoryview] = (),
                  arena: SharedArena | None = None) -> None:
     """Write ``message`` and its frames; ``message.n_buffers`` must equal ``len(buffers)``. Large frames
@@ -197,14 +248,20 @@ def send_message(sock: socket.socket, message: WorkerMessage, buffers: Sequence[
         return
     message.shared = None
     header = _encoder.encode(message)
-    sock.sendall(_LENGTH.pack(len(header)) + header)
+    parts: list[bytes | memoryview] = [_LENGTH.pack(len(header)), header]
     for view in views:
-        sock.sendall(_LENGTH.pack(view.nbytes))
-        sock.sendall(view)
+        parts += [_LENGTH.pack(view.nbytes), view]
+    if total < _SHARED_FROM:
+        sock.sendall(b"".join(parts))  # one write
+        return
+    for part in parts:  # large frames where there is no shared memory: not copied once more
+        sock.sendall(part)
 
 
-def recv_message(sock: socket.socket) -> tuple[WorkerMessage, list[memoryview]]:
-    """Read one message and its frames; ``EOFError`` when the peer has gone (closed or died)."""
+def recv_message(sock: socket.socket, mapping: SharedMapping | None = None
+                 ) -> tuple[WorkerMessage, list[memoryview]]:
+    """Read one message and its frames; ``EOFError`` when the peer has gone (closed or died). Shared
+    frames are views of ``mapping`` when given (valid until the peer's next message), else of a fresh one."""
     start, fds, _, _ = socket.recv_fds(sock, _LENGTH.size, 1)
     try:
         if not start:
@@ -219,6 +276,8 @@ def recv_message(sock: socket.socket) -> tuple[WorkerMessage, list[memoryview]]:
         if message.shared is not None:
             if len(fds) != 1 or len(message.shared) != message.n_buffers:
                 raise EOFError("a worker message announced shared frames without their memory file")
+            if mapping is not None:
+                return message, mapping.frames(fds[0], message.shared)
             return message, _map_frames(fds[0], message.shared)
         buffers = []
         for _ in range(message.n_buffers):
