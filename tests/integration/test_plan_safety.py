@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from federation import HEARTBEAT, NodeProcess, breast_cancer_splits
+from plan_sources import LOGREG_PLAN
 
 import fedlab.training.messages  # noqa: F401  (registers the training message types on this side)
 from fedlab import DiscardOnTimeout, Researcher
@@ -26,25 +27,7 @@ from fedlab.training.source import plan_id
 
 pytestmark = pytest.mark.integration
 
-PLAN = '''import numpy as np
-import torch
-from torch import nn
-import torch.nn.functional as F
-from fedlab.training import TorchTrainingPlan
-
-
-class LogReg(TorchTrainingPlan):
-    def init_model(self, model_args):
-        return nn.Linear(model_args["n_features"], 1)
-
-    def training_data(self, dataset):
-        x = dataset.drop(columns="target").to_numpy(dtype="float32")
-        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-        return x, dataset["target"].to_numpy(dtype="float32")
-
-    def training_step(self, data, target):
-        return F.binary_cross_entropy_with_logits(self.model(data).squeeze(1), target)
-'''
+PLAN = LOGREG_PLAN
 STEP = "    def training_step(self, data, target):\n"
 BUSY_PLAN = PLAN.replace(STEP, STEP + "        while True:\n            pass\n")
 SLEEPING_PLAN = PLAN.replace("import numpy as np\n", "import time\nimport numpy as np\n").replace(

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from federation import HEARTBEAT, NodeProcess, breast_cancer_splits, wait_until
+from plan_sources import LOGREG_PLAN, failing, with_delay
 
 import fedlab.training.messages  # noqa: F401  (registers the training message types on this side)
 from fedlab import DiscardOnTimeout, Researcher
@@ -38,32 +39,9 @@ from fedlab.training.tensors import unpack_named
 
 pytestmark = pytest.mark.integration
 
-PLAN = '''import time
-import numpy as np
-import torch
-from torch import nn
-import torch.nn.functional as F
-from fedlab.training import TorchTrainingPlan
-
-
-class LogReg(TorchTrainingPlan):
-    def init_model(self, model_args):
-        return nn.Linear(model_args["n_features"], 1)
-
-    def training_data(self, dataset):
-        x = dataset.drop(columns="target").to_numpy(dtype="float32")
-        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-        return x, dataset["target"].to_numpy(dtype="float32")
-
-    def training_step(self, data, target):
-        time.sleep(float(self.model_args_delay))
-        return F.binary_cross_entropy_with_logits(self.model(data).squeeze(1), target)
-
-    model_args_delay = 0.0
-'''
-SLOW_PLAN = PLAN.replace("model_args_delay = 0.0", "model_args_delay = 0.02")
-FAILING_PLAN = PLAN.replace("        time.sleep(float(self.model_args_delay))\n",
-                            "        raise ValueError('labels must be 0 or 1, got 7')\n")
+PLAN = LOGREG_PLAN
+SLOW_PLAN = with_delay(0.02)
+FAILING_PLAN = failing()
 
 
 def fedlab_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:

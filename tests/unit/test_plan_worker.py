@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+from plan_sources import LOGREG_PLAN
 from sklearn.datasets import load_breast_cancer
 
 from fedlab.node.plan_worker import PlanWorker, WorkerDied, WorkerTimeout
@@ -32,27 +33,7 @@ from fedlab.training.worker_wire import (
     send_message,
 )
 
-PLAN = '''import time
-import numpy as np
-import torch
-from torch import nn
-import torch.nn.functional as F
-from fedlab.training import TorchTrainingPlan
-
-
-class LogReg(TorchTrainingPlan):
-    def init_model(self, model_args):
-        return nn.Linear(model_args["n_features"], 1)
-
-    def training_data(self, dataset):
-        return dataset.drop(columns="target").to_numpy(dtype="float32"), dataset["target"].to_numpy(dtype="float32")
-
-    def training_step(self, data, target):
-        time.sleep(self.delay)
-        return F.binary_cross_entropy_with_logits(self.model(data).squeeze(1), target)
-
-    delay = 0.0
-'''
+PLAN = LOGREG_PLAN
 
 
 # --- the wire ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from plan_sources import LOGREG_PLAN, failing, with_delay
 from sklearn.datasets import load_breast_cancer
 
 from fedlab.node import training_handler as handler_module
@@ -38,30 +39,9 @@ from fedlab.training.messages import (
 from fedlab.training.source import plan_id
 from fedlab.training.tensors import pack_named, unpack_named
 
-PRELUDE = (
-    "import numpy as np\nimport torch\nfrom torch import nn\nimport torch.nn.functional as F\n"
-    "from fedlab.training import TorchTrainingPlan\n"
-)
-PLAN = PRELUDE + '''
-
-class LogReg(TorchTrainingPlan):
-    def init_model(self, model_args):
-        return nn.Linear(model_args["n_features"], 1)
-
-    def training_data(self, dataset):
-        x = dataset.drop(columns="target").to_numpy(dtype="float32")
-        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-        return x, dataset["target"].to_numpy(dtype="float32")
-
-    def training_step(self, data, target):
-        return F.binary_cross_entropy_with_logits(self.model(data).squeeze(1), target)
-'''
-SLOW_PLAN = PLAN.replace("import numpy as np\n", "import time\nimport numpy as np\n").replace(
-    "    def training_step(self, data, target):\n",
-    "    def training_step(self, data, target):\n        time.sleep(0.02)\n")
-FAILING_PLAN = PLAN.replace(
-    "        return F.binary_cross_entropy_with_logits",
-    "        raise ValueError('labels must be 0 or 1, got 7')\n        return F.binary_cross_entropy_with_logits")
+PLAN = LOGREG_PLAN
+SLOW_PLAN = with_delay(0.02)
+FAILING_PLAN = failing()
 N_FEATURES = 30
 
 
