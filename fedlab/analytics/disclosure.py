@@ -149,11 +149,20 @@ def _suppress_list(counts: Sequence[int | None], threshold: int) -> list[int | N
     return [cells[i] for i in range(len(counts))]
 
 
-def _suppress_value_counts(counts: Mapping[str, int | None], threshold: int) -> dict[str, int | None]:
-    cells = {k: _primary(v, threshold) for k, v in counts.items()}
-    # "<missing>" is released exactly in CategoricalPartial.missing anyway: not part of the group.
-    _suppress_group(cells, [k for k in cells if k != MISSING_KEY])
-    return cells
+def suppressed_levels(counts: Mapping[str, int | None], threshold: int) -> set[str]:
+    """The levels of a column that may not be named: primary (0 < n < threshold, or already None)
+    and, when exactly one is, the smallest other positive level (secondary). Decided from the
+    column's own counts, so every value count and crosstab over the column hides the same ones.
+    ``"<missing>"`` is not a level (its count is released in ``missing`` anyway)."""
+    cells = {k: _primary(v, threshold) for k, v in counts.items() if k != MISSING_KEY}
+    _suppress_group(cells, list(cells))
+    return {k for k, v in cells.items() if v is None}
+
+
+def _suppress_value_counts(counts: Mapping[str, int | None], threshold: int) -> tuple[dict[str, int | None], int]:
+    """The value counts without their suppressed levels (never named), and how many were left out."""
+    hidden = suppressed_levels(counts, threshold)
+    return {k: v for k, v in counts.items() if k not in hidden}, len(hidden)
 
 
 def _suppress_table(table: Mapping[str, Mapping[str, int | None]], threshold: int) -> dict[str, dict[str, int | None]]:
@@ -216,6 +225,7 @@ def _numeric(
     refused: dict[str, str],
     asked_min_max: Collection[str],
     noise_key: int,
+    fixed: tuple[float, float] | None = None,
 ) -> NumericPartial:
     histogram = part.histogram
     if histogram is not None:
@@ -235,6 +245,9 @@ def _numeric(
             )
         if part.min is not None or part.max is not None:
             part = msgspec.structs.replace(part, min=None, max=None)
+    elif rules.min_max == "noisy" and fixed is not None and (part.min is not None or part.max is not None):
+        part = msgspec.structs.replace(part, min=None if part.min is None else fixed[0],
+                                       max=None if part.max is None else fixed[1])
     elif rules.min_max == "noisy" and (part.min is not None or part.max is not None):
         part = _noisy_min_max(part, rules.min_max_noise, _column_rng(noise_key, name))
     return part
@@ -272,6 +285,7 @@ def apply_rules(
     *,
     rng: np.random.Generator,
     asked_min_max: Collection[str] = (),
+    noisy: Mapping[str, tuple[float, float]] | None = None,
 ) -> FAReply:
     """Return ``reply`` as this node's rules let it leave: a new FAReply in which excluded
     columns and columns under ``min_count`` are removed, small cells suppressed (None),
@@ -279,8 +293,9 @@ def apply_rules(
     each refusal recorded in ``refused`` with the rule and threshold that made it.
 
     ``asked_min_max``: the columns for which the request asked for min or max, so that a
-    refusal is recorded for them when ``min_max = "off"``. ``rng`` draws the noise of
-    ``min_max = "noisy"`` (see the module docstring for seeding it). Raises
+    refusal is recorded for them when ``min_max = "off"``. With ``min_max = "noisy"``, ``noisy``
+    gives each column's noisy range (the node fixes it per source column, see
+    :mod:`fedlab.privacy.noise`); for columns without one, ``rng`` draws the noise. Raises
     FedlabDisclosureError if analytics are switched off (``enabled = false``).
     """
     check_enabled(rules)
@@ -292,16 +307,16 @@ def apply_rules(
         if (why := _column_refusal(name, part.count, rules)) is not None:
             refused[name] = why
         else:
-            numeric[name] = _numeric(name, part, rules, refused, asked_min_max, noise_key)
+            numeric[name] = _numeric(name, part, rules, refused, asked_min_max, noise_key, (noisy or {}).get(name))
 
     categorical: dict[str, CategoricalPartial] = {}
     for name, cpart in reply.categorical.items():
         if (why := _column_refusal(name, cpart.count, rules)) is not None:
             refused[name] = why
         else:
+            kept, n_hidden = _suppress_value_counts(cpart.value_counts, rules.cell_threshold)
             categorical[name] = msgspec.structs.replace(
-                cpart, value_counts=_suppress_value_counts(cpart.value_counts, rules.cell_threshold)
-            )
+                cpart, value_counts=kept, suppressed_levels=cpart.suppressed_levels + n_hidden)
 
     crosstab = None if reply.crosstab is None else _crosstab(reply.crosstab, rules, refused)
     covariance = None if reply.covariance is None else _covariance(reply.covariance, rules, refused)

@@ -31,7 +31,22 @@ RULE_HELP: dict[str, str] = {
     "min_max": 'min and max: "off" never sent, "noisy" sent moved outward by random noise, "exact" sent as they are',
     "min_max_noise": 'with min_max = "noisy": min is lowered and max raised by a random amount of up to '
     "this fraction of the column's range on this node",
-    "excluded_columns": 'columns never summarised (identifiers, free text), e.g. ["patient_id", "notes"]',
+    "excluded_columns": 'columns never summarised (identifiers, free text), e.g. ["patient_id", "notes"]; '
+    "nor is any column derived from them",
+    "levels_max": "a column with more distinct values than this is refused for value counts, crosstabs and one-hot "
+    "encoding (DataSHIELD's nfilter.levels.max)",
+    "levels_density": "... and so is a column with more distinct values than this fraction of its count "
+    "(DataSHIELD's nfilter.levels.density)",
+    "group_levels": "a column with at most this many distinct values defines groups: each group must hold at least "
+    "min_count rows for a covariance or correlation with it, and its own moments need every group >= cell_threshold",
+    "threshold_resolution": "quantile thresholds and histogram edges are rounded to a power-of-ten grid no finer than "
+    "this fraction of the column's standard deviation",
+    "threshold_allowance": "distinct thresholds and histogram edges one researcher may have answered per source "
+    "column of each dataset, ever (kept in node.db, shared by every dataset derived from it)",
+    "max_thresholds": "quantile thresholds plus histogram edges one request may hold",
+    "max_onehot_categories": "categories a one-hot step may list for one column",
+    "max_derived_cells": "rows x columns a preprocessing pipeline may produce",
+    "max_concurrent": "analytics and preprocessing requests this node works on at once; more are refused at once",
 }
 
 
@@ -55,11 +70,21 @@ class DisclosureRules:
     min_max: str = "off"
     min_max_noise: float = 0.05
     excluded_columns: tuple[str, ...] = ()
+    levels_max: int = 40
+    levels_density: float = 0.33
+    group_levels: int = 5
+    threshold_resolution: float = 0.01
+    threshold_allowance: int = 500
+    max_thresholds: int = 256
+    max_onehot_categories: int = 100
+    max_derived_cells: int = 20_000_000
+    max_concurrent: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise _bad("enabled", "true or false", self.enabled)
-        for key in ("min_count", "cell_threshold"):
+        for key in ("min_count", "cell_threshold", "levels_max", "group_levels", "threshold_allowance",
+                    "max_thresholds", "max_onehot_categories", "max_derived_cells", "max_concurrent"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise _bad(key, "an integer >= 1", value)
@@ -67,6 +92,11 @@ class DisclosureRules:
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
             raise _bad("max_bins_fraction", "a number > 0 and <= 1", fraction)
         object.__setattr__(self, "max_bins_fraction", float(fraction))
+        for key in ("levels_density", "threshold_resolution"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+                raise _bad(key, "a number > 0 and <= 1", value)
+            object.__setattr__(self, key, float(value))
         if not isinstance(self.min_max, str) or self.min_max not in MIN_MAX_MODES:
             raise _bad("min_max", "one of " + ", ".join(f'"{m}"' for m in MIN_MAX_MODES), self.min_max)
         noise = self.min_max_noise
@@ -108,6 +138,10 @@ def check_enabled(rules: DisclosureRules) -> None:
         )
 
 
+_SPECIAL = ("enabled", "min_count", "cell_threshold", "max_bins_fraction", "min_max", "min_max_noise",
+            "excluded_columns")
+
+
 def describe(rules: DisclosureRules) -> str:
     """The rules as readable lines (for the node's log and the CLI)."""
     values = {
@@ -118,6 +152,7 @@ def describe(rules: DisclosureRules) -> str:
         "min_max": f'"{rules.min_max}"',
         "min_max_noise": repr(rules.min_max_noise),
         "excluded_columns": json.dumps(list(rules.excluded_columns), ensure_ascii=False),
+        **{key: repr(getattr(rules, key)) for key in RULE_HELP if key not in _SPECIAL},
     }
     lines = ["disclosure rules:"]
     for key, help_text in RULE_HELP.items():

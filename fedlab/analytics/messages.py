@@ -64,7 +64,9 @@ class NumericPartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``mean``/``m2`` are the mean and the sum of squared deviations of the ``count`` values;
     ``min``/``max`` are only present when asked for and allowed (possibly with noise);
     ``histogram`` counts per bin of ``histogram_edges`` (None = suppressed bin);
-    ``below`` is, for a quantile round, the count of values <= each requested threshold.
+    ``below`` is, for a quantile round, the count of values <= each requested threshold, or None
+    where the node withheld that count (see :mod:`fedlab.privacy.cuts`); ``resolution`` is the
+    grid step to which the node rounded those thresholds and the histogram's edges.
     """
 
     count: int
@@ -76,7 +78,8 @@ class NumericPartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max: float | None = None
     histogram_edges: list[float] | None = None
     histogram: list[int | None] | None = None
-    below: list[int] | None = None
+    below: list[int | None] | None = None
+    resolution: float | None = None
 
 
 class CategoricalPartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -84,11 +87,13 @@ class CategoricalPartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True
 
     Missing values appear under the key ``"<missing>"`` when the request asked for
     ``{"value_counts": {"dropna": False}}``, else they are only counted in ``missing``.
+    ``suppressed_levels`` is how many levels the node withheld: their names are never sent.
     """
 
     count: int
     missing: int
     value_counts: dict[str, int | None]
+    suppressed_levels: int = 0
 
 
 class CrosstabPartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,7 +120,9 @@ class CovariancePartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
 
 
 class FAReply(Message, frozen=True):
-    """A node's partials for one FARequest. ``refused``: column -> why the node would not answer."""
+    """A node's partials for one FARequest. ``refused``: column -> why the node would not answer.
+    ``allowance``: column -> how many more distinct thresholds / histogram edges this researcher may
+    have answered on it (the node's ``disclosure.threshold_allowance``), for the columns asked."""
 
     dataset_id: str
     n_rows: int
@@ -124,6 +131,7 @@ class FAReply(Message, frozen=True):
     crosstab: CrosstabPartial | None = None
     covariance: CovariancePartial | None = None
     refused: dict[str, str] = {}
+    allowance: dict[str, int] = {}
 
 
 register("fa_request", FARequest)

@@ -1,27 +1,44 @@
 """The node's answer to an FARequest: partial statistics over one dataset, after disclosure rules.
 
-Order of checks, so that a refusal is always explicit: analytics switched on at all, the
-dataset known and tabular, the dataset large enough (min_count), the requested columns
-present; then partials are computed exactly and the operator's rules applied to them before
-anything leaves the node. CSV files are read once and cached until the file changes, so a
-sequence of requests (a quantile search takes several rounds) costs one read.
+Order of checks, so that a refusal is always explicit: analytics switched on at all, the request
+within this node's caps, the dataset known and tabular, large enough (min_count), the requested
+columns present; then partials are computed exactly and the operator's rules applied to them
+before anything leaves the node.
+
+Every rule follows the data, not the names (see :mod:`fedlab.privacy`): a dataset made by
+preprocessing on this node is answered from its *root* source and the chain of steps that made
+it, so that every column knows its source columns and its real (not imputed) rows; exclusions,
+``min_count``, noise, levels, groups and the threshold state are those of the source columns.
+CSV files are read once and cached until the file changes, so a sequence of requests (a
+quantile search takes several rounds) costs one read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pandas as pd
 
 from fedlab.analytics.disclosure import DisclosureRules, apply_rules, check_enabled
-from fedlab.analytics.messages import STATISTICS, CategoricalPartial, FAReply, FARequest, NumericPartial
+from fedlab.analytics.messages import (
+    STATISTICS,
+    CategoricalPartial,
+    CovariancePartial,
+    CrosstabPartial,
+    FAReply,
+    FARequest,
+    NumericPartial,
+)
 from fedlab.analytics.partials import (
     categorical_partial,
     covariance_partial,
@@ -29,22 +46,35 @@ from fedlab.analytics.partials import (
     is_numeric,
     numeric_partial,
 )
-from fedlab.errors import FedlabDatasetError, FedlabDisclosureError, FedlabProtocolError
+from fedlab.errors import FedlabDatasetError, FedlabDisclosureError, FedlabError, FedlabProtocolError
+from fedlab.node.preproc_state import PreprocStateStore
+from fedlab.node.privacy_state import CutSession, PrivacyState
 from fedlab.node.registry import DatasetRecord, DatasetRegistry
+from fedlab.privacy import cuts
+from fedlab.privacy.groups import group_refusal, level_counts, levels_refusal, moments_refusal, suppressed_levels
+from fedlab.privacy.noise import noise_fractions, noisy_range
+from fedlab.privacy.provenance import OTHER_CATEGORY, Origin, initial, track
 
-__all__ = ["AnalyticsHandler", "CsvCache"]
+__all__ = ["AnalyticsHandler", "CsvCache", "LoadedData"]
 
 log = logging.getLogger("fedlab.node")
+INSECURE_PEER = "insecure"
+_CROSSTAB = "crosstab"
+_COV = "cov"
 
 
 class CsvCache:
-    """DataFrames of registered CSV datasets, re-read only when the file changes."""
+    """DataFrames of registered CSV datasets, re-read only when the file changes, with a digest
+    of the file's content (the noise and the threshold state of a dataset follow its content)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._frames: dict[str, tuple[tuple[int, int], pd.DataFrame]] = {}
+        self._frames: dict[str, tuple[tuple[int, int], pd.DataFrame, str]] = {}
 
     def load(self, path: str) -> pd.DataFrame:
+        return self.load_with_digest(path)[0]
+
+    def load_with_digest(self, path: str) -> tuple[pd.DataFrame, str]:
         try:
             stat = os.stat(path)
         except OSError as exc:
@@ -56,48 +86,145 @@ class CsvCache:
         with self._lock:
             cached = self._frames.get(path)
             if cached is not None and cached[0] == key:
-                return cached[1]
+                return cached[1], cached[2]
+        if not os.path.isfile(path):
+            raise FedlabDatasetError("the dataset's file is no longer a readable file on this node; "
+                                     "the node's operator should register it again")
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
         frame = pd.read_csv(path)
         with self._lock:
-            self._frames[path] = (key, frame)
+            self._frames[path] = (key, frame, digest.hexdigest())
+        return frame, digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    """A dataset as a request sees it: the frame, each column's origin, and its root source."""
+
+    frame: pd.DataFrame
+    origins: dict[str, Origin]
+    root: DatasetRecord
+    digest: str
+    chain: list[dict[str, Any]]
+
+    @property
+    def source_key(self) -> str:
+        return f"{self.root.dataset_id}:{self.digest[:32]}"
+
+
+def apply_tracked(frame: pd.DataFrame, origins: dict[str, Origin], chain: Sequence[Mapping[str, Any]],
+                  ) -> tuple[pd.DataFrame, dict[str, Origin]]:
+    """``frame`` transformed by ``chain`` (a copy), with the origins carried along."""
+    from fedlab.preprocessing.transforms import apply_transform
+
+    out = frame.copy()
+    for spec in chain:
+        try:
+            out = apply_transform(out, spec)
+        except FedlabError:
+            raise
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("preprocessing chain failed on this node: %s: %s", type(exc).__name__, exc)
+            raise FedlabDatasetError(
+                f"the preprocessing chain cannot be applied to this node's data (its {spec.get('type')} step "
+                "failed; the node's log has the details); check the step's columns and parameters, or start "
+                "the pipeline again") from exc
+        if spec.get("type") == "onehot":
+            out = _fold(out, spec)
+        origins = track(origins, spec)
+    return out, origins
+
+
+def _fold(frame: pd.DataFrame, spec: Mapping[str, Any]) -> pd.DataFrame:
+    """Move the rows of the levels this node folded (see :mod:`fedlab.privacy.spec_check`) from their
+    indicator columns, which stay all zeros, to ``<other>``."""
+    folded = spec.get("folded")
+    if not isinstance(folded, Mapping):
         return frame
+    for column, levels in folded.items():
+        other = f"{column}={OTHER_CATEGORY}"
+        for level in levels if isinstance(levels, list) else []:
+            name = f"{column}={level}"
+            if name in frame.columns and other in frame.columns:
+                frame[other] = np.maximum(frame[other].to_numpy(), frame[name].to_numpy())
+                frame[name] = 0.0
+    return frame
 
 
 class AnalyticsHandler:
-    def __init__(self, registry: DatasetRegistry, rules: DisclosureRules, *, node_id: str) -> None:
+    def __init__(self, registry: DatasetRegistry, rules: DisclosureRules, *, node_id: str,
+                 peer: str = INSECURE_PEER) -> None:
         self.registry = registry
         self.rules = rules
         self.cache = CsvCache()
         self._node_id = node_id
+        self.peer = peer or INSECURE_PEER
+        self.privacy = PrivacyState(registry.db_path)
+        self.states = PreprocStateStore(registry.db_path)
 
-    def _rng(self, dataset_id: str, path: str) -> np.random.Generator:
-        """The same noise for the same dataset on every request, so that asking again and again
-        cannot average it away; seeded from what only this node knows (the file's path)."""
-        digest = hashlib.sha256(f"{self._node_id}|{dataset_id}|{path}".encode()).digest()
-        return np.random.default_rng(int.from_bytes(digest[:8], "big"))
+    # -- the dataset as a request sees it ------------------------------------------------------
+    def resolve(self, record: DatasetRecord) -> tuple[DatasetRecord, list[dict[str, Any]]]:
+        """The root source dataset of ``record`` and the chain of steps that made it from there."""
+        meta = record.metadata
+        root_id, state_id = meta.get("root"), meta.get("state_id")
+        if not root_id or not state_id:
+            return record, []
+        try:
+            root = self.registry.get(str(root_id))
+        except FedlabDatasetError:
+            raise FedlabDatasetError(
+                f"dataset {record.name} was derived on this node from a dataset that is no longer registered; "
+                "its statistics follow its source, so they cannot be computed") from None
+        return root, list(self.states.get(str(state_id))[2])
 
-    def __call__(self, request: FARequest) -> FAReply:
-        check_enabled(self.rules)
-        self.check_stats(request)
-        record = self.registry.get(request.dataset_id)
+    def load(self, record: DatasetRecord, chain: Sequence[Mapping[str, Any]] | None = None) -> LoadedData:
+        """``record``'s data as its root source transformed by ``chain`` (default: the chain that
+        made ``record``; a preprocessing state's chain already starts from the root)."""
         if record.data_type != "csv":
             raise FedlabDatasetError(
                 f"dataset {record.name} holds {record.data_type}; statistics need a CSV dataset")
-        frame = self.cache.load(str(Path(record.path)))
-        return self.answer(request, frame, record)
+        root, base = self.resolve(record)
+        steps: list[dict[str, Any]] = [dict(s) for s in (base if chain is None else chain)]
+        source, digest = self.cache.load_with_digest(str(Path(root.path)))
+        frame, origins = apply_tracked(source, initial(source), steps)
+        return LoadedData(frame=frame, origins=origins, root=root, digest=digest, chain=steps)
 
-    def answer(self, request: FARequest, frame: pd.DataFrame, record: DatasetRecord) -> FAReply:
-        """Partials of ``frame`` (``record``'s data, possibly transformed in memory by a
-        preprocessing chain) after the disclosure rules: the one place where they are applied."""
+    # -- answering -----------------------------------------------------------------------------
+    def __call__(self, request: FARequest) -> FAReply:
+        check_enabled(self.rules)
+        self.check_stats(request)
+        self.check_caps(request)
+        record = self.registry.get(request.dataset_id)
+        return self.answer(request, self.load(record), record)
+
+    def check_caps(self, request: FARequest) -> None:
+        """Refuse a request over this node's caps before any data is read."""
+        n_points = sum(len(ts) for ts in request.thresholds.values())
+        for args in request.stats_args.values():
+            edges = args.get("histogram", {}).get("edges") if isinstance(args.get("histogram"), dict) else None
+            if isinstance(edges, list):
+                n_points += len(edges)
+        if n_points > self.rules.max_thresholds:
+            raise FedlabDisclosureError(
+                f"max_thresholds: the request holds {n_points} thresholds and histogram edges, more than this "
+                f"node's maximum of {self.rules.max_thresholds} per request (disclosure.max_thresholds)")
+
+    def answer(self, request: FARequest, data: LoadedData, record: DatasetRecord) -> FAReply:
+        """Partials of ``data`` after the disclosure rules: the one place where they are applied."""
+        frame = data.frame
         if len(frame) < self.rules.min_count:
             raise FedlabDisclosureError(
                 f"min_count: dataset {record.name} has {len(frame)} rows, fewer than this node's minimum "
                 f"of {self.rules.min_count} (disclosure.min_count); no statistic can leave this node")
-        columns = self._columns(request, frame)
-        reply = self._partials(request, frame, columns, record.dataset_id)
-        asked_min_max = [c for c in columns if {"min", "max"} & set(self._stats_for(request, c))]
-        rng = self._rng(record.dataset_id, str(record.path))
-        return apply_rules(reply, self.rules, rng=rng, asked_min_max=asked_min_max)
+        columns = self._columns(request, data)
+        with self.privacy.cuts(self.peer, data.source_key) as session:
+            reply, noisy = self._partials(request, data, columns, record.dataset_id, session)
+            asked_min_max = [c for c in columns if {"min", "max"} & set(self._stats_for(request, c))]
+            return apply_rules(reply, self.rules, rng=np.random.default_rng(0), asked_min_max=asked_min_max,
+                               noisy=noisy)
 
     @staticmethod
     def check_stats(request: FARequest) -> None:
@@ -114,49 +241,224 @@ class AnalyticsHandler:
             return list(request.stats_args.get(column, {}))
         return list(request.stats)
 
-    def _columns(self, request: FARequest, frame: pd.DataFrame) -> list[str]:
+    def _excluded(self, data: LoadedData, column: str) -> bool:
+        origin = data.origins.get(column)
+        sources = origin.sources if origin is not None else {column}
+        return bool(set(sources) & set(self.rules.excluded_columns))
+
+    def _columns(self, request: FARequest, data: LoadedData) -> list[str]:
+        frame = data.frame
         wanted = list(request.columns) or list(request.stats_args) or [
-            c for c in frame.columns if c not in self.rules.excluded_columns]
+            c for c in frame.columns if not self._excluded(data, str(c))]
         absent = [c for c in [*wanted, *request.crosstab] if c not in frame.columns]
         if absent:
             raise FedlabDatasetError(f"columns {absent} are not in this dataset; it has {list(frame.columns)}")
-        return wanted
+        return list(dict.fromkeys(wanted))
 
-    def _partials(self, request: FARequest, frame: pd.DataFrame, columns: Sequence[str],
-                  dataset_id: str) -> FAReply:
-        """Exact partials for what was asked, and nothing more (value counts only on request)."""
+    # -- per column ----------------------------------------------------------------------------
+    def _refusal(self, data: LoadedData, column: str) -> str | None:
+        if self._excluded(data, column):
+            return "excluded by the node's operator (disclosure.excluded_columns), or made from such a column"
+        real = data.origins[column].real_count
+        if real < self.rules.min_count:
+            return (f"min_count: {real} real (measured, not imputed) values, fewer than this node's minimum of "
+                    f"{self.rules.min_count} (disclosure.min_count)")
+        return None
+
+    def _partials(self, request: FARequest, data: LoadedData, columns: Sequence[str], dataset_id: str,
+                  session: CutSession) -> tuple[FAReply, dict[str, tuple[float, float]]]:
+        """Exact partials for what was asked, and nothing more, with the rules that need the data."""
+        frame = data.frame
         numeric: dict[str, NumericPartial] = {}
         categorical: dict[str, CategoricalPartial] = {}
         refused: dict[str, str] = {}
+        allowance: dict[str, int] = {}
+        noisy: dict[str, tuple[float, float]] = {}
         for column in columns:
-            if column in self.rules.excluded_columns:
-                refused[column] = "excluded by the node's operator (disclosure.excluded_columns)"
+            if (why := self._refusal(data, column)) is not None:
+                refused[column] = why
                 continue
             series = frame[column]
             stats = set(self._stats_for(request, column))
             args: dict[str, Any] = request.stats_args.get(column, {})
+            counts: dict[str, int] | None = None
             if "value_counts" in stats or not is_numeric(series):
-                dropna = bool(args.get("value_counts", {}).get("dropna", True))
-                partial = categorical_partial(series, dropna=dropna)
-                if "value_counts" not in stats:  # only count and missing were asked of this column
+                counts = level_counts(series)
+                partial = categorical_partial(series, dropna=bool(_arg(args, "value_counts", "dropna", True)))
+                if "value_counts" in stats and (why := levels_refusal(column, counts, self.rules)) is not None:
+                    refused[f"{column}.value_counts"] = why
+                    partial = CategoricalPartial(count=partial.count, missing=partial.missing, value_counts={})
+                elif "value_counts" not in stats:  # only count and missing were asked of this column
                     partial = CategoricalPartial(count=partial.count, missing=partial.missing, value_counts={})
                 categorical[column] = partial
             if is_numeric(series) and stats - {"value_counts"}:
-                edges = args.get("histogram", {}).get("edges") if "histogram" in stats else None
-                numeric[column] = numeric_partial(
-                    series,
-                    with_min_max=bool({"min", "max"} & stats),
-                    histogram_edges=edges,
-                    thresholds=request.thresholds.get(column),
-                )
-        crosstab = None
-        if request.crosstab:
-            if len(request.crosstab) != 2:
-                raise FedlabProtocolError("a crosstab needs exactly two columns", code="invalid_field",
-                                          field="crosstab")
-            crosstab = crosstab_partial(frame, request.crosstab[0], request.crosstab[1])
+                counts = counts if counts is not None else level_counts(series)
+                if (why := moments_refusal(column, counts, self.rules)) is not None:
+                    refused[column] = why
+                    categorical.pop(column, None)
+                    continue
+                part, fence = self._numeric(request, data, column, stats, args, session, refused, allowance)
+                numeric[column] = part
+                noisy[column] = fence
+        crosstab = self._crosstab(request, data, refused) if request.crosstab else None
         covariance = None
         if {"cov", "corr"} & set(request.stats):
-            covariance = covariance_partial(frame, list(numeric))
-        return FAReply(dataset_id=dataset_id, n_rows=len(frame), numeric=numeric, categorical=categorical,
-                       crosstab=crosstab, covariance=covariance, refused=refused)
+            covariance = self._covariance(data, list(numeric), refused)
+        return (FAReply(dataset_id=dataset_id, n_rows=len(frame), numeric=numeric, categorical=categorical,
+                        crosstab=crosstab, covariance=covariance, refused=refused, allowance=allowance), noisy)
+
+    def _numeric(self, request: FARequest, data: LoadedData, column: str, stats: set[str], args: dict[str, Any],
+                 session: CutSession, refused: dict[str, str], allowance: dict[str, int],
+                 ) -> tuple[NumericPartial, tuple[float, float]]:
+        series = data.frame[column]
+        origin = data.origins[column]
+        part = numeric_partial(series, with_min_max=bool({"min", "max"} & stats))
+        values = _floats(series)
+        real = _floats(series[origin.real])
+        real_sorted = np.sort(real)
+        fence = self._fence(data, column, real_sorted)
+        if part.min is not None and part.max is not None:
+            # the released range covers imputed values too, which the researcher chose and knows
+            lo, hi = fence
+            extra = values[~origin.real[series.notna().to_numpy()]] if values.size else values
+            if extra.size:
+                lo, hi = min(lo, float(extra.min())), max(hi, float(extra.max()))
+            fence_out = (lo, hi)
+        else:
+            fence_out = fence
+        edges = args.get("histogram", {}).get("edges") if "histogram" in stats else None
+        thresholds = request.thresholds.get(column)
+        levels = _arg(args, "quantiles", "levels", None)
+        most = origin.real_count // self.rules.min_count
+        if thresholds is not None and isinstance(levels, list) and len(levels) > most:
+            refused[f"{column}.quantiles"] = (
+                f"min_count: {len(levels)} quantile levels over {origin.real_count} values; this node answers at "
+                f"most {most} (one per {self.rules.min_count} values, "
+                "disclosure.min_count)")
+            thresholds = None
+        if edges is None and thresholds is None:
+            return part, fence_out
+        step = cuts.grid_step(real, self.rules.threshold_resolution)
+        state = session.load(origin.source, self.rules.threshold_allowance)
+        prefix = f"{hashlib.sha256(repr(data.chain).encode()).hexdigest()[:16]}|{column}"
+        all_sorted = np.sort(values)
+        reasons: list[str] = []
+        histogram_edges = histogram = None
+        if edges is not None:
+            checked = numeric_partial(series.iloc[:0], histogram_edges=edges).histogram_edges  # validates edges
+            assert checked is not None
+            snapped = [cuts.snap(e, step) for e in checked]
+            sides = [cuts.LEFT] * (len(snapped) - 1) + [cuts.RIGHT]
+            points = [cuts.Point(v, s) for v, s in zip(snapped, sides, strict=True)]
+            ranks, why = cuts.answer_points(points, real_sorted, fence=fence, state=state, key_prefix=prefix,
+                                            min_count=self.rules.min_count, cell_threshold=self.rules.cell_threshold)
+            reasons += why
+            cum = [None if r is None else _rank(all_sorted, p)
+                   for p, r in zip(points, ranks, strict=True)]
+            histogram = [None if a is None or b is None else b - a for a, b in zip(cum, cum[1:], strict=False)]
+            histogram_edges = checked
+        below: list[int | None] | None = None
+        if thresholds is not None:
+            ts = numeric_partial(series.iloc[:0], thresholds=thresholds)  # validates the thresholds
+            assert ts.below is not None
+            points = [cuts.Point(cuts.snap(float(t), step), cuts.RIGHT) for t in thresholds]
+            ranks, why = cuts.answer_points(points, real_sorted, fence=fence, state=state, key_prefix=prefix,
+                                            min_count=self.rules.min_count, cell_threshold=self.rules.cell_threshold)
+            reasons += why
+            below = [None if r is None else int(np.searchsorted(all_sorted, p.value, side="right"))
+                     for p, r in zip(points, ranks, strict=True)]
+        session.save(origin.source, state)
+        allowance[column] = state.remaining
+        if reasons:
+            refused[f"{column}.thresholds"] = _withheld(reasons, self.rules)
+        part = msgspec.structs.replace(part, histogram_edges=histogram_edges, histogram=histogram, below=below,
+                                       resolution=step)
+        return part, fence_out
+
+    def _fence(self, data: LoadedData, column: str, real_sorted: np.ndarray) -> tuple[float, float]:
+        """The column's noisy range, fixed per (node secret, source content, source column)."""
+        if real_sorted.size == 0:
+            return (math.inf, -math.inf)
+        lo, hi = float(real_sorted[0]), float(real_sorted[-1])
+        if self.rules.min_max == "exact":
+            return lo, hi
+        fractions = noise_fractions(self.privacy.secret, data.digest, data.origins[column].source)
+        return noisy_range(lo, hi, self.rules.min_max_noise, fractions)
+
+    # -- tables ----------------------------------------------------------------------------------
+    def _crosstab(self, request: FARequest, data: LoadedData, refused: dict[str, str]) -> CrosstabPartial | None:
+        if len(request.crosstab) != 2:
+            raise FedlabProtocolError("a crosstab needs exactly two columns", code="invalid_field", field="crosstab")
+        rows, cols = request.crosstab
+        hidden: dict[str, set[str]] = {}
+        for column in (rows, cols):
+            if self._excluded(data, column):
+                refused[_CROSSTAB] = f"excluded by the node's operator (disclosure.excluded_columns): {column}"
+                return None
+            counts = level_counts(data.frame[column])
+            if (why := levels_refusal(column, counts, self.rules)) is not None:
+                refused[_CROSSTAB] = why
+                return None
+            hidden[column] = suppressed_levels(counts, self.rules.cell_threshold)
+        both = data.origins[rows].real & data.origins[cols].real
+        if int(both.sum()) < self.rules.min_count:
+            refused[_CROSSTAB] = (f"min_count: {int(both.sum())} rows with real values of both columns, fewer than "
+                                  f"this node's minimum of {self.rules.min_count} (disclosure.min_count)")
+            return None
+        table = crosstab_partial(data.frame, rows, cols)
+        # the levels the columns' own value counts suppress are left out of every table, unnamed
+        cells = {r: {c: n for c, n in row.items() if c not in hidden[cols]}
+                 for r, row in table.cells.items() if r not in hidden[rows]}
+        return msgspec.structs.replace(table, cells={r: row for r, row in cells.items() if row})
+
+    def _covariance(self, data: LoadedData, columns: list[str], refused: dict[str, str]) -> CovariancePartial | None:
+        frame, rules = data.frame, self.rules
+        for column in columns:
+            counts = level_counts(frame[column])
+            if (why := group_refusal(column, counts, rules)) is not None:
+                refused[_COV] = why
+                return None
+        present = {c: frame[c].notna().to_numpy() for c in columns}
+        real = {c: data.origins[c].real for c in columns}
+        for a in columns:
+            for b in columns:
+                n_real = int((real[a] & real[b]).sum())
+                if n_real < rules.min_count:
+                    refused[_COV] = (f"min_count: the pair ({a}, {b}) has {n_real} rows with real values of both, "
+                                     f"fewer than this node's minimum of {rules.min_count} (disclosure.min_count)")
+                    return None
+                gap = int((present[a] & ~present[b]).sum())
+                if 0 < gap < rules.min_count:
+                    refused[_COV] = (
+                        f"min_count: {a} has {gap} rows where {b} is missing; a covariance over the rest would "
+                        f"single out that subset, smaller than this node's minimum of {rules.min_count} "
+                        "(disclosure.min_count)")
+                    return None
+        return covariance_partial(frame, columns)
+
+
+def _rank(values: np.ndarray, point: cuts.Point) -> int:
+    return int(np.searchsorted(values, point.value, side="left" if point.side == cuts.LEFT else "right"))
+
+
+def _arg(args: Mapping[str, Any], stat: str, key: str, default: Any) -> Any:
+    table = args.get(stat)
+    return table.get(key, default) if isinstance(table, Mapping) else default
+
+
+def _floats(series: pd.Series) -> np.ndarray:
+    present = series.dropna()
+    return np.asarray(present.to_numpy(dtype=np.float64), dtype=np.float64)
+
+
+def _withheld(reasons: Sequence[str], rules: DisclosureRules) -> str:
+    texts = {
+        "threshold_allowance": f"threshold_allowance: this researcher's {rules.threshold_allowance} distinct "
+        "thresholds and edges on this column are spent (disclosure.threshold_allowance)",
+        "min_count": f"min_count: fewer than {max(rules.min_count, rules.cell_threshold)} values would lie on one "
+        "side (disclosure.min_count)",
+        "cell_threshold": f"cell_threshold: the count would differ from an earlier answer on this column by fewer "
+        f"than {rules.cell_threshold} values (disclosure.cell_threshold)",
+    }
+    counts = {r: reasons.count(r) for r in dict.fromkeys(reasons)}
+    return "withheld " + "; ".join(f"{n} point(s) by {texts[r]}" for r, n in counts.items())

@@ -1,7 +1,11 @@
 """The node's answer to a PreprocRequest: fit, set or apply one step of a preprocessing pipeline.
 
-Every step starts from the source dataset and re-applies the state's chain in memory, so the
-source file is never modified and nothing but the chain needs to be kept between steps.
+Every step starts from the *root* source dataset (a dataset derived on this node is followed
+back to it) and re-applies the state's chain in memory, so the source file is never modified,
+nothing but the chain needs to be kept between steps, and every derived column keeps its
+provenance (see :mod:`fedlab.privacy.provenance`). A ``set`` step's spec comes from the
+researcher and is validated against this node's rules and data before it is kept
+(:func:`fedlab.privacy.spec_check.check_spec`).
 A fit is an analytics request on the transformed data and goes through the very same
 disclosure rules (see :meth:`AnalyticsHandler.answer`); when analytics are switched off,
 preprocessing is too, since a fit reveals statistics. ComBat's node-local batch estimates
@@ -10,10 +14,11 @@ are computed here, kept in the state and never sent back.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +27,22 @@ import pandas as pd
 
 from fedlab.analytics.disclosure import DisclosureRules, check_enabled
 from fedlab.analytics.messages import FARequest
-from fedlab.errors import FedlabDatasetError, FedlabError, FedlabProtocolError
-from fedlab.node.analytics_handler import AnalyticsHandler
+from fedlab.errors import FedlabDatasetError, FedlabDisclosureError, FedlabError, FedlabProtocolError
+from fedlab.node.analytics_handler import AnalyticsHandler, LoadedData, apply_tracked
 from fedlab.node.preproc_state import PreprocStateStore
 from fedlab.node.registry import DatasetRecord, DatasetRegistry
 from fedlab.preprocessing.messages import PREPROC_STEPS, PREPROC_TYPES, PreprocReply, PreprocRequest
+from fedlab.privacy.spec_check import check_spec
 
 __all__ = ["DERIVED_DIR", "PreprocHandler"]
 
+log = logging.getLogger("fedlab.node")
 DERIVED_DIR = "derived"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def _invalid(message: str, field: str) -> FedlabProtocolError:
     return FedlabProtocolError(message, code="invalid_field", field=field)
-
-
-def _chain(frame: pd.DataFrame, chain: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """``frame`` transformed by ``chain``; a copy, so that the cached source stays as it was."""
-    from fedlab.preprocessing.transforms import apply_chain
-
-    try:
-        return apply_chain(frame.copy(), chain)
-    except FedlabError:
-        raise
-    except (KeyError, ValueError, TypeError) as exc:
-        raise FedlabDatasetError(
-            f"the preprocessing chain cannot be applied to this node's data ({type(exc).__name__}: {exc}); "
-            "check the step's columns and parameters, or start the pipeline again"
-        ) from exc
 
 
 class PreprocHandler:
@@ -63,7 +55,7 @@ class PreprocHandler:
         self.node_dir = Path(node_dir)
         # Sharing the dispatcher's analytics handler shares its CSV cache.
         self.analytics = analytics or AnalyticsHandler(registry, rules, node_id=node_id)
-        self.states = PreprocStateStore(registry.db_path)
+        self.states: PreprocStateStore = self.analytics.states
 
     def __call__(self, request: PreprocRequest) -> PreprocReply:
         if request.preproc_type not in PREPROC_TYPES:
@@ -77,18 +69,17 @@ class PreprocHandler:
         if record.data_type != "csv":
             raise FedlabDatasetError(
                 f"dataset {record.name} holds {record.data_type}; preprocessing needs a CSV dataset")
-        chain: list[dict[str, Any]] = []
+        chain: list[dict[str, Any]] | None = None  # None: the chain that made this dataset, if derived
         if request.state_id is not None:
             chain = self.states.get(request.state_id, record.dataset_id)[2]
-        source = self.analytics.cache.load(record.path)
+        data = self.analytics.load(record, chain)
         if request.preproc_step == "fit":
-            return self._fit(request, record, source, chain)
+            return self._fit(request, record, data)
         if request.preproc_step == "set":
-            return self._set(request, record, source, chain)
-        return self._apply(request, record, source, chain)
+            return self._set(request, record, data)
+        return self._apply(request, record, data)
 
-    def _fit(self, request: PreprocRequest, record: DatasetRecord, source: pd.DataFrame,
-             chain: list[dict[str, Any]]) -> PreprocReply:
+    def _fit(self, request: PreprocRequest, record: DatasetRecord, data: LoadedData) -> PreprocReply:
         args = request.preproc_args
         try:
             fa_request = msgspec.convert(
@@ -100,12 +91,12 @@ class PreprocHandler:
             raise _invalid(f"the fit's preproc_args are not a valid statistics request: {exc}",
                            "preproc_args") from exc
         self.analytics.check_stats(fa_request)
-        partials = self.analytics.answer(fa_request, _chain(source, chain), record)
-        return PreprocReply(state_id=self.states.new(request.preproc_id, record.dataset_id, chain),
+        self.analytics.check_caps(fa_request)
+        partials = self.analytics.answer(fa_request, data, record)
+        return PreprocReply(state_id=self.states.new(request.preproc_id, record.dataset_id, data.chain),
                             partials=partials)
 
-    def _set(self, request: PreprocRequest, record: DatasetRecord, source: pd.DataFrame,
-             chain: list[dict[str, Any]]) -> PreprocReply:
+    def _set(self, request: PreprocRequest, record: DatasetRecord, data: LoadedData) -> PreprocReply:
         spec = request.preproc_args.get("transform")
         if not isinstance(spec, dict) or spec.get("type") != request.preproc_type:
             raise _invalid(
@@ -114,16 +105,17 @@ class PreprocHandler:
         columns = spec.get("columns", [])
         if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
             raise _invalid("the transform's columns must be a list of column names", "preproc_args")
-        frame = _chain(source, chain)
+        frame = data.frame
         absent = [c for c in columns if c not in frame.columns]
         if absent:
             raise FedlabDatasetError(
                 f"columns {absent} are not in this dataset after the pipeline's steps so far; "
                 f"it has {list(frame.columns)}")
+        spec = check_spec(spec, frame, data.origins, self.rules)  # the node's rules decide what the spec holds
         if spec["type"] == "combat":
             spec = {**spec, **self._combat_local(frame, spec)}
-        _chain(frame, [spec])  # a spec that cannot be applied is refused now, not at apply
-        return PreprocReply(state_id=self.states.new(request.preproc_id, record.dataset_id, [*chain, spec]))
+        apply_tracked(frame, data.origins, [spec])  # a spec that cannot be applied is refused now, not at apply
+        return PreprocReply(state_id=self.states.new(request.preproc_id, record.dataset_id, [*data.chain, spec]))
 
     @staticmethod
     def _combat_local(frame: pd.DataFrame, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,33 +129,40 @@ class PreprocHandler:
         except FedlabError:
             raise
         except (KeyError, ValueError, TypeError, ZeroDivisionError) as exc:
+            log.warning("ComBat's batch estimates failed: %s: %s", type(exc).__name__, exc)
             raise FedlabDatasetError(
-                f"ComBat's batch estimates cannot be computed on this node ({type(exc).__name__}: {exc})") from exc
+                "ComBat's batch estimates cannot be computed on this node's data (the node's log has the "
+                "details); check the step's columns") from exc
         # plain floats: the spec is stored as JSON and checked by the transforms as numbers
         return {"gamma_star": {c: float(v) for c, v in gamma.items()},
                 "delta_star": {c: float(v) for c, v in delta.items()}}
 
-    def _apply(self, request: PreprocRequest, record: DatasetRecord, source: pd.DataFrame,
-               chain: list[dict[str, Any]]) -> PreprocReply:
+    def _apply(self, request: PreprocRequest, record: DatasetRecord, data: LoadedData) -> PreprocReply:
         from fedlab.preprocessing.transforms import describe_spec
 
         args = request.preproc_args
         name, tags, description = args.get("name"), args.get("tags", []), args.get("description", "")
         if not isinstance(name, str) or not name.strip():
             raise _invalid("an apply step needs preproc_args['name'], the derived dataset's name", "preproc_args")
-        if not chain:
+        chain = data.chain
+        if request.state_id is None:
             raise _invalid("the pipeline has no steps yet: set at least one before apply", "state_id")
+        frame = data.frame
+        if frame.shape[0] * frame.shape[1] > self.rules.max_derived_cells:
+            raise FedlabDisclosureError(
+                f"max_derived_cells: the derived dataset would hold {frame.shape[0]} rows x {frame.shape[1]} columns, "
+                f"more than this node's maximum of {self.rules.max_derived_cells} cells (disclosure.max_derived_cells)")
         state_id = self.states.new(request.preproc_id, record.dataset_id, chain)
         derived = self.node_dir / DERIVED_DIR
         derived.mkdir(parents=True, exist_ok=True)
         path = derived / f"{_UNSAFE.sub('_', name.strip())[:100]}-{state_id}.csv"
-        frame = _chain(source, chain)
         fd, tmp = tempfile.mkstemp(dir=derived, suffix=".tmp")
         try:
             with os.fdopen(fd, "w", newline="") as fh:
                 frame.to_csv(fh, index=False)
             os.replace(tmp, path)
-            lineage = {"derived_from": record.dataset_id, "steps": [describe_spec(s) for s in chain]}
+            lineage = {"derived_from": record.dataset_id, "steps": [describe_spec(s) for s in chain],
+                       "root": data.root.dataset_id, "state_id": state_id}
             new = self.registry.add(name, tags, "csv", path, description, lineage=lineage)
         except BaseException:
             for leftover in (tmp, path):  # nothing half-made stays behind

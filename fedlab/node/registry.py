@@ -246,6 +246,10 @@ class DatasetRegistry:
         if lineage:
             metadata["derived_from"] = str(lineage.get("derived_from", ""))
             metadata["steps"] = [str(step) for step in lineage.get("steps", [])]
+            # node-side only (never in to_info): where the rules of a derived dataset come from
+            for key in ("root", "state_id"):
+                if lineage.get(key):
+                    metadata[key] = str(lineage[key])
         record = DatasetRecord(
             dataset_id="dataset-" + uuid.uuid4().hex[:12],
             name=name,

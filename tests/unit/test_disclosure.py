@@ -247,19 +247,21 @@ def test_threshold_one_suppresses_nothing() -> None:
     assert out.numeric["x"].histogram == [1, 0, 49]
 
 
-def test_value_counts_suppression() -> None:
+def test_value_counts_suppression_never_names_a_suppressed_level() -> None:
     out = apply(reply(categorical={"c": cat({"a": 20, "b": 1, "c": 2, "d": 0, "e": 17})}))
-    assert out.categorical["c"].value_counts == {"a": 20, "b": None, "c": None, "d": 0, "e": 17}
+    assert out.categorical["c"].value_counts == {"a": 20, "d": 0, "e": 17}
+    assert out.categorical["c"].suppressed_levels == 2
     out = apply(reply(categorical={"c": cat({"a": 20, "b": 1, "d": 0, "e": 17})}))
-    assert out.categorical["c"].value_counts == {"a": 20, "b": None, "d": 0, "e": None}
+    assert out.categorical["c"].value_counts == {"a": 20, "d": 0}  # e: secondary, the smallest other
+    assert out.categorical["c"].suppressed_levels == 2
 
 
-def test_missing_value_count_is_suppressed_but_not_a_group_member() -> None:
-    # "<missing>" is released exactly in `missing`, so it cannot hide another cell.
+def test_missing_value_count_is_not_a_level() -> None:
+    # "<missing>" is released exactly in `missing`: neither suppressed nor able to hide another cell.
     part = cat({"a": 20, "b": 30, "<missing>": 2}, missing=2)
     out = apply(reply(categorical={"c": part}))
-    assert out.categorical["c"].value_counts == {"a": 20, "b": 30, "<missing>": None}
-    assert out.categorical["c"].missing == 2
+    assert out.categorical["c"].value_counts == {"a": 20, "b": 30, "<missing>": 2}
+    assert out.categorical["c"].missing == 2 and out.categorical["c"].suppressed_levels == 0
 
 
 def test_crosstab_cells_and_secondary_suppression() -> None:

@@ -331,6 +331,15 @@ def test_init_writes_every_disclosure_default_with_a_comment(tmp_path: Path) -> 
         "min_max": "off",
         "min_max_noise": 0.05,
         "excluded_columns": [],
+        "levels_max": 40,
+        "levels_density": 0.33,
+        "group_levels": 5,
+        "threshold_resolution": 0.01,
+        "threshold_allowance": 500,
+        "max_thresholds": 256,
+        "max_onehot_categories": 100,
+        "max_derived_cells": 20_000_000,
+        "max_concurrent": 4,
     }
     lines = text.splitlines()
     table = lines[lines.index("[disclosure]") + 1 :]

@@ -1,0 +1,78 @@
+"""Levels and groups: which value counts may be named, and which subsets a statistic may cover.
+
+*Levels.* A value count names a level; a column with very many levels (an identifier, a
+continuous measure) lists its individuals. Such a column (more than ``levels_max`` distinct
+values, or more than ``levels_density`` x its count) is refused for value counts, crosstabs and
+one-hot encoding, as DataSHIELD's ``nfilter.levels.max`` / ``nfilter.levels.density`` do.
+
+*Suppressed levels, decided once per column.* A level held fewer than ``cell_threshold`` times
+is suppressed, and if exactly one is, so is the smallest other positive level (else the column's
+count would give it away). The set is computed from the column's own counts
+(:func:`suppressed_levels`), so every value count and every crosstab over the column hides the
+same levels; their names never leave the node.
+
+*Groups.* A column with at most ``group_levels`` distinct values (a one-hot indicator, sex, a
+short code) splits the rows into groups. A covariance with such a column is a sum over one group;
+every group must then hold ``min_count`` rows. The column's own moments are its level counts (the
+mean of a 0/1 column is a count), so they are released only when no level is suppressed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pandas as pd
+
+from fedlab.analytics.disclosure import suppressed_levels as _suppressed
+from fedlab.analytics.disclosure_rules import DisclosureRules
+
+__all__ = ["group_refusal", "level_counts", "levels_refusal", "moments_refusal", "suppressed_levels"]
+
+
+def level_counts(series: pd.Series) -> dict[str, int]:
+    """Counts of the present values of ``series`` keyed by ``str(value)``, as nodes key them."""
+    present = series.dropna()
+    keys = pd.Series([str(v) for v in present.tolist()], dtype=object)
+    return {str(k): int(v) for k, v in keys.value_counts(sort=False).items() if v}
+
+
+def suppressed_levels(counts: Mapping[str, int], threshold: int) -> set[str]:
+    """Primary (0 < n < threshold) and secondary suppression, from the column's own counts."""
+    return _suppressed(counts, threshold)
+
+
+def levels_refusal(column: str, counts: Mapping[str, int], rules: DisclosureRules) -> str | None:
+    """Why ``column`` has too many levels to be listed, or None."""
+    n_levels, total = len(counts), sum(counts.values())
+    if n_levels > rules.levels_max:
+        return (f"levels_max: {column} has {n_levels} distinct values, more than this node's maximum of "
+                f"{rules.levels_max} (disclosure.levels_max)")
+    if total and n_levels > rules.levels_density * total:
+        return (f"levels_density: {column} has {n_levels} distinct values for {total} values, more than "
+                f"{rules.levels_density} of them (disclosure.levels_density)")
+    return None
+
+
+def is_grouping(counts: Mapping[str, int], rules: DisclosureRules) -> bool:
+    return 0 < len(counts) <= rules.group_levels
+
+
+def group_refusal(column: str, counts: Mapping[str, int], rules: DisclosureRules) -> str | None:
+    """Why a covariance with ``column`` would cover too small a group, or None."""
+    if not is_grouping(counts, rules):
+        return None
+    small = min(counts.values())
+    if small < rules.min_count:
+        return (f"group_levels: {column} has {len(counts)} distinct values and so defines groups; one holds "
+                f"fewer than this node's minimum of {rules.min_count} rows (disclosure.group_levels, "
+                "disclosure.min_count)")
+    return None
+
+
+def moments_refusal(column: str, counts: Mapping[str, int], rules: DisclosureRules) -> str | None:
+    """Why the moments of a few-level ``column`` would give away a suppressed level count, or None."""
+    if not is_grouping(counts, rules) or not suppressed_levels(counts, rules.cell_threshold):
+        return None
+    return (f"group_levels: {column} has only {len(counts)} distinct values and one is held fewer than "
+            f"{rules.cell_threshold} times; its sum, mean or variance would give that count away "
+            "(disclosure.group_levels, disclosure.cell_threshold)")

@@ -1,0 +1,87 @@
+"""Column provenance: which source columns a derived column came from, and which rows are real.
+
+A node answers statistics on its source data transformed by a researcher's preprocessing chain.
+The rules must follow the data, not the column names: ``age`` standardized is still ``age``,
+``dx=RARE`` is ``dx``, and an imputed value is not a value anyone measured. :func:`initial` gives
+every source column its own origin; :func:`track` carries the origins through one (already
+validated) transform spec. Pure: the spec format is the one of
+:mod:`fedlab.preprocessing.transforms`, read here without importing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["INDICATOR", "VALUE", "Origin", "initial", "onehot_names", "sources_of", "track"]
+
+#: A column whose values are (an increasing affine map of) a source column's values.
+VALUE = "value"
+#: A 0/1 column marking the rows of one level of a source column (one-hot encoding).
+INDICATOR = "indicator"
+OTHER_CATEGORY = "<other>"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where one column of a (possibly derived) frame comes from.
+
+    ``sources``: the source dataset's columns it was computed from; ``kind``: VALUE or INDICATOR;
+    ``real``: per row, whether the row's value comes from a real (present, not imputed) source value.
+    """
+
+    sources: frozenset[str]
+    kind: str
+    real: np.ndarray
+
+    @property
+    def real_count(self) -> int:
+        return int(self.real.sum())
+
+    @property
+    def source(self) -> str:
+        """The one source column (every transform here maps one column to one or several)."""
+        return min(self.sources)
+
+
+def initial(frame: pd.DataFrame) -> dict[str, Origin]:
+    """Every column of a source dataset is its own source; its real rows are its present ones."""
+    return {str(c): Origin(frozenset({str(c)}), VALUE, frame[c].notna().to_numpy(dtype=bool)) for c in frame.columns}
+
+
+def onehot_names(column: str, categories: Sequence[str], other: bool) -> list[str]:
+    """The columns a one-hot step makes of ``column``, in order."""
+    return [f"{column}={v}" for v in categories] + ([f"{column}={OTHER_CATEGORY}"] if other else [])
+
+
+def track(origins: Mapping[str, Origin], spec: Mapping[str, Any]) -> dict[str, Origin]:
+    """The origins after applying ``spec`` (a validated spec), in the frame's column order.
+
+    standardize, minmax and combat map real values to real values and impute fills rows that
+    were not real: none of them changes a column's origin. One-hot replaces a column by
+    indicator columns that share its sources and real rows.
+    """
+    if spec.get("type") != "onehot":
+        return dict(origins)
+    out: dict[str, Origin] = {}
+    columns = set(spec["columns"])
+    for name, origin in origins.items():
+        if name not in columns:
+            out[name] = origin
+            continue
+        for new in onehot_names(name, spec["categories"][name], bool(spec["other"][name])):
+            out[new] = Origin(origin.sources, INDICATOR, origin.real)
+    return out
+
+
+def sources_of(origins: Mapping[str, Origin], columns: Iterable[str]) -> set[str]:
+    """The source columns behind ``columns`` (a column without an origin is its own source)."""
+    found: set[str] = set()
+    for c in columns:
+        origin = origins.get(c)
+        found |= set(origin.sources) if origin is not None else {c}
+    return found
