@@ -45,20 +45,38 @@ DataSHIELD's ``nfilter`` settings):
     Columns that are never summarised (identifiers, free text, ...): removed from the
     reply and listed in ``refused``; a crosstab or covariance that involves one is refused.
 
-What is *not* suppressed, by design: ``count`` and ``missing`` of a column that passes
-``min_count`` are sent exactly, and so are the quantile counts ``below`` (how many values
-are <= each threshold the researcher asked about). Cumulative counts at finely spaced
-thresholds can in principle be differenced to learn how many values lie between two
-thresholds; the protection there is ``min_count`` on the column, plus the fact that the
-researcher never sees the values themselves. Likewise ``count - sum(histogram)`` says how
-many values lie outside a histogram's edges.
+The rules above are applied to each reply; the rules that need the node's data and its memory
+of earlier replies are applied before, on the node, by :mod:`fedlab.privacy` (provenance of
+derived columns, validated transform specs, cuts, levels and groups) with the state in the
+node's SQLite database (:mod:`fedlab.node.privacy_state`). Together, with the defaults:
 
-Noisy min/max and repeated requests: one-sided noise drawn afresh on every request could
-be averaged away (the largest noisy min of many requests approaches the true min). The
-noise of each column is therefore drawn from a generator derived from one number drawn
-from ``rng`` and the column's name: a caller that passes an ``rng`` seeded from a node
-secret and the dataset id gets the *same* noisy min/max for a column on every request,
-whichever other columns are asked for.
+**What an unlimited researcher can learn** of one node's source column (any number of requests,
+any derived datasets, hand-written messages, one researcher key — or all researchers together on
+an insecure node):
+
+* exact ``count`` and ``missing`` of every non-excluded column, and exact ``sum``, ``mean`` and
+  ``M2`` over at least ``min_count`` *real* values (imputed values never count);
+* the count of values below at most ``threshold_allowance`` (500) distinct points, each rounded to
+  a power-of-ten grid no finer than ``threshold_resolution`` (1%) of the column's std, each at
+  least ``min_count`` (10) ranks from either end and ``cell_threshold`` (3) ranks from every other
+  cut it ever got: so the count in any interval it can form is 0 or >= 3, no tail of fewer than 10
+  values is delimited, and no value is located more finely than the grid. Histogram edges are such
+  points too. Refining at one stored cut can narrow the gap between two neighbouring order
+  statistics to the grid step, one allowance unit per point;
+* value counts of a column with at most ``levels_max`` (40) levels and at most ``levels_density``
+  (33%) of its count, without the levels held fewer than 3 times and one more where only one is;
+  those levels' names are never sent, in value counts, crosstabs or one-hot columns (folded into
+  ``<other>``);
+* covariances over columns whose groups (for a column of at most ``group_levels`` = 5 values) hold
+  >= 10 rows, with >= 10 complete rows per pair and no subset of 1-9 rows singled out by
+  missingness;
+* min/max only as the operator allows; with ``"noisy"``, one fixed noisy value per source column.
+
+**What it cannot learn**: any excluded column or anything derived from one; any value of a row;
+the name of a suppressed level; the count of 1 or 2 values in any interval; the minimum or
+maximum with ``min_max = "off"`` (it can locate the *noisy* outward range, never the true
+extremes, to within the grid); a statistic over fewer than 10 real values; a path or data value in
+an error message.
 """
 
 from __future__ import annotations

@@ -400,6 +400,10 @@ class AnalyticsHandler:
                 refused[_CROSSTAB] = why
                 return None
             hidden[column] = suppressed_levels(counts, self.rules.cell_threshold)
+            present = data.frame[column].notna().to_numpy()
+            if (why := _imputed_subset(column, present, data.origins[column].real, self.rules)) is not None:
+                refused[_CROSSTAB] = why
+                return None
         both = data.origins[rows].real & data.origins[cols].real
         if int(both.sum()) < self.rules.min_count:
             refused[_CROSSTAB] = (f"min_count: {int(both.sum())} rows with real values of both columns, fewer than "
@@ -420,6 +424,10 @@ class AnalyticsHandler:
                 return None
         present = {c: frame[c].notna().to_numpy() for c in columns}
         real = {c: data.origins[c].real for c in columns}
+        for column in columns:
+            if (why := _imputed_subset(column, present[column], real[column], rules)) is not None:
+                refused[_COV] = why
+                return None
         for a in columns:
             for b in columns:
                 n_real = int((real[a] & real[b]).sum())
@@ -435,6 +443,16 @@ class AnalyticsHandler:
                         "(disclosure.min_count)")
                     return None
         return covariance_partial(frame, columns)
+
+
+def _imputed_subset(column: str, present: np.ndarray, real: np.ndarray, rules: DisclosureRules) -> str | None:
+    """Imputed rows hold a value the researcher chose: a table or covariance over a column with a few
+    of them could be differenced against one imputed with another value, singling those rows out."""
+    n = int((present & ~real).sum())
+    if 0 < n < rules.min_count:
+        return (f"min_count: {column} has {n} imputed rows; a table or covariance with them could single that "
+                f"subset out, smaller than this node's minimum of {rules.min_count} (disclosure.min_count)")
+    return None
 
 
 def _rank(values: np.ndarray, point: cuts.Point) -> int:

@@ -202,3 +202,14 @@ def test_a_subset_singled_out_by_missingness_refuses_the_covariance(tmp_path: Pa
     frame.to_csv(tmp_path / "cohort.csv", index=False)
     reply = node.fa(stats=["cov"], columns=["age", "income"])
     assert reply.covariance is None and "single out" in reply.refused["cov"]
+
+
+def test_a_few_imputed_rows_cannot_be_singled_out_by_changing_the_imputed_value(tmp_path: Path) -> None:
+    node = Node(tmp_path, DisclosureRules(excluded_columns=("patient_id",)))
+    frame = cohort()
+    frame.loc[3, "income"] = np.nan
+    frame.to_csv(tmp_path / "cohort.csv", index=False)
+    for value in (0.0, 1e6):  # two copies differing only in the imputed value
+        derived = node.derive({"type": "impute", "columns": ["income"], "values": {"income": value}}, f"i{value}")
+        reply = node.fa(derived, stats=["cov"], columns=["age", "income"])
+        assert reply.covariance is None and "imputed rows" in reply.refused["cov"]
