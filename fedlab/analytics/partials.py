@@ -86,7 +86,7 @@ def numeric_partial(
     if edges is not None:
         hist, _ = np.histogram(values, bins=np.asarray(edges))
         histogram = [int(c) for c in hist]
-    below = None
+    below: list[int | None] | None = None
     if thresholds is not None:
         ts = _validate_thresholds(thresholds)
         ordered = np.sort(values)
@@ -198,8 +198,11 @@ def _float_values(series: pd.Series) -> np.ndarray:
     present = series.dropna()
     try:
         return np.asarray(present.to_numpy(dtype=np.float64), dtype=np.float64)
-    except (TypeError, ValueError) as exc:  # e.g. an object column of huge ints
-        raise FedlabDatasetError(f"column {series.name!r} cannot be read as numbers: {exc}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. an object column of huge ints
+        # the exception's text can quote a value of the column: it stays in the node's log (chained)
+        raise FedlabDatasetError(f"column {series.name!r} ({series.dtype}) holds values that cannot be read as "
+                                 "64-bit floating-point numbers; ask for value_counts instead, or ask the "
+                                 "node's operator to fix the column") from exc
 
 
 def _float_column(series: pd.Series) -> np.ndarray:
@@ -238,22 +241,24 @@ def _require_columns(frame: pd.DataFrame, names: Sequence[str]) -> None:
 def _validate_edges(edges: Sequence[float]) -> list[float]:
     try:
         values = [float(e) for e in edges]
-    except (TypeError, ValueError) as exc:
-        raise FedlabConfigError(f"histogram edges must be numbers: {exc}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FedlabConfigError("the histogram's edges must all be numbers; one of those sent is not") from exc
     if len(values) < 2:
         raise FedlabConfigError(f"a histogram needs at least 2 edges, got {len(values)}")
     if not all(math.isfinite(v) for v in values):
-        raise FedlabConfigError(f"histogram edges must be finite, got {values}")
+        raise FedlabConfigError("histogram edges must be finite numbers (no infinity, no NaN)")
     if any(b <= a for a, b in zip(values, values[1:], strict=False)):
-        raise FedlabConfigError(f"histogram edges must be strictly increasing, got {values}")
+        # the edges may have been rounded to a grid set by the column's spread: never echoed
+        raise FedlabConfigError("histogram edges must be strictly increasing (after rounding to the node's "
+                                "threshold grid, if any): give edges further apart")
     return values
 
 
 def _validate_thresholds(thresholds: Sequence[float]) -> list[float]:
     try:
         values = [float(t) for t in thresholds]
-    except (TypeError, ValueError) as exc:
-        raise FedlabConfigError(f"quantile thresholds must be numbers: {exc}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FedlabConfigError("quantile thresholds must all be numbers; one of those sent is not") from exc
     if any(math.isnan(v) for v in values):
         raise FedlabConfigError("quantile thresholds must not be NaN")
     return values

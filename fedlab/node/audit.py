@@ -35,7 +35,8 @@ __all__ = ["AUDIT_FILE", "GENESIS", "AuditLog", "Verification", "outcome_of", "r
 
 AUDIT_FILE = "audit.log"
 GENESIS = "0" * 64
-REFUSAL_CODES = frozenset({"disclosure_refused", "not_approved"})
+# refused by a rule of the node's: disclosure, approval, or too many requests at once (busy)
+REFUSAL_CODES = frozenset({"disclosure_refused", "not_approved", "busy"})
 log = logging.getLogger("fedlab.node.audit")
 
 # Request fields that describe the question and are copied as they are (ids, names, small lists).
@@ -84,12 +85,13 @@ def summarize(content: Message, n_buffers: int = 0) -> dict[str, Any]:
 
 
 def outcome_of(reply: Message) -> dict[str, Any]:
-    """``ok``, ``refused`` (disclosure or approval) or ``error``, with the code and message."""
+    """``ok``, ``refused`` (disclosure, approval or busy) or ``error``, with the code and message."""
     if isinstance(reply, ErrorReply):
         outcome = "refused" if reply.code in REFUSAL_CODES else "error"
         return {"outcome": outcome, "code": reply.code, "message": _short(reply.message)}
     result: dict[str, Any] = {"outcome": "ok"}
-    refused = getattr(reply, "refused", None)  # an FAReply that withheld some columns
+    # an FAReply that withheld some columns, or a preprocessing fit's partials that did
+    refused = getattr(reply, "refused", None) or getattr(getattr(reply, "partials", None), "refused", None)
     if isinstance(refused, dict) and refused:
         result["refused_columns"] = _short(sorted(refused))
     status = getattr(reply, "status", None)  # a plan status or approval reply

@@ -3,12 +3,17 @@
 A handler takes the request envelope and returns reply content (optionally with buffers).
 Whatever happens (an unknown type, a FedlabError, a bug) the caller gets exactly one reply
 envelope back, addressed to the request's msg_id, and the node keeps serving. Dataset paths
-on the node's disk never appear in a reply: registry records go out as ``DatasetInfo``.
+on the node's disk never appear in a reply: registry records go out as ``DatasetInfo``, a
+FedlabError's message has the node's directory and its datasets' paths redacted
+(:func:`fedlab.node.safe_errors.redact`), and a bug's exception text stays in the node's log:
+the reply only names a reference under which the operator finds the traceback there.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,9 +29,10 @@ from fedlab.errors import (
     FedlabRequestStopped,
     FedlabTrainingError,
 )
-from fedlab.node.analytics_handler import AnalyticsHandler
+from fedlab.node.analytics_handler import INSECURE_PEER, AnalyticsHandler
 from fedlab.node.preproc_handler import PreprocHandler
 from fedlab.node.registry import DatasetRegistry
+from fedlab.node.safe_errors import new_reference, path_forms, redact
 from fedlab.node.training_handler import DEFAULT_TIMEOUT, Emit, TrainingHandler
 from fedlab.preprocessing.messages import PreprocRequest
 from fedlab.protocol import (
@@ -47,6 +53,8 @@ log = logging.getLogger("fedlab.node")
 HandlerResult = Message | tuple[Message, Sequence[bytes | memoryview]]
 Handler = Callable[[Envelope], HandlerResult]
 
+# an absolute path (POSIX or Windows) left in a message after redaction
+_ABSOLUTE = re.compile(r"(?<![\w.:/])/[^\s/'\"]+/|\b[A-Za-z]:\\")
 _CODES: list[tuple[type[FedlabError], str]] = [
     (FedlabDatasetError, "dataset_error"),
     (FedlabApprovalError, "not_approved"),
@@ -71,12 +79,18 @@ class Dispatcher:
     def __init__(self, node_id: str, name: str, registry: DatasetRegistry,
                  rules: DisclosureRules | None = None, node_dir: Path | None = None, *,
                  require_approval: bool = True, training_threads: int = 0,
-                 training_timeout: float = DEFAULT_TIMEOUT, emit: Emit | None = None) -> None:
+                 training_timeout: float = DEFAULT_TIMEOUT, emit: Emit | None = None,
+                 peer: str = INSECURE_PEER) -> None:
         self.node_id = node_id
         self.name = name
         self.registry = registry
+        self.node_dir = node_dir
+        self._paths_lock = threading.Lock()
+        self._paths: frozenset[str] | None = None  # path spellings to redact; None until first needed
         rules = rules or DisclosureRules()
-        self.analytics = AnalyticsHandler(registry, rules, node_id=node_id)
+        # ``peer``: who may ask (the researcher's key; one shared identity on an insecure node), for
+        # the state that protects the data across requests (see fedlab.node.privacy_state)
+        self.analytics = AnalyticsHandler(registry, rules, node_id=node_id, peer=peer)
         # Preprocessing writes derived datasets into the node's directory, so it needs one.
         self.preproc = None if node_dir is None else PreprocHandler(
             registry, rules, node_id=node_id, node_dir=node_dir, analytics=self.analytics)
@@ -113,15 +127,54 @@ class Dispatcher:
                 content, buffers = result if isinstance(result, tuple) else (result, ())
             except FedlabError as exc:
                 log.warning("%s from %s refused: %s", envelope.msg_type, envelope.sender, exc)
-                content = ErrorReply(code=error_code(exc), message=str(exc), node=self.node_id)
-            except Exception as exc:
-                log.exception("handler for %s failed", envelope.msg_type)
+                content = ErrorReply(code=error_code(exc), message=self.safe_message(str(exc)),
+                                     node=self.node_id)
+            except Exception:
+                ref = new_reference()
+                log.exception("handler for %s from %s failed (reference %s)", envelope.msg_type,
+                              envelope.sender, ref)
                 content = ErrorReply(
                     code="internal_error",
-                    message=f"node {self.name} failed on {envelope.msg_type}: {type(exc).__name__}: {exc}",
+                    message=f"node {self.name} could not answer this {envelope.msg_type} request (internal "
+                            f"error, reference {ref}); the node's operator finds the details in node.log "
+                            "under that reference",
                     node=self.node_id,
                 )
         return make_envelope(content, self.node_id, parent_id=envelope.msg_id, buffers=buffers)
+
+    def safe_message(self, message: str) -> str:
+        """``message`` with the node's directory and every registered dataset's path redacted.
+
+        The paths are cached; they are read again when the redacted message still holds an
+        absolute path (a dataset registered since, say). Never raises: a registry that cannot
+        be read leaves the paths known so far (and the node's directory) to redact.
+        """
+        try:
+            with self._paths_lock:
+                if self._paths is None:
+                    self._paths = self._read_paths()
+                paths = self._paths
+            redacted = redact(message, paths)
+            if _ABSOLUTE.search(redacted):
+                with self._paths_lock:
+                    self._paths = self._read_paths(paths)
+                    paths = self._paths
+                redacted = redact(message, paths)
+            return redacted
+        except Exception:  # pragma: no cover - a message must go out whatever happens here
+            log.exception("could not redact an error message; sending a generic one")
+            return f"node {self.name} refused this request; its operator finds the reason in node.log"
+
+    def _read_paths(self, known: frozenset[str] = frozenset()) -> frozenset[str]:
+        paths: set[str] = set(known)
+        dataset_paths: list[str] = []
+        try:
+            dataset_paths = [record.path for record in self.registry.list()]
+        except Exception as exc:  # the reply still goes out, redacting what is known
+            log.warning("could not read the dataset registry to redact an error message: %s", exc)
+        db_path = getattr(self.registry, "db_path", None)
+        paths |= path_forms([self.node_dir, db_path.parent if db_path is not None else None, *dataset_paths])
+        return frozenset(paths)
 
     # -- handlers --------------------------------------------------------------------------
     def _ping(self, envelope: Envelope) -> HandlerResult:

@@ -9,6 +9,11 @@ torch, once, at the first training message (an approval or status request, usual
 the first round is already warm); a node that never trains never starts it. The main thread
 only waits for SIGINT/SIGTERM and then shuts down within a second or two (a running training
 is cancelled first).
+
+Analytics and preprocessing requests are capped: at most ``disclosure.max_concurrent`` of them
+are queued or running at once, and one that arrives beyond that is answered ``busy`` at once,
+from the io thread, instead of piling up behind the others (a researcher, or a hostile peer,
+cannot queue unbounded work on the node).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from types import FrameType
 
 from fedlab.analytics.disclosure_rules import describe
 from fedlab.errors import FedlabConfigError, FedlabProtocolError
+from fedlab.node.analytics_handler import INSECURE_PEER
 from fedlab.node.audit import AUDIT_FILE, AuditLog
 from fedlab.node.config import NodeConfig, load_config
 from fedlab.node.dispatch import Dispatcher
@@ -37,6 +43,7 @@ __all__ = ["Node", "run_node"]
 log = logging.getLogger("fedlab.node")
 _WARM_UP_PAUSE_S = 30.0
 _TRAINING_MESSAGES = frozenset({"training_plan_approve_request", "training_plan_status_request", "train_request"})
+_CAPPED_MESSAGES = frozenset({"fa_request", "preproc_request"})  # at most disclosure.max_concurrent in flight
 INSECURE_WARNING = (
     "INSECURE: this node talks to the researcher with no encryption or authentication: anyone on the network "
     "can read what it sends and pose as the researcher. For local demos only; for real data create the node "
@@ -71,12 +78,16 @@ class Node:
                                      config.disclosure, node_dir=config.directory,
                                      require_approval=config.require_approval,
                                      training_threads=config.training_threads,
-                                     training_timeout=config.training_timeout, emit=self._emit)
+                                     training_timeout=config.training_timeout, emit=self._emit,
+                                     peer=config.researcher_public_key or INSECURE_PEER)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedlab-worker")
         self._train_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlab-train")
         self._busy = 0
         self._warming = False
         self._busy_lock = threading.Lock()
+        self._in_flight = 0  # capped requests (analytics, preprocessing) queued or running
+        self._turned_away = 0  # busy replies since the node last had room, for one log line per burst
+        self._flight_lock = threading.Lock()
         keys = node_keys(config)
         self.transport = ZmqNodeTransport(
             config.researcher,
@@ -113,6 +124,9 @@ class Node:
         self.transport.send(envelope)
 
     def _on_message(self, envelope: Envelope) -> None:
+        if envelope.msg_type in _CAPPED_MESSAGES:
+            self._capped(envelope)
+            return
         if envelope.msg_type in _TRAINING_MESSAGES and not self._warming:
             self._warming = True  # torch is loaded once, at the first sign that training is coming
             self._train_executor.submit(self._warm_up)
@@ -121,6 +135,66 @@ class Node:
             self._train_executor.submit(self._work, envelope)
         else:
             self._executor.submit(self._work, envelope)
+
+    def _capped(self, envelope: Envelope) -> None:
+        """Queue an analytics or preprocessing request, or answer ``busy`` if the node has no room.
+
+        Runs on the io thread: it never raises, and refusing costs one small send and one audit line.
+        """
+        limit = self.config.disclosure.max_concurrent
+        first = False
+        with self._flight_lock:
+            admitted = self._in_flight < limit
+            if admitted:
+                self._in_flight += 1
+            else:
+                self._turned_away += 1
+                first = self._turned_away == 1
+        if not admitted:
+            self._refuse_busy(envelope, limit, log_it=first)
+            return
+        try:
+            self._executor.submit(self._capped_work, envelope)
+        except Exception:  # the pool is shut down: the node is stopping
+            self._landed()
+            log.warning("%s %s not handled: the node is stopping", envelope.msg_type, envelope.msg_id)
+
+    def _capped_work(self, envelope: Envelope) -> None:
+        try:
+            self._work(envelope)
+        finally:
+            self._landed()
+
+    def _landed(self) -> None:
+        """One capped request is done (answered, failed or dropped): make room for the next."""
+        with self._flight_lock:
+            self._in_flight -= 1
+            turned_away, self._turned_away = self._turned_away, 0
+        if turned_away > 1:
+            log.warning("answered %d more requests busy while at disclosure.max_concurrent", turned_away - 1)
+
+    def _refuse_busy(self, envelope: Envelope, limit: int, *, log_it: bool) -> None:
+        """Answer ``busy`` and audit it, from the io thread (never raises into the transport)."""
+        try:
+            name, node_id = self.config.name, self.config.node_id
+            reply = make_envelope(
+                ErrorReply(code="busy",
+                           message=f"node {name} is already working on {limit} analytics/preprocessing requests, "
+                                   f"its maximum (disclosure.max_concurrent = {limit}); retry when they have "
+                                   "finished",
+                           node=node_id),
+                node_id, parent_id=envelope.msg_id)
+            if log_it:
+                log.warning("%s %s from %s answered busy: %d requests already in flight (disclosure.max_concurrent)",
+                            envelope.msg_type, envelope.msg_id, envelope.sender, limit)
+            self.transport.send(reply)
+        except Exception:  # pragma: no cover - a refusal must never stop the transport
+            log.exception("could not send a busy reply to %s", envelope.msg_id)
+            return
+        try:
+            self.audit.record_reply(envelope, reply, peer=self._peer)
+        except Exception:  # pragma: no cover - a failed write only logs, but the io loop must not die
+            log.exception("could not audit a busy reply")
 
     def _warm_up(self) -> None:
         """Load torch, first telling the researcher that heartbeats may pause meanwhile.

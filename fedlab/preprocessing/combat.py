@@ -32,8 +32,9 @@ def _column(frame: pd.DataFrame, column: str) -> np.ndarray:
         raise FedlabConfigError(f"ComBat column {column!r} is not in the data (columns: {list(frame.columns)})")
     try:
         values = pd.to_numeric(frame[column], errors="raise").to_numpy(dtype=np.float64, na_value=np.nan)
-    except (TypeError, ValueError) as exc:
-        raise FedlabConfigError(f"ComBat needs numeric columns; {column!r} holds {frame[column].dtype}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:  # its text quotes a cell: kept in the chain, never sent
+        raise FedlabConfigError(f"ComBat needs numeric columns; {column!r} holds {frame[column].dtype} values, "
+                                "some of which are not numbers; leave it out of the ComBat step") from exc
     return np.asarray(values, dtype=np.float64)
 
 

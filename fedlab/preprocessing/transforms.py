@@ -100,9 +100,10 @@ def _floats(frame: pd.DataFrame, column: str, kind: str) -> pd.Series:
     """The column as float64 (missing as NaN), or a clear error if it holds no numbers."""
     try:
         return pd.Series(pd.to_numeric(frame[column], errors="raise"), index=frame.index).astype(np.float64)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # its text quotes a cell: kept in the chain, never sent
         raise FedlabConfigError(f"{kind} needs a numeric column; {column!r} holds {frame[column].dtype} "
-                                f"values ({exc})") from exc
+                                "values, some of which are not numbers; leave the column out of this "
+                                "step or one-hot encode it") from exc
 
 
 def _apply_standardize(out: pd.DataFrame, columns: list[str], spec: Mapping[str, Any]) -> pd.DataFrame:
@@ -139,8 +140,10 @@ def _apply_impute(out: pd.DataFrame, columns: list[str], spec: Mapping[str, Any]
         if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
             try:
                 number = float(value)
-            except (TypeError, ValueError) as exc:
-                raise FedlabConfigError(f"column {c!r} is numeric; it cannot be imputed with {value!r}") from exc
+            except (TypeError, ValueError, OverflowError) as exc:
+                # the value may be a most-frequent level read off the data: never echoed
+                raise FedlabConfigError(f"column {c!r} is numeric; the impute transform's value for it is not "
+                                        "a number, so it cannot be imputed with it; give a number") from exc
             out[c] = series.astype(np.float64).where(~missing, number)
         elif isinstance(value, str) and pd.api.types.is_string_dtype(series.dtype):
             out[c] = series.fillna(value)

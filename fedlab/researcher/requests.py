@@ -5,7 +5,9 @@ matched by its parent msg_id, never by arrival order, so requests sent concurren
 several threads never receive each other's replies. Each node ends a request in exactly one
 of three places: ``replies()``, ``errors()`` (an error reply from the node) or ``missing()``
 (no answer, and why). Waits always end: policies decide, and ``default_timeout`` bounds a
-request that has no timeout policy of its own.
+request that has no timeout policy of its own. A node that answers ``busy`` (it is already
+working on as many analytics requests as its ``disclosure.max_concurrent`` allows) is asked
+again after a short, growing pause, until it answers or the request's policies end the wait.
 
 Usage (the names follow Fed-BioMed's researcher API)::
 
@@ -37,6 +39,8 @@ from fedlab.transport.directory import OFFLINE, RESTARTED, NodeDirectory, NodeRe
 __all__ = ["FederatedRequest", "MessagesByNode", "MissingNode", "Requests"]
 
 log = logging.getLogger("fedlab.researcher")
+BUSY = "busy"
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.02, 0.5
 Buffers = Sequence[bytes | memoryview]
 EventListener = Callable[[str, Envelope], None]
 
@@ -86,6 +90,8 @@ class FederatedRequest:
         self.elapsed: float | None = None
         self.stopped_by: RequestPolicy | None = None
         self._done = False
+        self._busy_retries: dict[str, int] = {}
+        self._sent: dict[str, tuple[Message, Buffers, bytes | None]] = {}  # what to send again after busy
 
     # -- called from the transport thread ------------------------------------------------------
     def _deliver(self, node_id: str, envelope: Envelope) -> None:
@@ -93,6 +99,14 @@ class FederatedRequest:
             progress = self._progress[node_id]
             if progress.status != PENDING:
                 log.info("late reply from %s ignored (%s)", node_id, progress.reason or progress.status)
+                return
+            if isinstance(envelope.content, ErrorReply) and envelope.content.code == BUSY and not self._done:
+                attempt = self._busy_retries.get(node_id, 0)
+                self._busy_retries[node_id] = attempt + 1
+                pause = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2**attempt)
+                timer = threading.Timer(pause, self._requests._resend, args=(self, node_id))
+                timer.daemon = True
+                timer.start()
                 return
             progress.answered_at = time.monotonic()
             if isinstance(envelope.content, ErrorReply):
@@ -293,15 +307,34 @@ class Requests:
                 frame = None
             else:
                 content, node_buffers, frame = message, buffers, shared_frame
-            msg_id = new_msg_id()
-            request.msg_ids[node_id] = msg_id
-            with self._lock:
-                self._pending[msg_id] = (request, node_id)
-            envelope = make_envelope(content, self.researcher_id, buffers=node_buffers, msg_id=msg_id)
-            self._transport.send(node_id, envelope, content_frame=frame,
-                                 on_failure=lambda reason, n=node_id: request._mark_missing(
-                                     n, "disconnected", f"could not send: {reason}"))
+            request._sent[node_id] = (content, node_buffers, frame)
+            self._send_one(request, node_id)
         return request
+
+    def _send_one(self, request: FederatedRequest, node_id: str) -> None:
+        content, node_buffers, frame = request._sent[node_id]
+        msg_id = new_msg_id()
+        with self._lock:
+            old = request.msg_ids.get(node_id)
+            if old is not None:
+                self._pending.pop(old, None)
+            request.msg_ids[node_id] = msg_id
+            self._pending[msg_id] = (request, node_id)
+        envelope = make_envelope(content, self.researcher_id, buffers=node_buffers, msg_id=msg_id)
+        self._transport.send(node_id, envelope, content_frame=frame,
+                             on_failure=lambda reason, n=node_id: request._mark_missing(
+                                 n, "disconnected", f"could not send: {reason}"))
+
+    def _resend(self, request: FederatedRequest, node_id: str) -> None:
+        """Ask a node that answered ``busy`` again (from a timer thread), unless the request ended."""
+        with request._cond:
+            if request._done or request._progress[node_id].status != PENDING:
+                return
+        try:
+            self._send_one(request, node_id)
+        except Exception:  # a failed resend must not kill the timer thread silently
+            log.exception("could not ask %s again after it was busy", node_id)
+            request._mark_missing(node_id, "disconnected", "could not resend after a busy reply")
 
     # -- transport callbacks (io thread) -------------------------------------------------------
     def on_message(self, node_id: str, envelope: Envelope) -> None:

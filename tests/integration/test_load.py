@@ -20,6 +20,7 @@ from fedlab import DiscardOnTimeout, Researcher
 from fedlab.analytics.merge import merge_numeric
 from fedlab.analytics.messages import FAReply, FARequest
 from fedlab.node.registry import DatasetRegistry
+from fedlab.privacy.cuts import snap
 from fedlab.researcher.requests import FederatedRequest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -41,7 +42,7 @@ def question(i: int, columns: list[str], pooled: pd.DataFrame) -> tuple[str, str
 
 
 def check(i: int, request: FederatedRequest, ask: tuple[str, str, list[float]], pooled: pd.DataFrame,
-          dataset_ids: dict[str, str]) -> str | None:
+          dataset_ids: dict[str, str], frames: dict[str, pd.DataFrame]) -> str | None:
     """None if request ``i`` got the right answer from every node, else what was wrong."""
     column, kind, thresholds = ask
     replies = request.replies()
@@ -63,9 +64,15 @@ def check(i: int, request: FederatedRequest, ask: tuple[str, str, list[float]], 
                               or merged.var != pytest.approx(values.var(), rel=1e-9)):
         return f"request {i} ({column}): sum/var {merged.sum}/{merged.var} != {values.sum()}/{values.var()}"
     if kind == "below":
-        expected = [int((values <= t).sum()) for t in thresholds]
-        if merged.below != expected:
-            return f"request {i} ({column}): below {thresholds} = {merged.below} != {expected}"
+        for node_id, env in replies.items():
+            part = env.content.numeric[column]
+            if part.below is None or part.resolution is None:
+                return f"request {i} ({column}): {node_id} sent no counts below its thresholds"
+            own = frames[node_id][column]
+            expected = [None if got is None else int((own <= snap(t, part.resolution)).sum())
+                        for t, got in zip(thresholds, part.below, strict=True)]
+            if part.below != expected:
+                return f"request {i} ({column}): {node_id}: below {thresholds} = {part.below} != {expected}"
     return None
 
 
@@ -76,6 +83,7 @@ def test_100_concurrent_requests_from_two_threads_all_answer_correctly(tmp_path,
     nodes = [NodeProcess.create(tmp_path, f"site-{k}", address, frame=part, heartbeat=1.0)
              for k, part in enumerate(parts)]
     dataset_ids = {n.node_id: DatasetRegistry(n.directory / "node.db").list()[0].dataset_id for n in nodes}
+    frames = {n.node_id: part for n, part in zip(nodes, parts, strict=True)}
     asks = [question(i, columns, pooled) for i in range(N_REQUESTS)]
     assert len({(c, k, tuple(t)) for c, k, t in asks}) == N_REQUESTS  # each asks something of its own
     try:
@@ -100,7 +108,7 @@ def test_100_concurrent_requests_from_two_threads_all_answer_correctly(tmp_path,
                     requests[i] = researcher.requests.send(message, policies=[DiscardOnTimeout(120)])
                 for i in mine:
                     with requests[i] as request:
-                        problem = check(i, request, asks[i], pooled, dataset_ids)
+                        problem = check(i, request, asks[i], pooled, dataset_ids, frames)
                     if problem:
                         problems.append(problem)
 

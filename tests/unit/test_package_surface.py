@@ -18,7 +18,8 @@ ALLOWED = {
     "preprocessing": {"protocol", "analytics", "preprocessing"},
     "transport": {"protocol", "transport"},
     "training": {"protocol", "training"},
-    "node": {"protocol", "transport", "node", "analytics", "preprocessing", "training"},
+    "privacy": {"protocol", "analytics", "privacy"},
+    "node": {"protocol", "transport", "node", "analytics", "preprocessing", "training", "privacy"},
     "researcher": {"protocol", "transport", "researcher", "analytics", "preprocessing", "training"},
 }
 

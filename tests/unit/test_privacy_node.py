@@ -130,7 +130,8 @@ def test_crosstabs_hide_the_levels_the_value_counts_hide(node: Node) -> None:
 
 
 @pytest.mark.parametrize("spec", [
-    {"type": "onehot", "columns": ["patient_id"], "categories": {"patient_id": ["P1000"]}, "other": {"patient_id": True}},
+    {"type": "onehot", "columns": ["patient_id"], "categories": {"patient_id": ["P1000"]},
+     "other": {"patient_id": True}},
     {"type": "standardize", "columns": ["patient_id"], "mean": {"patient_id": 0}, "scale": {"patient_id": 1}},
     {"type": "impute", "columns": ["patient_id"], "values": {"patient_id": "x"}},
     {"type": "combat", "columns": ["patient_id", "age"], "alpha": {"patient_id": 0, "age": 0},
