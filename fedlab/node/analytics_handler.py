@@ -220,11 +220,10 @@ class AnalyticsHandler:
                 f"min_count: dataset {record.name} has {len(frame)} rows, fewer than this node's minimum "
                 f"of {self.rules.min_count} (disclosure.min_count); no statistic can leave this node")
         columns = self._columns(request, data)
-        with self.privacy.cuts(self.peer, data.source_key) as session:
-            reply, noisy = self._partials(request, data, columns, record.dataset_id, session)
-            asked_min_max = [c for c in columns if {"min", "max"} & set(self._stats_for(request, c))]
-            return apply_rules(reply, self.rules, rng=np.random.default_rng(0), asked_min_max=asked_min_max,
-                               noisy=noisy)
+        reply, noisy = self._partials(request, data, columns, record.dataset_id)
+        asked_min_max = [c for c in columns if {"min", "max"} & set(self._stats_for(request, c))]
+        return apply_rules(reply, self.rules, rng=np.random.default_rng(0), asked_min_max=asked_min_max,
+                           noisy=noisy)
 
     @staticmethod
     def check_stats(request: FARequest) -> None:
@@ -266,7 +265,7 @@ class AnalyticsHandler:
         return None
 
     def _partials(self, request: FARequest, data: LoadedData, columns: Sequence[str], dataset_id: str,
-                  session: CutSession) -> tuple[FAReply, dict[str, tuple[float, float]]]:
+                  ) -> tuple[FAReply, dict[str, tuple[float, float]]]:
         """Exact partials for what was asked, and nothing more, with the rules that need the data."""
         frame = data.frame
         numeric: dict[str, NumericPartial] = {}
@@ -297,7 +296,7 @@ class AnalyticsHandler:
                     refused[column] = why
                     categorical.pop(column, None)
                     continue
-                part, fence = self._numeric(request, data, column, stats, args, session, refused, allowance)
+                part, fence = self._numeric(request, data, column, stats, args, refused, allowance)
                 numeric[column] = part
                 noisy[column] = fence
         crosstab = self._crosstab(request, data, refused) if request.crosstab else None
@@ -308,7 +307,7 @@ class AnalyticsHandler:
                         crosstab=crosstab, covariance=covariance, refused=refused, allowance=allowance), noisy)
 
     def _numeric(self, request: FARequest, data: LoadedData, column: str, stats: set[str], args: dict[str, Any],
-                 session: CutSession, refused: dict[str, str], allowance: dict[str, int],
+                 refused: dict[str, str], allowance: dict[str, int],
                  ) -> tuple[NumericPartial, tuple[float, float]]:
         series = data.frame[column]
         origin = data.origins[column]
@@ -338,7 +337,19 @@ class AnalyticsHandler:
             thresholds = None
         if edges is None and thresholds is None:
             return part, fence_out
-        step = cuts.grid_step(real, self.rules.threshold_resolution)
+        # the cut state is read, spent and written in one short transaction, before the answer is sent
+        with self.privacy.cuts(self.peer, data.source_key) as session:
+            part = self._cuts(session, data, column, part, edges, thresholds, real_sorted, fence, refused, allowance)
+        return part, fence_out
+
+    def _cuts(self, session: CutSession, data: LoadedData, column: str, part: NumericPartial, edges: Any,
+              thresholds: list[float] | None, real_sorted: np.ndarray, fence: tuple[float, float],
+              refused: dict[str, str], allowance: dict[str, int]) -> NumericPartial:
+        """The histogram and the counts below thresholds that the cut rules let out (fedlab.privacy.cuts)."""
+        series = data.frame[column]
+        origin = data.origins[column]
+        values = _floats(series)
+        step = cuts.grid_step(real_sorted, self.rules.threshold_resolution)
         state = session.load(origin.source, self.rules.threshold_allowance)
         prefix = f"{hashlib.sha256(repr(data.chain).encode()).hexdigest()[:16]}|{column}"
         all_sorted = np.sort(values)
@@ -371,9 +382,8 @@ class AnalyticsHandler:
         allowance[column] = state.remaining
         if reasons:
             refused[f"{column}.thresholds"] = _withheld(reasons, self.rules)
-        part = msgspec.structs.replace(part, histogram_edges=histogram_edges, histogram=histogram, below=below,
+        return msgspec.structs.replace(part, histogram_edges=histogram_edges, histogram=histogram, below=below,
                                        resolution=step)
-        return part, fence_out
 
     def _fence(self, data: LoadedData, column: str, real_sorted: np.ndarray) -> tuple[float, float]:
         """The column's noisy range, fixed per (node secret, source content, source column)."""
