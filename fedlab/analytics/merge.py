@@ -2,7 +2,9 @@
 
 Every merge takes ``{node_id: partial}`` so that what a node suppressed (``None`` on the wire)
 can be attributed to it: merged counts are sums of the *disclosed* counts, and each merged
-result says which nodes withheld which cell.
+result says which nodes withheld which cell. A count below a quantile threshold is only known
+where every node holding values gave it (else it is None); a value-count level that a node may
+have withheld without naming it (``CategoricalPartial.suppressed_levels``) lists that node too.
 
 Results do not depend on the order of the nodes, not even in the last bit: nodes are visited
 sorted by id, sums use :func:`math.fsum`, and moments are combined all at once with the k-way
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,7 @@ class MergedNumeric:
 
     ``min``/``max`` are None unless every node holding values sent one. ``histogram`` sums the
     disclosed counts; ``histogram_suppressed[bin]`` lists the nodes that withheld that bin.
+    ``below`` sums the counts below each quantile threshold, None where some node withheld it.
     """
 
     count: int
@@ -54,18 +57,25 @@ class MergedNumeric:
     histogram_edges: list[float] | None
     histogram: list[int] | None
     histogram_suppressed: dict[int, list[str]]
-    below: list[int] | None
+    below: list[int | None] | None
 
 
 @dataclass(frozen=True)
 class MergedCategorical:
-    """Value counts over all nodes; a value only some nodes disclosed lists the others in
-    ``suppressed``, a value no node disclosed appears only there."""
+    """Value counts over all nodes (sums of the disclosed counts).
+
+    ``suppressed[value]`` lists the nodes whose count of that value is not in the sum: nodes
+    that sent it as None (older nodes; a value no node disclosed appears only there), and nodes
+    that withheld some levels without naming them and did not name this one (they may hold
+    it): where ``suppressed`` lists a node, the count is a lower bound. ``withheld_levels``:
+    node -> how many levels it withheld (nodes that withheld none are left out).
+    """
 
     count: int
     missing: int
     value_counts: dict[str, int]
     suppressed: dict[str, list[str]]
+    withheld_levels: dict[str, int] = field(default_factory=dict)
 
     def to_series(self) -> pd.Series:
         """The counts as a Series, most frequent first (ties by value), like ``value_counts``."""
@@ -138,7 +148,11 @@ def merge_numeric(partials: Mapping[str, NumericPartial]) -> MergedNumeric:
 
 
 def merge_categorical(partials: Mapping[str, CategoricalPartial]) -> MergedCategorical:
-    """Pool value counts: disclosed counts are summed, withheld ones attributed to their node."""
+    """Pool value counts: disclosed counts are summed, withheld ones attributed to their node.
+
+    A node that withheld levels (``suppressed_levels > 0``) does not name them, so every level
+    that other nodes named and it did not is listed under ``suppressed`` for it as well.
+    """
     nodes = sorted(partials.items())
     counts: dict[str, int] = {}
     suppressed: dict[str, list[str]] = {}
@@ -148,8 +162,16 @@ def merge_categorical(partials: Mapping[str, CategoricalPartial]) -> MergedCateg
                 suppressed.setdefault(value, []).append(node)
             else:
                 counts[value] = counts.get(value, 0) + n
+    withheld = {node: int(p.suppressed_levels) for node, p in nodes if p.suppressed_levels > 0}
+    named = set(counts) | set(suppressed)
+    for node, p in nodes:
+        if node in withheld:
+            for value in sorted(named - set(p.value_counts)):
+                suppressed.setdefault(value, []).append(node)
+    suppressed = {value: sorted(who) for value, who in sorted(suppressed.items())}
     return MergedCategorical(count=sum(p.count for _, p in nodes), missing=sum(p.missing for _, p in nodes),
-                             value_counts=dict(sorted(counts.items())), suppressed=dict(sorted(suppressed.items())))
+                             value_counts=dict(sorted(counts.items())), suppressed=suppressed,
+                             withheld_levels=withheld)
 
 
 def merge_crosstab(partials: Mapping[str, CrosstabPartial]) -> MergedCrosstab:
@@ -240,18 +262,19 @@ def _merge_histograms(
     return list(edges), histogram, suppressed
 
 
-def _merge_below(nodes: Sequence[tuple[str, NumericPartial]]) -> list[int] | None:
-    """Sum the counts below thresholds; every node holding values must have sent them."""
+def _merge_below(nodes: Sequence[tuple[str, NumericPartial]]) -> list[int | None] | None:
+    """Sum the counts below thresholds, None at a threshold where some node withheld its count;
+    every node holding values must have sent its list (withheld entries as None)."""
     senders = [(node, p) for node, p in nodes if p.below is not None]
     if not senders:
         return None
     (size,) = _same("threshold count", senders, lambda p: (len(p.below),))
-    below = [0] * size
+    below: list[int | None] = [0] * size
     for node, p in nodes:
         if p.below is None:
             if p.count:
                 raise FedlabProtocolError(f"node {node} sent no counts below the quantile thresholds",
                                           code="inconsistent_partials", field="below")
             continue
-        below = [a + b for a, b in zip(below, p.below, strict=True)]
+        below = [None if a is None or b is None else a + b for a, b in zip(below, p.below, strict=True)]
     return below

@@ -53,7 +53,7 @@ from fedlab.node.registry import DatasetRecord, DatasetRegistry
 from fedlab.privacy import cuts
 from fedlab.privacy.groups import group_refusal, level_counts, levels_refusal, moments_refusal, suppressed_levels
 from fedlab.privacy.noise import noise_fractions, noisy_range
-from fedlab.privacy.provenance import OTHER_CATEGORY, Origin, initial, track
+from fedlab.privacy.provenance import OTHER_CATEGORY, VALUE, Origin, initial, track
 
 __all__ = ["AnalyticsHandler", "CsvCache", "LoadedData"]
 
@@ -106,6 +106,7 @@ class LoadedData:
 
     frame: pd.DataFrame
     origins: dict[str, Origin]
+    source: pd.DataFrame
     root: DatasetRecord
     digest: str
     chain: list[dict[str, Any]]
@@ -190,7 +191,7 @@ class AnalyticsHandler:
         steps: list[dict[str, Any]] = [dict(s) for s in (base if chain is None else chain)]
         source, digest = self.cache.load_with_digest(str(Path(root.path)))
         frame, origins = apply_tracked(source, initial(source), steps)
-        return LoadedData(frame=frame, origins=origins, root=root, digest=digest, chain=steps)
+        return LoadedData(frame=frame, origins=origins, source=source, root=root, digest=digest, chain=steps)
 
     # -- answering -----------------------------------------------------------------------------
     def __call__(self, request: FARequest) -> FAReply:
@@ -312,17 +313,16 @@ class AnalyticsHandler:
         series = data.frame[column]
         origin = data.origins[column]
         part = numeric_partial(series, with_min_max=bool({"min", "max"} & stats))
-        values = _floats(series)
-        real = _floats(series[origin.real])
-        real_sorted = np.sort(real)
-        fence = self._fence(data, column, real_sorted)
-        if part.min is not None and part.max is not None:
-            # the released range covers imputed values too, which the researcher chose and knows
-            lo, hi = fence
-            extra = values[~origin.real[series.notna().to_numpy()]] if values.size else values
-            if extra.size:
-                lo, hi = min(lo, float(extra.min())), max(hi, float(extra.max()))
-            fence_out = (lo, hi)
+        source = self._source_values(data, column)
+        if source is None:  # an indicator (or a column not read as numbers at its source): its own values
+            own = np.sort(_floats(series[origin.real]))
+            fence = self._fence(data, column, own)
+        else:
+            lo, hi = self._fence(data, origin.source, source)
+            fence = (origin.from_source(lo), origin.from_source(hi))
+        imputed = self._imputed(data, column)
+        if imputed.size:  # the released range covers imputed values too, which the researcher chose and knows
+            fence_out = (min(fence[0], float(imputed[0])), max(fence[1], float(imputed[-1])))
         else:
             fence_out = fence
         edges = args.get("histogram", {}).get("edges") if "histogram" in stats else None
@@ -332,68 +332,91 @@ class AnalyticsHandler:
         if thresholds is not None and isinstance(levels, list) and len(levels) > most:
             refused[f"{column}.quantiles"] = (
                 f"min_count: {len(levels)} quantile levels over {origin.real_count} values; this node answers at "
-                f"most {most} (one per {self.rules.min_count} values, "
-                "disclosure.min_count)")
+                f"most {most} (one per {self.rules.min_count} values, disclosure.min_count)")
             thresholds = None
         if edges is None and thresholds is None:
             return part, fence_out
+        if source is None:
+            refused[f"{column}.thresholds"] = ("thresholds and histogram edges are answered for value columns only; "
+                                               f"{column} is a one-hot indicator (use its sum or value counts)")
+            return msgspec.structs.replace(part, histogram_edges=None, histogram=None, below=None), fence_out
         # the cut state is read, spent and written in one short transaction, before the answer is sent
         with self.privacy.cuts(self.peer, data.source_key) as session:
-            part = self._cuts(session, data, column, part, edges, thresholds, real_sorted, fence, refused, allowance)
+            part = self._cuts(session, data, column, part, edges, thresholds, source, imputed, refused, allowance)
         return part, fence_out
 
-    def _cuts(self, session: CutSession, data: LoadedData, column: str, part: NumericPartial, edges: Any,
-              thresholds: list[float] | None, real_sorted: np.ndarray, fence: tuple[float, float],
-              refused: dict[str, str], allowance: dict[str, int]) -> NumericPartial:
-        """The histogram and the counts below thresholds that the cut rules let out (fedlab.privacy.cuts)."""
-        series = data.frame[column]
+    def _source_values(self, data: LoadedData, column: str) -> np.ndarray | None:
+        """The sorted real values of ``column``'s source column, in the source's units, or None."""
         origin = data.origins[column]
-        values = _floats(series)
-        step = cuts.grid_step(real_sorted, self.rules.threshold_resolution)
-        state = session.load(origin.source, self.rules.threshold_allowance)
-        prefix = f"{hashlib.sha256(repr(data.chain).encode()).hexdigest()[:16]}|{column}"
-        all_sorted = np.sort(values)
+        if origin.kind != VALUE or origin.source not in data.source.columns:
+            return None
+        try:
+            return np.sort(_floats(data.source[origin.source][origin.real]))
+        except (TypeError, ValueError, OverflowError):
+            return None
+
+    @staticmethod
+    def _imputed(data: LoadedData, column: str) -> np.ndarray:
+        series = data.frame[column]
+        mask = series.notna().to_numpy() & ~data.origins[column].real
+        return np.sort(_floats(series[mask])) if mask.any() else np.empty(0)
+
+    def _cuts(self, session: CutSession, data: LoadedData, column: str, part: NumericPartial, edges: Any,
+              thresholds: list[float] | None, source: np.ndarray, imputed: np.ndarray,
+              refused: dict[str, str], allowance: dict[str, int]) -> NumericPartial:
+        """The histogram and the counts below thresholds that the cut rules let out (fedlab.privacy.cuts).
+
+        Every point is judged and rounded in the source column's units: a derived copy's point is
+        mapped back through the copy's affine map, so every copy shares one grid, one set of cuts
+        and one allowance. Counts include the imputed values, which the researcher knows.
+        """
+        origin = data.origins[column]
+        rules = self.rules
+        step = cuts.grid_step(source, rules.threshold_resolution)
+        state = session.load(origin.source, rules.threshold_allowance)
+        lo, hi = self._fence(data, origin.source, source)
         reasons: list[str] = []
+
+        def count(asked: Sequence[float], sides: Sequence[str]) -> list[int | None]:
+            points = [cuts.Point(cuts.snap(origin.to_source(float(t)), step), side)
+                      for t, side in zip(asked, sides, strict=True)]
+            ranks, why = cuts.answer_points(points, source, fence=(lo, hi), state=state, key_prefix=origin.source,
+                                            min_count=rules.min_count, cell_threshold=rules.cell_threshold)
+            reasons.extend(why)
+            return [None if r is None else r + _rank(imputed, cuts.Point(origin.from_source(p.value), p.side))
+                    for p, r in zip(points, ranks, strict=True)]
+
         histogram_edges = histogram = None
         if edges is not None:
-            checked = numeric_partial(series.iloc[:0], histogram_edges=edges).histogram_edges  # validates edges
-            assert checked is not None
-            snapped = [cuts.snap(e, step) for e in checked]
-            sides = [cuts.LEFT] * (len(snapped) - 1) + [cuts.RIGHT]
-            points = [cuts.Point(v, s) for v, s in zip(snapped, sides, strict=True)]
-            ranks, why = cuts.answer_points(points, real_sorted, fence=fence, state=state, key_prefix=prefix,
-                                            min_count=self.rules.min_count, cell_threshold=self.rules.cell_threshold)
-            reasons += why
-            cum = [None if r is None else _rank(all_sorted, p)
-                   for p, r in zip(points, ranks, strict=True)]
+            checked = numeric_partial(data.frame[column].iloc[:0], histogram_edges=edges).histogram_edges
+            assert checked is not None  # validated: finite, increasing
+            cum = count(checked, [cuts.LEFT] * (len(checked) - 1) + [cuts.RIGHT])
             histogram = [None if a is None or b is None else b - a for a, b in zip(cum, cum[1:], strict=False)]
             histogram_edges = checked
         below: list[int | None] | None = None
         if thresholds is not None:
-            ts = numeric_partial(series.iloc[:0], thresholds=thresholds)  # validates the thresholds
-            assert ts.below is not None
-            points = [cuts.Point(cuts.snap(float(t), step), cuts.RIGHT) for t in thresholds]
-            ranks, why = cuts.answer_points(points, real_sorted, fence=fence, state=state, key_prefix=prefix,
-                                            min_count=self.rules.min_count, cell_threshold=self.rules.cell_threshold)
-            reasons += why
-            below = [None if r is None else int(np.searchsorted(all_sorted, p.value, side="right"))
-                     for p, r in zip(points, ranks, strict=True)]
+            numeric_partial(data.frame[column].iloc[:0], thresholds=thresholds)  # validates the thresholds
+            below = count(thresholds, [cuts.RIGHT] * len(thresholds))
         session.save(origin.source, state)
         allowance[column] = state.remaining
         if reasons:
-            refused[f"{column}.thresholds"] = _withheld(reasons, self.rules)
+            refused[f"{column}.thresholds"] = _withheld(reasons, rules)
         return msgspec.structs.replace(part, histogram_edges=histogram_edges, histogram=histogram, below=below,
-                                       resolution=step)
+                                       resolution=step * origin.scale)
 
-    def _fence(self, data: LoadedData, column: str, real_sorted: np.ndarray) -> tuple[float, float]:
-        """The column's noisy range, fixed per (node secret, source content, source column)."""
-        if real_sorted.size == 0:
+    def _fence(self, data: LoadedData, key: str, values_sorted: np.ndarray) -> tuple[float, float]:
+        """The noisy outward range of sorted real values, fixed per (node secret, source content,
+        ``key``: the source column). With ``min_max = "off"`` it lies at least ``min_max_noise`` of
+        the range outside the data, since only answers beyond it (0 or everything) ever show it."""
+        if values_sorted.size == 0:
             return (math.inf, -math.inf)
-        lo, hi = float(real_sorted[0]), float(real_sorted[-1])
+        lo, hi = float(values_sorted[0]), float(values_sorted[-1])
         if self.rules.min_max == "exact":
             return lo, hi
-        fractions = noise_fractions(self.privacy.secret, data.digest, data.origins[column].source)
-        return noisy_range(lo, hi, self.rules.min_max_noise, fractions)
+        u_lo, u_hi = noise_fractions(self.privacy.secret, data.digest, key)
+        if self.rules.min_max == "off":
+            u_lo, u_hi = 1.0 + u_lo, 1.0 + u_hi
+        return noisy_range(lo, hi, self.rules.min_max_noise, (u_lo, u_hi))
 
     # -- tables ----------------------------------------------------------------------------------
     def _crosstab(self, request: FARequest, data: LoadedData, refused: dict[str, str]) -> CrosstabPartial | None:

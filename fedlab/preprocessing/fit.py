@@ -73,7 +73,9 @@ def impute_params(
     "most_frequent".
 
     Most frequent is the value with the highest *disclosed* merged count (a value every node
-    suppressed cannot be chosen: it was never revealed). Value counts are keyed by ``str``;
+    suppressed cannot be chosen: it was never revealed; levels a node withheld without naming
+    them are too rare there to change the choice by more than their few values). Value counts
+    are keyed by ``str``;
     when every disclosed key of a column reads as a finite number the column is taken as
     numeric: the value is returned as a float and ties are broken by the smallest number, as
     scikit-learn's SimpleImputer does. Otherwise the value stays a string and ties go to the
@@ -118,14 +120,15 @@ def _most_frequent(column: str, merged: MergedCategorical) -> str | float:
 
 
 def onehot_params(merged_categorical: Mapping[str, MergedCategorical]) -> dict[str, Any]:
-    """Spec for ``onehot``: the sorted union of the values any node disclosed, and an
-    ``<other>`` column wherever some node suppressed some value, so that those rows are
-    still marked present without the suppressed value ever being named."""
+    """Spec for ``onehot``: the sorted union of the values any node disclosed, and always an
+    ``<other>`` column: a node folds there the values outside the categories, among them those
+    it or another node suppressed (never named) and those it holds too rarely to encode, so every
+    node needs the column for the derived datasets to share one schema."""
     categories: dict[str, list[str]] = {}
     other: dict[str, bool] = {}
     for column, mc in merged_categorical.items():
         categories[column] = sorted(k for k, n in mc.value_counts.items() if k != MISSING_KEY and n > 0)
-        other[column] = any(k != MISSING_KEY for k in mc.suppressed)
+        other[column] = True
     return {"type": "onehot", "columns": list(merged_categorical), "categories": categories, "other": other}
 
 

@@ -14,9 +14,11 @@ bisects towards single values. So the node keeps, per researcher and *source* co
 3. the researcher's allowance of distinct points on the column is not spent (each new point costs
    one, answered or withheld: a withheld answer says something too).
 
-Points are first rounded to a power-of-ten grid no finer than ``threshold_resolution`` times the
-column's standard deviation (:func:`grid_step`), so that no answer locates a value more finely
-than the grid, and so that asking again, or moving a point within its grid cell, costs nothing.
+Points are first rounded, in the *source* column's own units (a derived copy's point is mapped
+back through its increasing affine map, see :mod:`.provenance`), to a power-of-ten grid no finer
+than ``threshold_resolution`` times the source column's standard deviation (:func:`grid_step`), so
+that no answer locates a value more finely than the grid, whatever copy is asked, and so that
+asking again, on any copy, or moving a point within its grid cell, costs nothing.
 A withheld point's count is None. Pure: the node stores the state (:class:`CutState`).
 
 What an unlimited researcher can learn, per source column: at most ``threshold_allowance`` counts,
@@ -65,13 +67,15 @@ class CutState:
 
 
 def grid_step(real: np.ndarray, resolution: float) -> float:
-    """The power of ten at or below ``resolution`` x std of the real values (or x |mean|, or 1)."""
+    """The power of ten at or above ``resolution`` x std of the real values (or x their largest
+    magnitude, or 1): no answer is finer than ``resolution`` of the column's spread."""
     scale = float(np.std(real)) if real.size >= 2 else 0.0
     if not (scale > 0 and math.isfinite(scale)):
         finite = real[np.isfinite(real)] if real.size else real
         scale = float(np.max(np.abs(finite))) if finite.size else 0.0
         scale = scale if scale > 0 and math.isfinite(scale) else 1.0
-    return 10.0 ** math.floor(math.log10(resolution * scale))
+    exponent = math.ceil(math.log10(resolution * scale) - 1e-12)
+    return 10.0**exponent
 
 
 def snap(value: float, step: float) -> float:

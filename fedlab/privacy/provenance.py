@@ -31,12 +31,22 @@ class Origin:
     """Where one column of a (possibly derived) frame comes from.
 
     ``sources``: the source dataset's columns it was computed from; ``kind``: VALUE or INDICATOR;
-    ``real``: per row, whether the row's value comes from a real (present, not imputed) source value.
+    ``real``: per row, whether the row's value comes from a real (present, not imputed) source value;
+    ``scale``/``shift``: on real rows, ``value = scale * source value + shift`` (scale > 0) for a VALUE
+    column, so that thresholds can be judged, and rounded, in the source's own units.
     """
 
     sources: frozenset[str]
     kind: str
     real: np.ndarray
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def to_source(self, value: float) -> float:
+        return (value - self.shift) / self.scale
+
+    def from_source(self, value: float) -> float:
+        return value * self.scale + self.shift
 
     @property
     def real_count(self) -> int:
@@ -65,7 +75,15 @@ def track(origins: Mapping[str, Origin], spec: Mapping[str, Any]) -> dict[str, O
     were not real: none of them changes a column's origin. One-hot replaces a column by
     indicator columns that share its sources and real rows.
     """
-    if spec.get("type") != "onehot":
+    kind = spec.get("type")
+    if kind in _AFFINE:
+        out_affine = dict(origins)
+        for name in spec["columns"]:
+            a, b = _AFFINE[str(kind)](spec, name)
+            o = origins[name]
+            out_affine[name] = Origin(o.sources, o.kind, o.real, o.scale * a, o.shift * a + b)
+        return out_affine
+    if kind != "onehot":
         return dict(origins)
     out: dict[str, Origin] = {}
     columns = set(spec["columns"])
@@ -76,6 +94,31 @@ def track(origins: Mapping[str, Origin], spec: Mapping[str, Any]) -> dict[str, O
         for new in onehot_names(name, spec["categories"][name], bool(spec["other"][name])):
             out[new] = Origin(origin.sources, INDICATOR, origin.real)
     return out
+
+
+def _divisor(value: float) -> float:
+    return value if value != 0 else 1.0  # a zero scale or range divides by 1, as the transforms do
+
+
+def _standardize(spec: Mapping[str, Any], c: str) -> tuple[float, float]:
+    s = _divisor(float(spec["scale"][c]))
+    return 1.0 / s, -float(spec["mean"][c]) / s
+
+
+def _minmax(spec: Mapping[str, Any], c: str) -> tuple[float, float]:
+    lo = float(spec["min"][c])
+    d = _divisor(float(spec["max"][c]) - lo)
+    return 1.0 / d, -lo / d
+
+
+def _combat(spec: Mapping[str, Any], c: str) -> tuple[float, float]:
+    alpha, sigma = float(spec["alpha"][c]), float(spec["sigma"][c])
+    gamma, root = float(spec["gamma_star"][c]), float(spec["delta_star"][c]) ** 0.5
+    return 1.0 / root, alpha - (alpha + sigma * gamma) / root
+
+
+# value = a * previous value + b, per transform type: (a, b) for one column of a validated spec
+_AFFINE = {"standardize": _standardize, "minmax": _minmax, "combat": _combat}
 
 
 def sources_of(origins: Mapping[str, Origin], columns: Iterable[str]) -> set[str]:

@@ -4,6 +4,12 @@ It holds the merged (global) statistics, each node's own figures, and an honest 
 who took part: which nodes answered, which refused (and by which rule), which failed, which
 did not answer, and which columns a node withheld. Nothing is silently partial: the
 ``nodes`` column of ``global_stats()`` says how many nodes each figure is built from.
+
+Quantiles come with error bounds (``quantile_bounds()``): nodes round thresholds to a grid and
+withhold some counts, so a quantile is exact to within the grid where every node answers and
+approximate, within a stated half-width, otherwise; ``notes()`` names every approximate one.
+``allowance()`` shows how many more thresholds and edges each node will still answer per column,
+``withheld_levels()`` how many value-count levels each node withheld without naming them.
 """
 
 from __future__ import annotations
@@ -41,6 +47,18 @@ class FAResult:
     failed: dict[str, str] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
     contributors: dict[str, list[str]] = field(default_factory=dict)
+    # column -> {q: half-width}: the pooled quantile lies within it of quantiles[column][q]
+    quantile_errors: dict[str, dict[float, float]] = field(default_factory=dict)
+    # column -> the levels whose search some node cut short (withheld counts): approximate
+    quantile_approximate: dict[str, list[float]] = field(default_factory=dict)
+    # column -> the nodes whose values the quantiles are over (fewer than contributors if some refused)
+    quantile_nodes: dict[str, list[str]] = field(default_factory=dict)
+    # column -> {node: why} for nodes that refused that column's quantile thresholds
+    quantile_refused: dict[str, dict[str, str]] = field(default_factory=dict)
+    # node -> {column: distinct thresholds / edges it will still answer}, as of its latest reply
+    allowances: dict[str, dict[str, int]] = field(default_factory=dict)
+    # column -> the coarsest grid step to which the nodes round its thresholds and edges
+    resolutions: dict[str, float] = field(default_factory=dict)
 
     # -- who took part -----------------------------------------------------------------------
     @property
@@ -83,6 +101,50 @@ class FAResult:
         frame = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=wanted)
         frame["nodes"] = [len(self.contributors.get(c, [])) for c in frame.index]
         frame.index.name = "column"
+        # quantiles that are estimates within a bound, not exact (see quantile_bounds() and notes())
+        frame.attrs["approximate_quantiles"] = {c: list(qs) for c, qs in self.quantile_approximate.items() if qs}
+        return frame
+
+    def quantile_bounds(self) -> pd.DataFrame:
+        """One row per (column, q): the quantile, the half-width within which the pooled quantile
+        lies (0 when exact; inf with a NaN value when it could not be bracketed), the interval
+        ``[low, high]``, whether it is approximate (nodes withheld the counts that would have
+        located it), the nodes it is over and the nodes' threshold grid step."""
+        rows = []
+        for column, values in self.quantiles.items():
+            errors = self.quantile_errors.get(column, {})
+            approx = set(self.quantile_approximate.get(column, []))
+            for q, value in values.items():
+                half = errors.get(q, 0.0 if value == value else math.inf)
+                rows.append({"column": column, "q": q, "value": value, "half_width": half,
+                             "low": value - half, "high": value + half,
+                             "approximate": q in approx or value != value,
+                             "nodes": len(self.quantile_nodes.get(column, self.contributors.get(column, []))),
+                             "resolution": self.resolutions.get(column, math.nan)})
+        columns = ["column", "q", "value", "half_width", "low", "high", "approximate", "nodes", "resolution"]
+        return pd.DataFrame(rows, columns=columns).set_index(["column", "q"])
+
+    def allowance(self) -> pd.DataFrame:
+        """Node x column: how many more distinct thresholds and histogram edges each node will
+        answer this researcher on that column (its ``disclosure.threshold_allowance`` left), as of
+        its latest reply; <NA> where it did not say."""
+        columns = list(dict.fromkeys(c for per in self.allowances.values() for c in per))
+        nodes = [n for n in self.allowances if self.allowances[n]]
+        frame = pd.DataFrame({c: pd.array([self.allowances[n].get(c) for n in nodes], dtype="Int64")
+                              for c in columns}, index=pd.Index([self.node_names.get(n, n) for n in nodes],
+                                                                name="node"))
+        frame.columns.name = "column"
+        return frame
+
+    def withheld_levels(self) -> pd.DataFrame:
+        """Node x categorical column: how many value-count levels each node withheld (too rare to
+        disclose; never named), 0 where it withheld none."""
+        columns = [c for c, m in self.categorical.items() if m.withheld_levels or m.value_counts or m.suppressed]
+        nodes = list(dict.fromkeys(n for c in columns for n in self.contributors.get(c, [])))
+        frame = pd.DataFrame({c: [self.categorical[c].withheld_levels.get(n, 0) for n in nodes] for c in columns},
+                             index=pd.Index([self.node_names.get(n, n) for n in nodes], name="node"),
+                             dtype="int64")
+        frame.columns.name = "column"
         return frame
 
     def node_stats(self) -> pd.DataFrame:
@@ -128,12 +190,16 @@ class FAResult:
         series = merged.to_series()
         hidden = sorted(v for v in merged.suppressed if v not in merged.value_counts)
         values = [*series.index, *hidden]
-        return pd.DataFrame({
+        frame = pd.DataFrame({
             "value": values,
             "count": pd.array([*series.to_numpy().tolist(), *[None] * len(hidden)], dtype="Int64"),
             "suppressed_on": [", ".join(self.node_names.get(n, n) for n in merged.suppressed.get(v, []))
                               for v in values],
         })
+        # nodes that withheld levels without naming them: the counts of values they did not name
+        # (listed in suppressed_on) are lower bounds
+        frame.attrs["withheld_levels"] = {self.node_names.get(n, n): k for n, k in merged.withheld_levels.items()}
+        return frame
 
     def crosstab(self) -> pd.DataFrame:
         if self.crosstab_table is None:
@@ -157,6 +223,39 @@ class FAResult:
             lines += [f"{self.node_names.get(n, n)} {label}: {why}" for n, why in source.items()]
         for node, withheld in self.column_refusals().items():
             lines += [f"{self.node_names.get(node, node)} withheld {key}: {why}" for key, why in withheld.items()]
+        lines += self._quantile_notes()
+        for column, merged in self.categorical.items():
+            lines += [f"{self.node_names.get(n, n)} withheld {k} level{'s' if k != 1 else ''} of {column!r} too rare "
+                      "to disclose (not named): the counts of values it did not name are lower bounds"
+                      for n, k in merged.withheld_levels.items()]
+        for node, per in self.allowances.items():
+            spent = [c for c, left in per.items() if left <= 0]
+            if spent:
+                lines.append(f"{self.node_names.get(node, node)} has no threshold allowance left on "
+                             f"{', '.join(map(repr, spent))}: it will withhold new quantile thresholds and "
+                             "histogram edges there")
+        return lines
+
+    def _quantile_notes(self) -> list[str]:
+        lines = []
+        for column, refused in self.quantile_refused.items():
+            if not refused:
+                continue
+            who = ", ".join(self.node_names.get(n, n) for n in refused)
+            used = self.quantile_nodes.get(column, [])
+            if used:
+                lines.append(f"quantiles of {column!r} are over {len(used)} node{'s' if len(used) != 1 else ''} "
+                             f"only: {who} refused them")
+            else:
+                lines.append(f"quantiles of {column!r} are NaN: every node holding values refused them ({who})")
+        for column, levels in self.quantile_approximate.items():
+            if not levels:
+                continue
+            values, errors = self.quantiles.get(column, {}), self.quantile_errors.get(column, {})
+            parts = [f"q{q:g} unknown (no usable threshold on one side)" if math.isnan(values.get(q, math.nan))
+                     else f"q{q:g} = {values[q]:.6g} ± {errors.get(q, math.nan):.3g}" for q in levels]
+            lines.append(f"quantiles of {column!r} are approximate (nodes withheld the counts that would locate them "
+                         f"more finely): {'; '.join(parts)}")
         return lines
 
     def __repr__(self) -> str:

@@ -20,8 +20,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
+
 from fedlab.analytics.merge import merge_categorical, merge_numeric
-from fedlab.analytics.quantiles import QuantileSearch
+from fedlab.analytics.messages import NumericPartial
+from fedlab.analytics.quantiles import QuantileSearch, pool_counts
 from fedlab.errors import FedlabError
 from fedlab.preprocessing.fit import (
     combat_global_params,
@@ -38,6 +41,8 @@ from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.requests import MessagesByNode, Requests
 
 __all__ = ["Pipeline", "PreprocRequestJob"]
+
+_PROBE = -1.7976931348623157e308  # a threshold below every value: a node answers 0, no value revealed
 
 
 class PreprocRequestJob(Job):
@@ -95,6 +100,7 @@ class Pipeline:
         self.states: dict[str, str | None] = {n: None for n in fds.node_ids()}
         self.steps: list[dict[str, Any]] = []
         self.dropped: dict[str, str] = {}
+        self.notes: list[str] = []  # what the reader must know about a fitted step (an approximate median)
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -132,10 +138,12 @@ class Pipeline:
         return self
 
     @staticmethod
-    def _check_refusals(replies: Mapping[str, PreprocReply], columns: Sequence[str], what: str) -> None:
+    def _check_refusals(replies: Mapping[str, PreprocReply], columns: Sequence[str], what: str,
+                        ignore: Sequence[str] = ()) -> None:
+        """Raise if a node withheld anything of ``columns`` (but min/max, or keys ending in ``ignore``)."""
         for node_id, reply in replies.items():
             refused = {k: v for k, v in (reply.partials.refused if reply.partials else {}).items()
-                       if k.split(".")[0] in columns and not k.endswith("min/max")}
+                       if k.split(".")[0] in columns and not k.endswith(("min/max", *ignore))}
             if refused:
                 raise FedlabError(f"{what} cannot be fitted: node {node_id} withheld "
                                   + "; ".join(f"{k}: {v}" for k, v in refused.items()))
@@ -170,30 +178,94 @@ class Pipeline:
                                                  if r.partials is not None and c in r.partials.categorical})
                            for c in columns}
             return self._set("impute", impute_params(strategy, {}, categorical, None))
-        replies = self._fit("impute", columns, ["count", "mean", "var"])
-        self._check_refusals(replies, columns, "impute")
+        if strategy == "median":
+            # the median's level and one threshold below every value (it reveals none) come along, so
+            # that each node says now whether it answers median thresholds, and to which grid it rounds them
+            args = {c: {"count": {}, "mean": {}, "var": {}, "quantiles": {"levels": [0.5]}} for c in columns}
+            replies = self._run("impute", "fit", {"columns": list(columns), "stats": ["count", "mean", "var"],
+                                                  "stats_args": args, "thresholds": {c: [_PROBE] for c in columns}})
+            self._check_refusals(replies, columns, "impute", ignore=(".thresholds",))  # the probe's, if withheld
+        else:
+            replies = self._fit("impute", columns, ["count", "mean", "var"])
+            self._check_refusals(replies, columns, "impute")
         numeric = {c: self._numeric(replies, c) for c in columns}
-        medians = self._medians(numeric) if strategy == "median" else None
+        medians = self._medians(replies, columns) if strategy == "median" else None
         return self._set("impute", impute_params(strategy, numeric, {}, medians))
 
-    def _medians(self, numeric: Mapping[str, Any]) -> dict[str, float]:
-        # imputed values become data: find the median to float precision, not just to 1e-6 of the range
-        searches = {c: QuantileSearch.from_moments([0.5], m.count, m.mean, m.std, rel_tol=1e-13)
-                    for c, m in numeric.items()}
-        for _ in range(60):
+    def _medians(self, first: Mapping[str, PreprocReply], columns: Sequence[str]) -> dict[str, float]:
+        """The federated median of each column, by the quantile search over the nodes still in the
+        pipeline (``first``: their replies to the fit, with their moments and threshold grids)."""
+        partials = {c: {n: p for n, r in first.items() if r.partials is not None
+                        and (p := r.partials.numeric.get(c)) is not None} for c in columns}
+        searches: dict[str, QuantileSearch] = {}
+        for c in columns:
+            search = self._median_search(partials[c])
+            if search is None:
+                raise FedlabError(f"median imputation of {c!r}: no node holds a value of it")
+            searches[c] = search
+        for _ in range(60 * (len(self.states) + 1)):  # each search stops by itself; a restart starts afresh
             thresholds = {c: t for c, s in searches.items() if (t := s.next_thresholds())}
             if not thresholds:
                 break
+            args = {c: {"quantiles": {"levels": [0.5]}} for c in thresholds}
             replies = self._run("impute", "fit", {"columns": list(thresholds), "stats": ["quantiles"],
-                                                  "thresholds": thresholds})
+                                                  "stats_args": args, "thresholds": thresholds})
             for column, ts in thresholds.items():
-                counts = [0] * len(ts)
-                for reply in replies.values():
-                    partial = reply.partials.numeric.get(column) if reply.partials else None
-                    below = partial.below if partial is not None and partial.below is not None else [0] * len(ts)
-                    counts = [a + b for a, b in zip(counts, below, strict=True)]
-                searches[column].update(counts)
-        return {c: s.result()[0.5] for c, s in searches.items()}
+                answers: list[tuple[Sequence[int | None], float | None]] = []
+                gone = []
+                for node_id in partials[column]:
+                    reply = replies.get(node_id)
+                    partial = reply.partials.numeric.get(column) if reply is not None and reply.partials else None
+                    if partial is None or partial.below is None or len(partial.below) != len(ts):
+                        gone.append(node_id)  # dropped, or refused: the others' counts no longer add up
+                    else:
+                        answers.append((partial.below, partial.resolution))
+                if gone:
+                    why = "; ".join(f"{self._names.get(n, n)}: " + self._refusal(replies.get(n), column)
+                                    for n in gone)
+                    self.notes.append(f"median of {column!r}: started again without {why}")
+                    partials[column] = {n: p for n, p in partials[column].items() if n not in gone}
+                    search = self._median_search(partials[column])
+                    if search is None:
+                        raise FedlabError(f"median imputation of {column!r}: no node answered its median search "
+                                          f"({why})")
+                    searches[column] = search
+                    continue
+                counts, at = pool_counts(ts, answers)
+                searches[column].update(counts, at=at)
+                searches[column].set_resolution(max((r for _, r in answers if r), default=None))
+        medians = {}
+        for column, search in searches.items():
+            value, half = search.result_with_bounds()[0.5]
+            if value != value:
+                raise FedlabError(f"median imputation of {column!r}: the nodes withheld the counts that would "
+                                  "locate the median (too few values on one side of it on some node, or this "
+                                  "researcher's threshold allowance spent); impute with the mean instead")
+            if half > 0:
+                self.notes.append(f"median of {column!r} = {value:.6g}, within ± {half:.3g} of the pooled median "
+                                  "(the nodes round thresholds to a grid" + (
+                                      ", and withheld some counts)" if search.approximate else ")"))
+            medians[column] = value
+        return medians
+
+    @staticmethod
+    def _median_search(partials: Mapping[str, NumericPartial]) -> QuantileSearch | None:
+        if not partials:
+            return None
+        m = merge_numeric({n: msgspec.structs.replace(p, below=None) for n, p in partials.items()})
+        if m.count == 0:
+            return None
+        steps = [p.resolution for p in partials.values() if p.resolution]
+        # imputed values become data: find the median to float precision (or the nodes' grid)
+        return QuantileSearch.from_moments([0.5], m.count, m.mean, m.std, rel_tol=1e-13,
+                                           resolution=max(steps, default=None))
+
+    @staticmethod
+    def _refusal(reply: PreprocReply | None, column: str) -> str:
+        if reply is None:
+            return "it left the pipeline"
+        refused = reply.partials.refused if reply.partials is not None else {}
+        return refused.get(f"{column}.quantiles") or refused.get(column) or "it sent no counts"
 
     def onehot(self, columns: Sequence[str]) -> Pipeline:
         """One 0/1 column per category of the union across nodes; suppressed ones go to <other>."""
@@ -224,4 +296,5 @@ class Pipeline:
     def __repr__(self) -> str:
         steps = ", ".join(s["type"] for s in self.steps) or "no steps yet"
         dropped = f"; dropped: {self._why_dropped()}" if self.dropped else ""
-        return f"Pipeline({self.preproc_id}: {steps} on {len(self.nodes)} nodes{dropped})"
+        notes = f"; {'; '.join(self.notes)}" if self.notes else ""
+        return f"Pipeline({self.preproc_id}: {steps} on {len(self.nodes)} nodes{dropped}{notes})"

@@ -32,6 +32,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlab.analytics import (
+    CategoricalPartial,
     QuantileSearch,
     categorical_partial,
     covariance_partial,
@@ -166,6 +167,34 @@ def test_value_counts_merge_exactly(data, dropna):
     assert (merged.count, merged.missing) == (len(present), int(series.isna().sum()))
     assert merged.to_series().to_dict() == dict(expected)
     assert merged.to_series().is_monotonic_decreasing
+    assert merged.withheld_levels == {}
+
+
+@SETTINGS
+@given(data=st.data())
+def test_value_counts_with_unnamed_withheld_levels_are_lower_bounds(data):
+    """A node that withholds its rare levels names none of them (it only counts them): the merged
+    count of each named level is the sum of the counts disclosed, a lower bound of the pooled count
+    exactly where ``suppressed`` lists some node, and the result is independent of node order."""
+    rows = data.draw(st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=80))
+    bounds, ids = data.draw(splits(len(rows)))
+    threshold = data.draw(st.integers(1, 4))
+    parts = {}
+    for (lo, hi), node in zip(bounds, ids, strict=True):
+        counts = Counter(rows[lo:hi])
+        shown = {k: n for k, n in counts.items() if n >= threshold}
+        parts[node] = CategoricalPartial(count=hi - lo, missing=0, value_counts=shown,
+                                         suppressed_levels=len(counts) - len(shown))
+    merged = merge_categorical(shuffled(parts, list(data.draw(st.permutations(range(len(parts)))))))
+    assert merged == merge_categorical(parts)
+    pooled = Counter(rows)
+    for level, n in merged.value_counts.items():
+        assert n <= pooled[level]
+        if n < pooled[level]:
+            assert merged.suppressed.get(level)
+        for node in merged.suppressed.get(level, []):
+            assert parts[node].suppressed_levels > 0 and level not in parts[node].value_counts
+    assert merged.withheld_levels == {n: p.suppressed_levels for n, p in parts.items() if p.suppressed_levels}
 
 
 @SETTINGS

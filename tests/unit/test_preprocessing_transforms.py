@@ -137,14 +137,16 @@ def test_onehot_equals_get_dummies(data: pd.DataFrame) -> None:
     parts = split(data)
     merged = {"site": merge_categorical({n: categorical_partial(p["site"]) for n, p in parts.items()})}
     spec = onehot_params(merged)
-    assert spec["other"] == {"site": False}
+    assert spec["other"] == {"site": True}  # always: nodes fold the levels they hold too rarely there
     out = federated(parts, spec)
     dummies = pd.get_dummies(data["site"], prefix="site", prefix_sep="=", dtype=np.float64)
-    names = [c for c in out.columns if c.startswith("site=")]
+    names = [c for c in out.columns if c.startswith("site=") and c != "site=<other>"]
     assert names == list(dummies.columns) == [f"site={v}" for v in sorted(data["site"].dropna().unique())]
     position = list(data.columns).index("site")
-    assert list(out.columns) == list(data.columns[:position]) + names + list(data.columns[position + 1:])
+    assert list(out.columns) == (list(data.columns[:position]) + names + ["site=<other>"]
+                                 + list(data.columns[position + 1:]))
     np.testing.assert_array_equal(out[names].to_numpy(), dummies.to_numpy())
+    assert (out["site=<other>"] == 0).all()  # every value was disclosed: nothing falls there
 
 
 def test_onehot_groups_suppressed_values_under_other(data: pd.DataFrame) -> None:
@@ -166,8 +168,8 @@ def test_onehot_numeric_values_compare_as_str() -> None:
     frame = pd.DataFrame({"k": [1, 2, 2, 3]})
     spec = onehot_params({"k": merge_categorical({"n1": categorical_partial(frame["k"])})})
     out = apply_transform(frame, spec)
-    assert list(out.columns) == ["k=1", "k=2", "k=3"]
-    np.testing.assert_array_equal(out.to_numpy(), pd.get_dummies(frame["k"], dtype=float).to_numpy())
+    assert list(out.columns) == ["k=1", "k=2", "k=3", "k=<other>"]
+    np.testing.assert_array_equal(out.to_numpy()[:, :3], pd.get_dummies(frame["k"], dtype=float).to_numpy())
 
 
 def _batched(data: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], pd.Series]:

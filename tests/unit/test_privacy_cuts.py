@@ -22,8 +22,9 @@ def fresh(remaining: int = 100) -> CutState:
 
 
 def test_grid_is_a_power_of_ten_and_keeps_round_numbers() -> None:
-    assert grid_step(VALUES, 0.01) == 0.1  # std 11.5 -> 0.115 -> 0.1
-    assert grid_step(np.array([5.0]), 0.01) == 0.01
+    assert grid_step(VALUES, 0.01) == 1.0  # std 11.5 -> 0.115 -> never finer: 1
+    assert grid_step(VALUES, 0.001) == 0.1
+    assert grid_step(np.array([5.0]), 0.01) == 0.1
     assert snap(40.0, 0.1) == 40.0 and snap(0.3, 0.1) == 0.3 and snap(12.34, 0.1) == 12.3
     assert snap(1234.0, 100.0) == 1200.0 and snap(float("inf"), 0.1) == float("inf")
     assert snap(1e300, 0.1) == 1e300  # far away: kept as it is

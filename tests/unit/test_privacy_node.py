@@ -214,3 +214,21 @@ def test_a_few_imputed_rows_cannot_be_singled_out_by_changing_the_imputed_value(
         derived = node.derive({"type": "impute", "columns": ["income"], "values": {"income": value}}, f"i{value}")
         reply = node.fa(derived, stats=["cov"], columns=["age", "income"])
         assert reply.covariance is None and "imputed rows" in reply.refused["cov"]
+
+
+def test_shifted_copies_share_one_grid_and_one_set_of_cuts(node: Node) -> None:
+    """A copy standardized with mean m moves its own grid point 0 to source value m: points are
+    rounded in the source's units, so no copy can refine beyond the source's grid."""
+    first = node.fa(stats=["quantiles"], columns=["income"], thresholds={"income": [50_000.0]}).numeric["income"]
+    assert first.below is not None and first.resolution is not None
+    step = first.resolution
+    seen: set[int | None] = set()
+    for k in range(8):
+        shift = 50_000.0 + k * step / 8  # sub-grid shifts of the source point 50000
+        derived = node.derive({"type": "standardize", "columns": ["income"], "mean": {"income": shift},
+                               "scale": {"income": 1.0}}, f"shift{k}")
+        reply = node.fa(derived, stats=["quantiles"], columns=["income"], thresholds={"income": [0.0]})
+        below = reply.numeric["income"].below
+        assert below is not None
+        seen.add(below[0])
+    assert seen <= {first.below[0]}  # each copy's point 0 is the source's grid point 50000
