@@ -56,8 +56,9 @@ an insecure node):
 
 * exact ``count`` and ``missing`` of every non-excluded column, and exact ``sum``, ``mean`` and
   ``M2`` over at least ``min_count`` *real* values (imputed values never count);
-* the count of values below at most ``threshold_allowance`` (500) distinct points, each rounded to
-  a power-of-ten grid no finer than ``threshold_resolution`` (1%) of the column's std, each at
+* the count of values below at most ``threshold_allowance`` (500) distinct points, each rounded,
+  in the source column's units whatever copy is asked, to a power-of-ten grid no finer than
+  ``threshold_resolution`` (1%) of the source column's std, each at
   least ``min_count`` (10) ranks from either end and ``cell_threshold`` (3) ranks from every other
   cut it ever got: so the count in any interval it can form is 0 or >= 3, no tail of fewer than 10
   values is delimited, and no value is located more finely than the grid. Histogram edges are such
@@ -74,8 +75,8 @@ an insecure node):
 
 **What it cannot learn**: any excluded column or anything derived from one; any value of a row;
 the name of a suppressed level; the count of 1 or 2 values in any interval; the minimum or
-maximum with ``min_max = "off"`` (it can locate the *noisy* outward range, never the true
-extremes, to within the grid); a statistic over fewer than 10 real values; a path or data value in
+maximum with ``min_max = "off"`` (it can locate a fixed outward fence 5-10% of the range beyond
+the data, never the true extremes); a statistic over fewer than 10 real values; a path or data value in
 an error message.
 """
 
