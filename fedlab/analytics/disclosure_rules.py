@@ -75,7 +75,7 @@ class DisclosureRules:
     group_levels: int = 5
     threshold_resolution: float = 0.01
     threshold_allowance: int = 500
-    max_thresholds: int = 256
+    max_thresholds: int = 2048
     max_onehot_categories: int = 100
     max_derived_cells: int = 20_000_000
     max_concurrent: int = 4

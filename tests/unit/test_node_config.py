@@ -336,7 +336,7 @@ def test_init_writes_every_disclosure_default_with_a_comment(tmp_path: Path) -> 
         "group_levels": 5,
         "threshold_resolution": 0.01,
         "threshold_allowance": 500,
-        "max_thresholds": 256,
+        "max_thresholds": 2048,
         "max_onehot_categories": 100,
         "max_derived_cells": 20_000_000,
         "max_concurrent": 4,
