@@ -26,23 +26,48 @@ float just below it, so a constant column (and n == 1) is exact after one round.
 **What nodes withhold.** A node may round every threshold to its power-of-ten grid (its
 ``NumericPartial.resolution``) and may withhold the count at a threshold (``None``): too few
 values on one side, too close to a cut it answered before, or the researcher's allowance spent.
-So the search
+Fed each node's own answers (:meth:`QuantileSearch.update_nodes`), the search keeps, per node,
+the counts it answered at the points it counted at (the threshold snapped to its grid). A node's
+count is non-decreasing in ``t``, so where it withheld ``t`` its count lies between its counts at
+the nearest points it did answer around ``t`` (0 below all of them, its number of values above
+all of them). The pooled count at ``t`` is then known to lie in ``[L(t), U(t)]``, the sums of the
+nodes' lower and upper bounds (exact where every node answered): ``t`` is a valid upper end of
+``x_k``'s cell when ``L(t) >= k + 1``, a valid lower end when ``U(t) <= k``. Withheld counts thus
+widen the cells they touch instead of discarding the thresholds. The search
 
 * snaps its thresholds to the coarsest grid it was told of (:meth:`QuantileSearch.set_resolution`;
   the finer power-of-ten grids of the other nodes hold every point of it) and never refines a cell
-  below one grid step: the tolerance is at least half the step (``min_tol``);
-* ignores withheld thresholds (they do not enter the known CDF) and never asks one again;
-* gives up on an order statistic when a round asked thresholds inside its cell and brought back
-  none usable there: its estimate is the middle of its known cell ``(a, b]``, within ``(b - a) / 2``,
-  or NaN when the cell is unbounded: no usable threshold on one side, or only one below every value
-  (count 0) or above every value (count n), which bounds nothing but the search's own reach (so
-  the min and max stay unknown where nodes withhold the counts near them); a search also stops
-  after ``max_rounds`` rounds.
+  below one grid step: the tolerance is at least half the step (``min_tol``); where the grid sets
+  the tolerance, every order statistic is refined to one step, whatever its weight;
+* never asks a threshold twice; where a node withheld the point two grid steps inside an end of a
+  cell, also asks the point next to that end (withheld stretches are tails of few values or the
+  surroundings of a cut: the point next to one may be answered), so that, say, the cell of the 75%
+  quantile of a 0/1 column reaches down to ``1 - step``;
+* gives up on an order statistic when a round asked thresholds inside its cell and its cell did
+  not shrink; it also stops after ``max_rounds`` rounds;
+* reports an order statistic it gave up on (or left unresolved) as the middle of its cell
+  ``(a, b]``, within ``(b - a) / 2``, or NaN when the cell is unbounded (no valid end on one side),
+  when both ends are *data-free* (``L(a) == 0``: no value is known to lie at or below ``a``, it may
+  lie below every value; ``U(b) == n``: it may lie above every value: such ends say where the
+  search or the nodes' fences reached, nothing of where the values are), or when it is the
+  minimum (maximum) and its lower (upper) end is data-free: so the min and max stay unknown where
+  nodes withhold the counts near them. With one data-free end, the estimate is the other end
+  (``b``, or the first grid point above ``a``), within the whole cell: the values lie towards the
+  end that is a cut, not out at the fence (the 25% quantile of a 0/1 column with 37% zeros, whose
+  cell is ``(fence, 0]``, is 0);
+* reports an order statistic on a *tie* at the grid point itself: when its cell ``(a, b]`` is at
+  most one grid step wide and surely holds many values (at least 5, at a density 8 times that of
+  the known cells on either side), they are most likely one value held many times, on the grid (a
+  0/1 column, small integer codes): the estimate is ``b``, within ``b - a``, so that the median of
+  a 0/1 column with 60% ones is 1 (measured on continuous data: 2 order statistics in 1000 taken
+  for a tie, their estimate then within a step instead of half a step).
 
 The result is therefore exact (to float precision, or within ``tol``) when no node rounds or
 withholds; exact to within the nodes' grid resolution where every node answers (each order
-statistic within half a step, so a quantile interpolated between two within one step); and
-approximate, with the bound stated by :meth:`QuantileSearch.result_with_bounds`, otherwise.
+statistic within half a step, a step on a tie, so a quantile interpolated between two within one
+step); and approximate, with the bound stated by :meth:`QuantileSearch.result_with_bounds`,
+otherwise. The bound always holds, whatever the nodes withheld: it rests only on the counts they
+answered and on monotonicity.
 
 Rounds (measured, 32 points, normal, log-normal, uniform, bimodal, integer data, n = 2 to 1e5,
 nothing withheld): 1 for a constant column or n == 1 (via :meth:`QuantileSearch.from_moments`);
@@ -59,16 +84,67 @@ from __future__ import annotations
 import bisect
 import math
 import struct
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 from fedlab.errors import FedlabConfigError, FedlabDataQualityError, FedlabDatasetError, FedlabProtocolError
 
-__all__ = ["QuantileSearch", "pool_counts", "snap"]
+__all__ = ["NodeAnswer", "QuantileSearch", "pool_counts", "snap"]
 
 _DENSE = 16  # a cell with at least this many values is searched by interpolation too
 _MAX = 1.7976931348623157e308
 _SLACK = 1e-9  # relative: a cell one grid step wide, computed in floats, is one step wide
+_TIE_COUNT = 5  # a one-step cell holding at least this many values, and
+_TIE_RATIO = 8.0  # this many times denser than its neighbours, holds a tie: one value many times
+_POOLED = "\0pooled"  # the source of counts given to update(): the federation as one node
+_K = TypeVar("_K")
+
+
+class NodeAnswer(NamedTuple):
+    """One node's reply to a round of :meth:`QuantileSearch.update_nodes`: its ``below`` counts
+    (None where withheld), the grid ``resolution`` it rounded the thresholds to (None for none)
+    and ``n``, how many values it holds (its ``NumericPartial.count`` of round 1)."""
+
+    below: Sequence[int | None]
+    resolution: float | None
+    n: int
+
+
+class _Counts:
+    """The counts one node (or the pooled federation) answered, at sorted points, and its ``n``."""
+
+    __slots__ = ("counts", "n", "points")
+
+    def __init__(self, n: int, points: Sequence[float] = (), counts: Sequence[int] = ()) -> None:
+        self.n = n
+        self.points = list(points)
+        self.counts = list(counts)
+
+    def low(self, t: float) -> int:
+        """The smallest count at ``t`` consistent with the answers: that at the last point <= t."""
+        j = bisect.bisect_right(self.points, t)
+        return self.counts[j - 1] if j else 0
+
+    def high(self, t: float) -> int:
+        """The largest count at ``t`` consistent with the answers: that at the first point >= t."""
+        j = bisect.bisect_left(self.points, t)
+        return self.counts[j] if j < len(self.points) else self.n
+
+    def with_answers(self, observed: Iterable[tuple[float, int]]) -> _Counts:
+        points, counts = list(self.points), list(self.counts)
+        for p, c in observed:
+            i = bisect.bisect_left(points, p)
+            if i < len(points) and points[i] == p:
+                if counts[i] != c:
+                    raise FedlabProtocolError(f"two counts ({counts[i]} and {c}) at the same point {p}: "
+                                              "nodes answered inconsistently", code="invalid_field", field="below")
+                continue
+            points.insert(i, p)
+            counts.insert(i, c)
+        if any(b < a for a, b in zip(counts, counts[1:], strict=False)):
+            raise FedlabProtocolError("counts of values <= t decrease as t grows: nodes answered inconsistently",
+                                      code="invalid_field", field="below")
+        return _Counts(self.n, points, counts)
 
 
 class QuantileSearch:
@@ -79,12 +155,16 @@ class QuantileSearch:
         search = QuantileSearch.from_moments(q, merged.count, merged.mean, merged.std,
                                              resolution=largest_node_resolution)
         while (ts := search.next_thresholds()) is not None:
-            counts, at = pool_counts(ts, [(p.below, p.resolution) for p in node_partials])
-            search.update(counts, at=at)       # None = withheld by some node: ignored
+            search.update_nodes({node: NodeAnswer(p.below, p.resolution, count_of[node])
+                                 for node, p in node_partials.items()})   # None = withheld
             search.set_resolution(largest_node_resolution)
         search.result()                        # {q: value}
         search.result_with_bounds()            # {q: (value, half_width)}: 0 when exact
         search.approximate                     # the q whose search some node cut short
+
+    or, with counts already pooled (exact where given, None where any node withheld),
+    ``search.update(*pool_counts(ts, answers))``: a withheld pooled count is then only bounded by
+    its neighbours, whereas per node the other nodes' answers still count.
 
     ``min_tol``: the smallest tolerance (no refinement below it); ``resolution``: the nodes'
     coarsest threshold grid step, implying ``min_tol >= resolution / 2`` (see
@@ -127,10 +207,13 @@ class QuantileSearch:
             for k, w in ((lo_k, 1.0 - frac), (hi_k, frac)) if hi_k != lo_k else ((lo_k, 1.0),):
                 self._weight[k] = max(self._weight.get(k, 0.0), w)
         self._targets = sorted(self._weight)
-        self._t: list[float] = []  # thresholds with a known pooled count, sorted
-        self._c: list[int] = []  # pooled count(<= t) for each, non-decreasing
+        self._sources: dict[str, _Counts] = {}  # per node (or _POOLED): the counts it answered
+        self._t: list[float] = []  # every point some source answered at, sorted
+        self._lo: list[int] = []  # L(t): the pooled count at each is at least this, non-decreasing
+        self._hi: list[int] = []  # U(t): and at most this, non-decreasing
         self._asked: set[float] = set()  # every threshold asked or counted at, withheld or not
-        self._stalled: set[int] = set()  # order statistics given up on: no usable threshold came
+        self._withheld: list[float] = []  # the thresholds some node withheld, sorted
+        self._stalled: set[int] = set()  # order statistics given up on: a round brought no progress
         self._pending: list[float] | None = None
         self._density: dict[int, float] = {}  # values per unit of x_k's cell when last planned
         self.set_resolution(resolution)
@@ -186,20 +269,22 @@ class QuantileSearch:
     def update(self, below_counts: Sequence[int | None], *, at: Sequence[float | None] | None = None) -> None:
         """Record the pooled counts of values ``<=`` each threshold of :meth:`next_thresholds`.
 
-        A count of None (some node withheld it) is ignored. ``at``, when given, is for each
-        threshold the point the nodes actually counted at (they may have rounded it to their
-        grid, see :func:`pool_counts`), or None where they did not all count at the same point.
+        A count of None (some node withheld it) only lies between its neighbours'. ``at``, when
+        given, is for each threshold the point the nodes actually counted at (they may have rounded
+        it to their grid, see :func:`pool_counts`), or None where they did not all count at the same
+        point (the count is then no count at any one point: ignored). Per-node answers say more:
+        see :meth:`update_nodes` (a search takes one kind or the other).
         """
-        pending = self._pending
-        if pending is None:
-            raise FedlabProtocolError("update() without thresholds: call next_thresholds() first",
-                                      code="out_of_order")
+        pending = self._waiting()
         if len(below_counts) != len(pending):
             raise FedlabProtocolError(f"{len(below_counts)} counts for {len(pending)} thresholds",
                                       code="invalid_field", field="below")
         if at is not None and len(at) != len(pending):
             raise FedlabProtocolError(f"{len(at)} counted points for {len(pending)} thresholds",
                                       code="invalid_field", field="at")
+        if set(self._sources) - {_POOLED}:
+            raise FedlabProtocolError("this search was given per-node counts: keep to update_nodes()",
+                                      code="out_of_order")
         observed: list[tuple[float, int]] = []
         for j, (t, c) in enumerate(zip(pending, below_counts, strict=True)):
             point = t if at is None else at[j]
@@ -213,26 +298,62 @@ class QuantileSearch:
                 raise FedlabProtocolError(f"the point counted at for threshold {t} is NaN",
                                           code="invalid_field", field="at")
             observed.append((p, int(c)))
-        cells = {k: self._bounds(self._cell(k)) for k in self._targets if not self._resolved(k)}
-        ts, cs = list(self._t), list(self._c)
-        for p, c in observed:
-            i = bisect.bisect_left(ts, p)
-            if i == len(ts) or ts[i] != p:
-                ts.insert(i, p)
-                cs.insert(i, c)
-        if any(b < a for a, b in zip(cs, cs[1:], strict=False)):
-            raise FedlabProtocolError("counts of values <= t decrease as t grows: nodes answered inconsistently",
-                                      code="invalid_field", field="below")
-        self._t, self._c = ts, cs
-        self._asked.update(pending)
-        self._asked.update(p for p, _ in observed)
-        # an order statistic whose cell was asked about this round and got nothing usable back
-        # inside it cannot be refined: the nodes withhold there (or round every point onto its ends)
-        for k, (a, b) in cells.items():
-            if any(a < t < b for t in pending) and not any(a < p < b for p, _ in observed):
-                self._stalled.add(k)
-        self._pending = None
-        self.rounds += 1
+        source = self._sources.get(_POOLED, _Counts(self.n)).with_answers(observed)
+        self._commit({_POOLED: source}, [p for p, _ in observed],
+                     [t for t, c in zip(pending, below_counts, strict=True) if c is None])
+
+    def update_nodes(self, answers: Mapping[str, NodeAnswer | tuple[Sequence[int | None], float | None, int]],
+                     ) -> None:
+        """Record each node's counts of values ``<=`` the thresholds of :meth:`next_thresholds`.
+
+        ``answers``: per node (the same nodes every round), its :class:`NodeAnswer`: ``below``
+        (None where it withheld the count), the ``resolution`` it rounded each threshold to (the
+        point it counted at is the threshold snapped to that grid, see :func:`snap`) and ``n``, its
+        number of values: these must add up to the search's ``n``.
+        """
+        pending = self._waiting()
+        if _POOLED in self._sources:
+            raise FedlabProtocolError("this search was given pooled counts: keep to update()", code="out_of_order")
+        if self._sources and set(answers) != set(self._sources):
+            raise FedlabProtocolError(f"answers from nodes {sorted(answers)}, but the search is over "
+                                      f"{sorted(self._sources)}: start a new search", code="invalid_field",
+                                      field="below")
+        sources: dict[str, _Counts] = {}
+        counted_at: list[set[float]] = [set() for _ in pending]
+        withheld: set[float] = set()
+        total = 0
+        for node, (below, resolution, count) in answers.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise FedlabProtocolError(f"node {node}'s count of values must be an integer >= 0, got {count!r}",
+                                          code="invalid_field", field="count")
+            known = self._sources.get(node)
+            if known is not None and known.n != count:
+                raise FedlabProtocolError(f"node {node} holds {count} values, {known.n} before",
+                                          code="invalid_field", field="count")
+            if len(below) != len(pending):
+                raise FedlabProtocolError(f"{len(below)} counts for {len(pending)} thresholds",
+                                          code="invalid_field", field="below")
+            step = float(resolution) if resolution else None
+            if step is not None and not (math.isfinite(step) and step > 0):
+                raise FedlabProtocolError(f"node {node}'s resolution must be a positive number, got {resolution!r}",
+                                          code="invalid_field", field="resolution")
+            observed: list[tuple[float, int]] = []
+            for j, (t, c) in enumerate(zip(pending, below, strict=True)):
+                p = snap(float(t), step)
+                counted_at[j].add(p)
+                if c is None:
+                    withheld.add(t)
+                    continue
+                if isinstance(c, bool) or not 0 <= int(c) <= count:
+                    raise FedlabProtocolError(f"node {node}'s count {c} below {t} is not within [0, {count}]",
+                                              code="invalid_field", field="below")
+                observed.append((p, int(c)))
+            sources[node] = (known or _Counts(count)).with_answers(observed)
+            total += count
+        if total != self.n:
+            raise FedlabProtocolError(f"the nodes hold {total} values, the search is over {self.n}",
+                                      code="invalid_field", field="count")
+        self._commit(sources, [x for seen in counted_at if (x := _common(seen)) is not None], withheld)
 
     def result(self) -> dict[float, float]:
         """``{q: quantile}`` with pandas' linear interpolation between order statistics (NaN where
@@ -253,53 +374,131 @@ class QuantileSearch:
             out[x] = (value, math.inf) if math.isnan(value) else (value, bound)
         return out
 
+    # -- the known counts ------------------------------------------------------------------------
+
+    def _waiting(self) -> list[float]:
+        if self._pending is None:
+            raise FedlabProtocolError("update() without thresholds: call next_thresholds() first",
+                                      code="out_of_order")
+        return self._pending
+
+    def _commit(self, sources: dict[str, _Counts], counted_at: Iterable[float], withheld: Iterable[float]) -> None:
+        """Take the (checked) new counts; give up on the cells a round asked into without progress."""
+        pending = self._waiting()
+        cells = {k: self._bounds(self._cell(k)) for k in self._targets if not self._resolved(k)}
+        self._sources = sources
+        self._t = sorted({p for s in sources.values() for p in s.points})
+        self._lo = [sum(s.low(t) for s in sources.values()) for t in self._t]
+        self._hi = [sum(s.high(t) for s in sources.values()) for t in self._t]
+        self._asked.update(pending)
+        self._asked.update(counted_at)
+        self._withheld = sorted({*self._withheld, *withheld})
+        # an order statistic whose cell was asked about this round and did not shrink cannot be
+        # refined: the nodes withhold there (or round every point onto its ends)
+        for k, (a, b) in cells.items():
+            if any(a < t < b for t in pending) and self._bounds(self._cell(k)) == (a, b):
+                self._stalled.add(k)
+        self._pending = None
+        self.rounds += 1
+
+    def _cell(self, k: int) -> tuple[int, int]:
+        """``(i, j)``: x_k is in ``(t[i], t[j]]``, ``t[i]`` the last point with ``U <= k`` (i = -1
+        if none), ``t[j]`` the first with ``L >= k + 1`` (j = len(t) if none)."""
+        return bisect.bisect_right(self._hi, k) - 1, bisect.bisect_left(self._lo, k + 1)
+
+    def _bounds(self, cell: tuple[int, int]) -> tuple[float, float]:
+        """The cell as ``(a, b)``, -inf / inf where no known point bounds it."""
+        i, j = cell
+        return (self._t[i] if i >= 0 else -math.inf, self._t[j] if j < len(self._t) else math.inf)
+
+    def _bounded(self, cell: tuple[int, int]) -> bool:
+        return cell[0] >= 0 and cell[1] < len(self._t)
+
     # -- the search ----------------------------------------------------------------------------
-
-    def _cell(self, k: int) -> int:
-        """Index of the first threshold with count >= k + 1: x_k is in (t[i-1], t[i]]."""
-        return bisect.bisect_left(self._c, k + 1)
-
-    def _bounds(self, i: int) -> tuple[float, float]:
-        """Cell i as ``(a, b)``, -inf / inf where no known threshold bounds it."""
-        return (self._t[i - 1] if i > 0 else -math.inf, self._t[i] if i < len(self._t) else math.inf)
 
     def _resolved(self, k: int) -> bool:
         if k in self._stalled:
             return True
-        i = self._cell(k)
-        if i == 0 or i == len(self._t):
+        cell = self._cell(k)
+        if not self._bounded(cell):
             return False
-        a, b = self._t[i - 1], self._t[i]
-        if (b - a) / 2 * self._weight[k] <= self._tolerance() or _ordinal(b) - _ordinal(a) == 1:
+        a, b = self._bounds(cell)
+        tol = self._tolerance()
+        if (b - a) / 2 * self._weight_at(k, tol) <= tol or _ordinal(b) - _ordinal(a) == 1:
             return True
+        return self._one_step(a, b)
+
+    def _weight_at(self, k: int, tol: float) -> float:
+        """x_k's weight in the tolerance test: 1 where the grid sets the tolerance, so that every
+        order statistic ends in a cell of one step (half a step from its estimate) wherever the
+        nodes answer; a lighter weight would leave a cell of two steps for a median between two."""
+        if self.resolution is not None and tol <= self.resolution / 2 * (1 + _SLACK):
+            return 1.0
+        return self._weight[k]
+
+    def _one_step(self, a: float, b: float) -> bool:
         return self.resolution is not None and b - a <= self.resolution * (1 + _SLACK)
 
     def _estimate(self, k: int) -> tuple[float, float]:
-        """x_k's estimate and how far from it x_k can be.
-
-        An x_k the search gave up on is unbounded (NaN) also where its cell ends at a threshold
-        below every value (count 0) or above every value (count n): such an end says only where
-        the search looked (nodes answer there without it being a cut), nothing about the data.
-        """
-        i = self._cell(k)
-        a, b = self._bounds(i)
+        """x_k's estimate and how far from it x_k can be (NaN, inf: unknown; see the module's notes)."""
+        cell = self._cell(k)
+        a, b = self._bounds(cell)
         if not (math.isfinite(a) and math.isfinite(b)):
             return math.nan, math.inf
-        if (k in self._stalled or not self._resolved(k)) and (self._c[i - 1] == 0 or self._c[i] == self.n):
-            return math.nan, math.inf
+        if k in self._stalled or not self._resolved(k):
+            free_lo, free_hi = self._lo[cell[0]] == 0, self._hi[cell[1]] == self.n
+            if (free_lo and free_hi) or (free_lo and k == 0) or (free_hi and k == self.n - 1):
+                return math.nan, math.inf
+            if free_lo:  # the values lie towards b, the end that is a cut
+                return b, b - a
+            if free_hi:  # towards a: at the first grid point above it
+                near = min(self._above(a), b)
+                return near, max(near - a, b - near)
         if _ordinal(b) - _ordinal(a) == 1:
             return b, 0.0
         width = b - a
+        if self._tie(cell):
+            return b, width
         if math.isfinite(width):
             return a + width / 2, width / 2
         return a / 2 + b / 2, b / 2 - a / 2
 
+    def _above(self, a: float) -> float:
+        """The first point of the grid above ``a`` (``a`` itself without a grid)."""
+        r = self.resolution
+        if r is None or not abs(a / r) < 2.0**52:
+            return a
+        m = round(a / r)
+        return g if (g := _grid_point(m, r)) > a else _grid_point(m + 1, r)
+
+    def _below(self, b: float) -> float:
+        """The last point of the grid below ``b`` (``b`` itself without a grid)."""
+        r = self.resolution
+        if r is None or not abs(b / r) < 2.0**52:
+            return b
+        m = round(b / r)
+        return g if (g := _grid_point(m, r)) < b else _grid_point(m - 1, r)
+
+    def _tie(self, cell: tuple[int, int]) -> bool:
+        """Whether the cell is one grid step holding a tie: many values, far denser than around it."""
+        i, j = cell
+        a, b = self._t[i], self._t[j]
+        inside = self._lo[j] - self._hi[i]  # values surely in (a, b]
+        if not self._one_step(a, b) or inside < _TIE_COUNT:
+            return False
+        density = inside / (b - a)
+        # the values surely in the known cells next to it, (t[i-1], a] and (b, t[j+1]]: far sparser?
+        if i > 0 and (self._lo[i] - self._hi[i - 1]) * _TIE_RATIO > density * (a - self._t[i - 1]):
+            return False
+        return not (j + 1 < len(self._t)
+                    and (self._lo[j + 1] - self._hi[j]) * _TIE_RATIO > density * (self._t[j + 1] - b))
+
     def _tolerance(self) -> float:
         if self.tol is not None:
             return max(self.tol, self.min_tol)
-        first, full = bisect.bisect_left(self._c, 1), bisect.bisect_left(self._c, self.n)
-        if first > 0 and full < len(self._t):
-            return max(self.rel_tol * (self._t[full] - self._t[first - 1]), self.min_tol)
+        below, above = bisect.bisect_right(self._hi, 0) - 1, bisect.bisect_left(self._lo, self.n)
+        if below >= 0 and above < len(self._t):  # (t[below], t[above]] holds every value
+            return max(self.rel_tol * (self._t[above] - self._t[below]), self.min_tol)
         return max(self.rel_tol * (self.bracket[1] - self.bracket[0]), self.min_tol)
 
     def _scale(self) -> float:
@@ -333,7 +532,7 @@ class QuantileSearch:
             self._stalled.update(self._targets)
             return None
         while True:
-            cells: dict[int, list[int]] = {}
+            cells: dict[tuple[int, int], list[int]] = {}
             for k in self._targets:
                 if not self._resolved(k):
                     cells.setdefault(self._cell(k), []).append(k)
@@ -341,40 +540,57 @@ class QuantileSearch:
                 return None
             tol, total = self._tolerance(), self.points_per_round
             # how many-fold each cell must still shrink; cells not yet bounded first
-            need = {i: math.inf if self._width(i) == math.inf
-                    else max(2.0, self._width(i) * max(self._weight[k] for k in ks) / (2 * max(tol, 1e-300)))
-                    for i, ks in cells.items()}
-            order = sorted(cells, key=lambda i: -need[i])
+            need = {c: math.inf if self._width(c) == math.inf
+                    else max(2.0, self._width(c) * max(self._weight_at(k, tol) for k in ks) / (2 * max(tol, 1e-300)))
+                    for c, ks in cells.items()}
+            order = sorted(cells, key=lambda c: -need[c])
             if len(order) >= total:
                 points = dict.fromkeys(order[:total], 1)
             else:
-                points = {i: total // len(order) for i in order if need[i] == math.inf}
-                points.update(_allocate({i: need[i] for i in order if i not in points},
+                points = {c: total // len(order) for c in order if need[c] == math.inf}
+                points.update(_allocate({c: need[c] for c in order if c not in points},
                                         total - sum(points.values())))
             out: set[float] = set()
-            for i, p in points.items():
-                fresh = self._fresh(i, self._points(i, cells[i], p))
+            for c, p in points.items():
+                ends = self._ends(c)[:p]
+                fresh = self._fresh(c, ends + self._points(c, cells[c], max(p - len(ends), 0)))
                 if fresh:
                     out.update(fresh)
                 else:  # no point left to ask in this cell (all asked and withheld, or off the grid)
-                    self._stalled.update(cells[i])
+                    self._stalled.update(cells[c])
             if out:
                 return sorted(out)
 
-    def _fresh(self, i: int, points: Iterable[float]) -> list[float]:
-        """The points, snapped to the grid, strictly inside cell i and never asked; if none is
+    def _ends(self, cell: tuple[int, int]) -> list[float]:
+        """The grid point next to an end of the (bounded) cell where a node withheld the point two
+        steps in: nodes withhold stretches (a tail of few values, the points near an earlier cut),
+        and the point next to the stretch may still be answered, bringing the end up to a tie."""
+        r = self.resolution
+        if r is None or not self._bounded(cell):
+            return []
+        a, b = self._bounds(cell)
+        i, j = bisect.bisect_right(self._withheld, a), bisect.bisect_left(self._withheld, b)
+        if i >= j:  # nothing withheld inside
+            return []
+        near = 2 * r * (1 + _SLACK)
+        points = ([self._above(a)] if self._withheld[i] - a <= near else []) + (
+            [self._below(b)] if b - self._withheld[j - 1] <= near else [])
+        return [t for t in points if a < t < b and t not in self._asked]
+
+    def _fresh(self, cell: tuple[int, int], points: Iterable[float]) -> list[float]:
+        """The points, snapped to the grid, strictly inside the cell and never asked; if none is
         left, the first other point of the cell that was never asked (if there is one)."""
-        a, b = self._bounds(i)
+        a, b = self._bounds(cell)
         out = {s for t in points if a < (s := self._snap(t)) < b and s not in self._asked}
         if not out:
-            out = set(next(([s] for s in self._spares(i, a, b) if a < s < b and s not in self._asked), []))
+            out = set(next(([s] for s in self._spares(cell, a, b) if a < s < b and s not in self._asked), []))
         return sorted(out)
 
-    def _spares(self, i: int, a: float, b: float) -> Iterator[float]:
-        """Other points of cell i, best first: further out for an unbounded cell, else from the
+    def _spares(self, cell: tuple[int, int], a: float, b: float) -> Iterator[float]:
+        """Other points of the cell, best first: further out for an unbounded cell, else from the
         middle outwards (grid points with a grid)."""
-        if i == 0 or i == len(self._t):
-            start, step = (b, -self._scale()) if i == 0 else (a, self._scale())
+        if not self._bounded(cell):
+            start, step = (self._t[0], -self._scale()) if cell[0] < 0 else (self._t[-1], self._scale())
             yield from (self._snap(t) for t in _outward(start, step, 40))
             return
         if self.resolution is None:
@@ -389,27 +605,35 @@ class QuantileSearch:
             yield _grid_point(m + j, self.resolution)
             yield _grid_point(m - j - 1, self.resolution)
 
-    def _width(self, i: int) -> float:
-        return math.inf if i == 0 or i == len(self._t) else self._t[i] - self._t[i - 1]
+    def _width(self, cell: tuple[int, int]) -> float:
+        a, b = self._bounds(cell)
+        return b - a if self._bounded(cell) else math.inf
 
-    def _points(self, i: int, targets: list[int], p: int) -> list[float]:
-        if i == 0:  # values below every threshold so far
+    def _points(self, cell: tuple[int, int], targets: list[int], p: int) -> list[float]:
+        i, j = cell
+        if i < 0:  # no known point with few enough values below: look below every one
             if self._t[0] <= -_MAX:
-                raise FedlabDataQualityError("the column holds -inf values: quantiles need finite values")
+                if j == 0:  # at least k + 1 values <= -max
+                    raise FedlabDataQualityError("the column holds -inf values: quantiles need finite values")
+                return []
             return _outward(self._t[0], -self._scale(), p)
-        if i == len(self._t):
+        if j == len(self._t):
             if self._t[-1] >= _MAX:
-                raise FedlabDataQualityError("the column holds inf values: quantiles need finite values")
+                if i == len(self._t) - 1:  # at least n - k values > max
+                    raise FedlabDataQualityError("the column holds inf values: quantiles need finite values")
+                return []
             return _outward(self._t[-1], self._scale(), p)
-        a, b = self._t[i - 1], self._t[i]
+        a, b = self._t[i], self._t[j]
         oa, ob = _ordinal(a), _ordinal(b)
         if ob - oa - 1 <= p:
             return [_from_ordinal(o) for o in range(oa + 1, ob)]
-        ca, cb = self._c[i - 1], self._c[i]
+        # the counts at the ends, as well as they are known (exact where every node answered)
+        ca, cb = (self._lo[i] + self._hi[i]) / 2, (self._lo[j] + self._hi[j]) / 2
         # split the floats evenly when they are few, or when one cell holds every value (a constant
         # column in a wide bracket: only adjacent floats resolve it, <= 64 bits to find)
-        if ob - oa - 1 <= 16 * p or (ca == 0 and cb == self.n and self.tol is None and self.resolution is None):
-            return [_from_ordinal(oa + (ob - oa) * j // (p + 1)) for j in range(1, p + 1)]
+        if ob - oa - 1 <= 16 * p or (self._hi[i] == 0 and self._lo[j] == self.n and self.tol is None
+                                     and self.resolution is None):
+            return [_from_ordinal(oa + (ob - oa) * f // (p + 1)) for f in range(1, p + 1)]
         m = cb - ca
         # interpolate only where the values look spread out: not if the density of the cell jumped
         # since the last round (a tie / point mass: interpolation would aim at the wrong place)
@@ -418,13 +642,14 @@ class QuantileSearch:
         dense = m >= _DENSE and p >= 4 and density <= 4 * before
         self._density.update(dict.fromkeys(targets, density))
         even = p // 2 if dense else p
-        pts = [_between(a, b, j / (even + 1)) for j in range(1, even + 1)]
+        pts = [_between(a, b, f / (even + 1)) for f in range(1, even + 1)]
         if dense:  # one window around where interpolation puts the cell's targets
-            lo_f, hi_f = (min(targets) + 0.5 - ca) / m, (max(targets) + 0.5 - ca) / m
+            lo_f = min(1.0, max(0.0, (min(targets) + 0.5 - ca) / m))
+            hi_f = min(1.0, max(0.0, (max(targets) + 0.5 - ca) / m))
             lo_w = max(0.0, lo_f - 3 * math.sqrt(lo_f * (1 - lo_f) / m) - 1 / m)
             hi_w = min(1.0, hi_f + 3 * math.sqrt(hi_f * (1 - hi_f) / m) + 1 / m)
             pw = p - even
-            pts += [_between(a, b, lo_w + (hi_w - lo_w) * j / (pw - 1)) for j in range(pw)]
+            pts += [_between(a, b, lo_w + (hi_w - lo_w) * f / (pw - 1)) for f in range(pw)]
         return [t for t in pts if a < t < b]
 
 
@@ -483,6 +708,14 @@ def pool_counts(
     return counts, at
 
 
+def _common(points: set[float]) -> float | None:
+    """The one point all nodes counted at (up to float rounding of a non-power-of-ten grid), or None."""
+    if not points:
+        return None
+    lo, hi = min(points), max(points)
+    return hi if hi - lo <= 1e-12 * max(abs(lo), abs(hi)) else None
+
+
 def _order_statistics(q: float, n: int) -> tuple[int, int]:
     """The (0-based) order statistics that pandas' linear quantile q of n values interpolates."""
     h = (n - 1) * q
@@ -500,7 +733,7 @@ def _frac(q: float, n: int) -> float:
     return h - math.floor(h)
 
 
-def _allocate(need: dict[int, float], total: int) -> dict[int, int]:
+def _allocate(need: dict[_K, float], total: int) -> dict[_K, int]:
     """Split ``total`` points so that every cell reaches its needed shrink factor in as few rounds
     as possible: the fewest r with sum(need ** (1/r) - 1) <= total, then spare points to the
     neediest."""

@@ -10,8 +10,9 @@ sends thresholds and gets back only how many values lie at or below each (see
 asked for (``stats_args[column]["quantiles"] = {"levels": [...]}``), which a node may refuse for a
 column with too few values; round 1 carries one threshold far below any value (it reveals no
 value) to learn each node's threshold grid and any such refusal before the search starts. A
-node may withhold single counts: the search then reports the quantile it could not pin down
-as approximate, with its bound. Nodes that refused or failed round 1 are not asked again;
+node may withhold single counts: the search bounds each by the node's own counts around it
+(they grow with the threshold) and reports a quantile it could not pin down as approximate,
+with its bound. Nodes that refused or failed round 1 are not asked again;
 everything they said is kept in the result.
 """
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from fedlab.analytics.merge import merge_categorical, merge_covariance, merge_crosstab, merge_numeric
 from fedlab.analytics.messages import STATISTICS, FAReply, NumericPartial
-from fedlab.analytics.quantiles import QuantileSearch, pool_counts
+from fedlab.analytics.quantiles import NodeAnswer, QuantileSearch
 from fedlab.errors import FedlabError
 from fedlab.researcher.fa_result import FAResult, contributors
 from fedlab.researcher.federated_dataset import FederatedDataset
@@ -297,7 +298,9 @@ def _quantile_rounds(result: FAResult, run: Any, nodes: Sequence[str],
         _note_allowances(result, replies)
         _note_refusals(result, replies, list(thresholds))
         for column, ts in thresholds.items():
-            answers: list[tuple[Sequence[int | None], float | None]] = []
+            # each node's own counts (None where withheld), its grid and its number of values (round
+            # 1's): the search bounds a withheld count by the node's answers around it
+            answers: dict[str, NodeAnswer] = {}
             refused: dict[str, str] = {}
             lost = None
             for node_id in members[column]:
@@ -310,23 +313,23 @@ def _quantile_rounds(result: FAResult, run: Any, nodes: Sequence[str],
                     lost = node_id  # counts would no longer add up
                     break
                 else:
-                    answers.append((partial.below, partial.resolution))
+                    answers[node_id] = NodeAnswer(partial.below, partial.resolution,
+                                                  result.replies[node_id].numeric[column].count)
             if lost is not None:
                 result.failed.setdefault(lost, f"did not answer a quantile round for {column!r}")
                 del searches[column]
             elif refused:  # the others' counts are not of the same values: start again without them
                 result.quantile_refused.setdefault(column, {}).update(refused)
                 members[column] = [n for n in members[column] if n not in refused]
-                steps = [r for _, r in answers]
+                steps = [a.resolution for a in answers.values()]
                 restarted = _new_search(result, column, members[column], steps, max_rounds)
                 if restarted is None:
                     del searches[column]
                 else:
                     searches[column] = restarted
             else:
-                counts, at = pool_counts(ts, answers)
-                searches[column].update(counts, at=at)
-                searches[column].set_resolution(_largest([r for _, r in answers]))
+                searches[column].update_nodes(answers)
+                searches[column].set_resolution(_largest([a.resolution for a in answers.values()]))
     for column, search in searches.items():
         if not search.finished:  # cannot happen (every search stops by itself): say so, do not guess
             result.quantile_approximate[column] = list(result.quantile_levels)

@@ -24,7 +24,7 @@ import msgspec
 
 from fedlab.analytics.merge import merge_categorical, merge_numeric
 from fedlab.analytics.messages import NumericPartial
-from fedlab.analytics.quantiles import QuantileSearch, pool_counts
+from fedlab.analytics.quantiles import NodeAnswer, QuantileSearch
 from fedlab.errors import FedlabError
 from fedlab.preprocessing.fit import (
     combat_global_params,
@@ -211,15 +211,15 @@ class Pipeline:
             replies = self._run("impute", "fit", {"columns": list(thresholds), "stats": ["quantiles"],
                                                   "stats_args": args, "thresholds": thresholds})
             for column, ts in thresholds.items():
-                answers: list[tuple[Sequence[int | None], float | None]] = []
+                answers: dict[str, NodeAnswer] = {}  # per node: its counts (None: withheld), grid, n
                 gone = []
-                for node_id in partials[column]:
+                for node_id, first_partial in partials[column].items():
                     reply = replies.get(node_id)
                     partial = reply.partials.numeric.get(column) if reply is not None and reply.partials else None
                     if partial is None or partial.below is None or len(partial.below) != len(ts):
                         gone.append(node_id)  # dropped, or refused: the others' counts no longer add up
                     else:
-                        answers.append((partial.below, partial.resolution))
+                        answers[node_id] = NodeAnswer(partial.below, partial.resolution, first_partial.count)
                 if gone:
                     why = "; ".join(f"{self._names.get(n, n)}: " + self._refusal(replies.get(n), column)
                                     for n in gone)
@@ -231,9 +231,9 @@ class Pipeline:
                                           f"({why})")
                     searches[column] = search
                     continue
-                counts, at = pool_counts(ts, answers)
-                searches[column].update(counts, at=at)
-                searches[column].set_resolution(max((r for _, r in answers if r), default=None))
+                searches[column].update_nodes(answers)
+                searches[column].set_resolution(max((a.resolution for a in answers.values() if a.resolution),
+                                                    default=None))
         medians = {}
         for column, search in searches.items():
             value, half = search.result_with_bounds()[0.5]

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlab.analytics.messages import FAReply, NumericPartial
-from fedlab.analytics.quantiles import QuantileSearch, pool_counts, snap
+from fedlab.analytics.quantiles import NodeAnswer, QuantileSearch, pool_counts, snap
 from fedlab.errors import FedlabConfigError, FedlabError, FedlabProtocolError
 from fedlab.preprocessing.messages import PreprocReply
 from fedlab.protocol import DatasetInfo
@@ -83,9 +83,11 @@ def pooled(nodes: Sequence[Node]) -> np.ndarray:
     return np.concatenate([n.values for n in nodes])
 
 
-def drive(nodes: Sequence[Node], levels: Sequence[float] = LEVELS, *, tell_grid: bool = True,
+def drive(nodes: Sequence[Node], levels: Sequence[float] = LEVELS, *, tell_grid: bool = True, per_node: bool = True,
           **kwargs: Any) -> tuple[QuantileSearch, dict[float, tuple[float, float]], list[float]]:
-    """Run the search like the researcher does; returns it, its bounded result and every threshold asked."""
+    """Run the search like the researcher does (each node's answers to the search, or with
+    ``per_node=False`` the pooled counts, None where any node withheld); returns it, its bounded
+    result and every threshold asked."""
     values = pooled(nodes)
     grid = max((n.step or 0.0) for n in nodes) or None
     std = float(values.std(ddof=1)) if values.size > 1 else math.nan
@@ -96,8 +98,12 @@ def drive(nodes: Sequence[Node], levels: Sequence[float] = LEVELS, *, tell_grid:
         assert search.rounds < search.max_rounds
         asked += ts
         answers = [n.below(ts) for n in nodes]
-        counts, at = pool_counts(ts, answers)
-        search.update(counts, at=at)
+        if per_node:
+            search.update_nodes({f"node{i}": NodeAnswer(below, step, len(node.values))
+                                 for i, (node, (below, step)) in enumerate(zip(nodes, answers, strict=True))})
+        else:
+            counts, at = pool_counts(ts, answers)
+            search.update(counts, at=at)
         search.set_resolution(max((r or 0.0) for _, r in answers))
     assert search.finished and search.rounds <= search.max_rounds
     return search, search.result_with_bounds(), asked
@@ -236,6 +242,185 @@ def test_bounds_hold_whatever_the_rules(data):
     search, result, asked = drive(nodes, [0, 0.1, 0.5, 0.9, 1], tell_grid=data.draw(st.booleans()))
     check_bounds(result, pooled(nodes))
     assert len(asked) == len(set(asked))
+
+
+# -- monotone bounds: a node's withheld count lies between its own answers around it ------------------
+
+
+def counts_le(values: Any, thresholds: Sequence[float]) -> list[int]:
+    return np.searchsorted(np.sort(np.asarray(values, dtype=float)), thresholds, side="right").tolist()
+
+
+def test_a_withheld_count_lies_between_the_node_s_own_answers():
+    """A node that withholds every count inside its range still bounds them: 0 below, its n above.
+    The other node's counts then bracket the pooled median wherever the withheld values lie."""
+    big = np.arange(100) + 0.5
+    ts = QuantileSearch([0.5], 120, (0.0, 100.0)).next_thresholds() or []
+    fence = [0 if t < -1 else 20 if t > 101 else None for t in ts]  # the small node: nothing inside
+    assert None in fence
+    results = {}
+    for per_node in (True, False):
+        search = QuantileSearch([0.5], 120, (0.0, 100.0), max_rounds=1)
+        assert search.next_thresholds() == ts
+        if per_node:
+            search.update_nodes({"big": NodeAnswer(counts_le(big, ts), None, 100),
+                                 "small": NodeAnswer(fence, None, 20)})
+        else:
+            search.update([None if f is None else b + f for b, f in zip(counts_le(big, ts), fence, strict=True)])
+        results[per_node] = search.result_with_bounds()[0.5]
+    value, half = results[True]
+    assert math.isfinite(value) and half < 25
+    for small in (np.full(20, 0.1), np.full(20, 99.9), np.linspace(0.1, 99.9, 20), np.full(20, 50.0)):
+        median = float(np.median(np.r_[big, small]))  # wherever the small node's values are
+        assert abs(value - median) <= half + 1e-9, (value, half, median)
+    assert math.isnan(results[False][0])  # pooled, every threshold inside the small node's range is lost
+
+
+def skewed_nodes(seed: int) -> list[Node]:
+    """Like the demo's "mean area": two larger nodes and a small one with lower values and a long tail,
+    fewer than 10 of them above the pooled 75% quantile, so it withholds every count up there."""
+    rng = np.random.default_rng(seed)
+    rules = {"m": 10, "fence": True, "spacing": 3}
+    return [Node(rng.lognormal(6.6, 0.45, 280), 10.0, **rules), Node(rng.lognormal(6.5, 0.4, 180), 10.0, **rules),
+            Node(rng.lognormal(6.0, 0.5, 100), 10.0, **rules)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_skewed_small_node_withholding_the_upper_tail_leaves_q75_bounded(seed):
+    values = pooled(skewed_nodes(seed))
+    small = skewed_nodes(seed)[2].values
+    assert 0 < (small > np.quantile(values, 0.75)).sum() < 10  # the small node withholds there
+    search, result, asked = drive(skewed_nodes(seed), [0.25, 0.5, 0.75])
+    check_bounds(result, values)
+    value, half = result[0.75]
+    assert math.isfinite(value) and half <= 50, result  # five grid steps
+    assert len(asked) == len(set(asked))
+    _, pooled_result, _ = drive(skewed_nodes(seed), [0.25, 0.5, 0.75], per_node=False)
+    check_bounds(pooled_result, values)
+    assert math.isnan(pooled_result[0.75][0]) or pooled_result[0.75][1] >= 4 * half  # pooled counts lose it
+
+
+def binary_nodes(seed: int, **rules: Any) -> list[Node]:
+    rng = np.random.default_rng(seed)
+    return [Node((rng.random(n) < p).astype(float), 0.01, **rules) for n, p in ((300, 0.6), (200, 0.55), (90, 0.7))]
+
+
+@pytest.mark.parametrize("rules", [{}, {"spacing": 3}, {"m": 10, "fence": True, "spacing": 3}])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_binary_column_comes_out_as_zero_one_or_between(seed, rules):
+    values = pooled(binary_nodes(seed))
+    zeros = int((values == 0).sum())
+    between = (zeros - 0.5) / (values.size - 1)  # halfway from the last 0 to the first 1: 0.5
+    levels = [0, 0.1, 0.25, 0.4, 0.5, between, 0.75, 0.9, 1]
+    search, result, asked = drive(binary_nodes(seed, **rules), levels)
+    check_bounds(result, values)
+    extremes = [0, 1] if rules.get("m") else []  # min and max: withheld (fewer than 10 values beyond)
+    for q in levels:
+        value, half = result[q]
+        if q in extremes:
+            assert math.isnan(value), q
+            continue
+        assert value == float(np.quantile(values, q)), (q, value)  # exactly 0, 1 or 0.5
+        assert half <= (0.07 if rules.get("m") else 0.01 * (1 + 1e-9)), (q, half)  # a step, or to the fence
+    assert result[between][0] == 0.5 and result[0.5][0] == 1.0
+    assert len(asked) == len(set(asked))
+
+
+def test_the_demo_s_binary_column():
+    """The demo's "target": 144/139, 60/120 and 8/98 zeros/ones. Each node withholds its count at 1
+    (no value above) and below 0, the small one every count inside its fence (8 zeros): the 25%
+    quantile is 0 and the 75% is 1, within the fence; the median is unknown, for all the counts say
+    the small node's 106 values could all be 0, and then it is."""
+    rules = {"m": 10, "fence": True, "spacing": 3}
+    split = [(144, 139), (60, 120), (8, 98)]
+    nodes = [Node(np.r_[np.zeros(z), np.ones(o)], 0.01, **rules) for z, o in split]
+    search, result, _ = drive(nodes, [0.25, 0.5, 0.75])
+    check_bounds(result, pooled(nodes))
+    assert result[0.25][0] == 0.0 and result[0.75][0] == 1.0 and max(result[0.25][1], result[0.75][1]) <= 0.1
+    assert math.isnan(result[0.5][0]) and result[0.5][1] == math.inf
+
+
+@pytest.mark.parametrize("steps", [(0.01, 0.01, 0.01), (0.1, 0.1, 0.1), (0.1, 0.01, 0.001)])
+@pytest.mark.parametrize("seed", range(3))
+def test_small_integer_codes_come_out_on_their_values(seed, steps):
+    rng = np.random.default_rng(seed)
+    codes = [rng.choice(5, n, p=[0.1, 0.3, 0.3, 0.2, 0.1]).astype(float) for n in (200, 150, 60)]
+
+    def nodes() -> list[Node]:
+        return [Node(c, step, m=10, fence=True, spacing=3) for c, step in zip(codes, steps, strict=True)]
+
+    values = pooled(nodes())
+    search, result, asked = drive(nodes(), LEVELS)
+    check_bounds(result, values)
+    for q in (0.25, 0.5, 0.75):  # inside the codes: on the code itself, within a step
+        value, half = result[q]
+        assert value == float(np.quantile(values, q)) and half <= 0.1 * (1 + 1e-9), (q, result[q])
+    assert math.isnan(result[0][0]) and math.isnan(result[1][0])
+    assert len(asked) == len(set(asked))
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_bounds_hold_with_ties_and_skewed_small_nodes(data):
+    """Whatever the nodes hold and withhold, the stated bound contains numpy's pooled quantile, on
+    either path (per node, or pooled counts), and no threshold is asked twice."""
+    nodes = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        n = data.draw(st.integers(1, 300))
+        kind = data.draw(st.sampled_from(["binary", "codes", "skewed", "normal", "constant"]))
+        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+        if kind == "binary":
+            values = (rng.random(n) < data.draw(st.floats(0, 1))).astype(float)
+        elif kind == "codes":
+            values = rng.integers(0, data.draw(st.integers(1, 8)), n).astype(float)
+        elif kind == "skewed":
+            values = rng.lognormal(data.draw(st.floats(0, 3)), data.draw(st.floats(0.1, 2)), n)
+        elif kind == "normal":
+            values = rng.normal(10, 3, n)
+        else:
+            values = np.full(n, data.draw(st.sampled_from([0.0, 1.0, 2.5])))
+        nodes.append(Node(values, data.draw(st.sampled_from([None, 0.001, 0.01, 0.1, 1.0])),
+                          m=data.draw(st.sampled_from([0, 3, 10])), fence=data.draw(st.booleans()),
+                          spacing=data.draw(st.sampled_from([0, 3])),
+                          allowance=data.draw(st.sampled_from([10**9, 60]))))
+    levels = [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1]
+    search, result, asked = drive(nodes, levels, tell_grid=data.draw(st.booleans()), per_node=data.draw(st.booleans()))
+    check_bounds(result, pooled(nodes))
+    assert len(asked) == len(set(asked)) and search.rounds <= search.max_rounds
+
+
+def test_update_nodes_checks_its_answers():
+    s = QuantileSearch([0.5], 10, (0.0, 10.0))
+    ts = s.next_thresholds() or []
+    ok = NodeAnswer([0] * len(ts), None, 4)
+    with pytest.raises(FedlabProtocolError, match="hold 9 values"):
+        s.update_nodes({"a": ok, "b": NodeAnswer([0] * len(ts), None, 5)})
+    with pytest.raises(FedlabProtocolError, match="counts for"):
+        s.update_nodes({"a": ok, "b": NodeAnswer([0], None, 6)})
+    with pytest.raises(FedlabProtocolError, match="within"):
+        s.update_nodes({"a": ok, "b": NodeAnswer([7] * len(ts), None, 6)})
+    with pytest.raises(FedlabProtocolError, match="decrease"):
+        s.update_nodes({"a": ok, "b": NodeAnswer([6] + [0] * (len(ts) - 1), None, 6)})
+    with pytest.raises(FedlabProtocolError, match="resolution"):
+        s.update_nodes({"a": ok, "b": NodeAnswer([0] * len(ts), -1.0, 6)})
+    assert s.rounds == 0  # refused answers leave no trace
+    a, b = [1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0, 9.0, 9.5]
+    fenced = [0 if t < 4.5 else 6 if t > 9.7 else None for t in ts]  # b answers outside its range only
+    s.update_nodes({"a": NodeAnswer(counts_le(a, ts), None, 4), "b": NodeAnswer(fenced, 0.1, 6)})
+    assert s.rounds == 1
+    ts = s.next_thresholds() or []
+    assert ts
+    with pytest.raises(FedlabProtocolError, match="start a new search"):
+        s.update_nodes({"a": NodeAnswer([None] * len(ts), None, 4)})
+    with pytest.raises(FedlabProtocolError, match="holds 5 values"):
+        s.update_nodes({"a": NodeAnswer([None] * len(ts), None, 5), "b": NodeAnswer([None] * len(ts), None, 5)})
+    with pytest.raises(FedlabProtocolError, match="keep to update_nodes"):
+        s.update([None] * len(ts))
+    pooled_search = QuantileSearch([0.5], 10, (0.0, 10.0))
+    pooled_search.update(counts_le(a + b, pooled_search.next_thresholds() or []))
+    assert pooled_search.next_thresholds()
+    with pytest.raises(FedlabProtocolError, match="keep to update\\(\\)"):
+        pooled_search.update_nodes({"a": NodeAnswer([], None, 10)})
 
 
 # -- the search's new arguments and pooling ---------------------------------------------------------
@@ -389,6 +574,24 @@ def test_stats_sends_the_levels_learns_the_grid_in_round_one_and_reports_bounds(
         assert any("approximate" in line for line in result.notes())
 
 
+def test_stats_bound_a_node_s_withheld_counts_by_its_own_answers(monkeypatch):
+    """The researcher's rounds hand the search each node's answers with its count of values: a small
+    skewed node withholding the upper tail leaves the 75% quantile bounded (with pooled counts it
+    was NaN: every threshold up there had one node's count missing)."""
+    rng = np.random.default_rng(14)
+    nodes = {"a": SimulatedNode(rng.lognormal(6.6, 0.45, 280), step=10.0, m=10),
+             "b": SimulatedNode(rng.lognormal(6.5, 0.4, 180), step=10.0, m=10),
+             "small": SimulatedNode(rng.lognormal(6.0, 0.5, 100), step=10.0, m=10)}
+    fds = fake_federation(monkeypatch, nodes)
+    result = federated_stats(fds, researcher_id="r", requests=None, node_names=NAMES, stats=["count", "quantiles"])
+    values = np.concatenate([s.node.values for s in nodes.values()])
+    assert 0 < (nodes["small"].node.values > np.quantile(values, 0.75)).sum() < 10
+    for q in (0.25, 0.5, 0.75):
+        value, half = result.quantiles["x"][q], result.quantile_errors["x"][q]
+        assert math.isfinite(value) and abs(value - np.quantile(values, q)) <= half + 1e-9, (q, value, half)
+    assert result.quantile_errors["x"][0.75] <= 50
+
+
 def test_a_node_refusing_the_quantile_levels_is_left_out_and_said_so(monkeypatch):
     rng = np.random.default_rng(12)
     nodes = {"a": SimulatedNode(rng.normal(0, 1, 400), step=0.01, m=10),
@@ -458,10 +661,23 @@ def test_median_imputation_sends_the_level_and_stays_within_its_bound(monkeypatc
     assert half <= 0.01 * (1 + 1e-9) or "withheld some counts" in note  # the grid, or the spacing of cuts
 
 
-def test_median_imputation_refuses_when_the_median_cannot_be_located(monkeypatch):
+def test_median_imputation_bounds_what_a_node_withholds_by_its_own_answers(monkeypatch):
     rng = np.random.default_rng(22)
     nodes = {"a": SimulatedNode(rng.normal(0, 1, 300), step=0.01, m=10),
              "b": SimulatedNode(rng.normal(0, 1, 40), step=0.01, m=25)}  # withholds every count inside its range
+    pipe = fake_pipeline(monkeypatch, nodes).impute(["x"], strategy="median")
+    value = pipe.steps[-1]["values"]["x"]
+    median = float(np.median(np.concatenate([s.node.values for s in nodes.values()])))
+    (note,) = [n for n in pipe.notes if n.startswith("median of 'x'")]
+    half = float(note.split("± ")[1].split(" ")[0])
+    # b's 40 values lie anywhere in its range: a's counts alone bracket the median, within ~40 ranks
+    assert abs(value - median) <= half + 1e-9 and half < 0.5 and "withheld some counts" in note
+
+
+def test_median_imputation_refuses_when_the_median_cannot_be_located(monkeypatch):
+    rng = np.random.default_rng(22)
+    nodes = {"a": SimulatedNode(rng.normal(0, 1, 45), step=0.01, m=25),  # both withhold every count
+             "b": SimulatedNode(rng.normal(0, 1, 40), step=0.01, m=25)}  # inside their ranges
     with pytest.raises(FedlabError, match="impute with the mean instead"):
         fake_pipeline(monkeypatch, nodes).impute(["x"], strategy="median")
 
