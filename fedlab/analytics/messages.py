@@ -66,7 +66,9 @@ class NumericPartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``histogram`` counts per bin of ``histogram_edges`` (None = suppressed bin);
     ``below`` is, for a quantile round, the count of values <= each requested threshold, or None
     where the node withheld that count (see :mod:`fedlab.privacy.cuts`); ``resolution`` is the
-    grid step to which the node rounded those thresholds and the histogram's edges.
+    grid step to which the node rounded those thresholds and the histogram's edges, and
+    ``below_at`` the points it counted at (each threshold rounded: on a derived dataset the grid is
+    its source's, so it need not be made of multiples of ``resolution``).
     """
 
     count: int
@@ -80,6 +82,7 @@ class NumericPartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     histogram: list[int | None] | None = None
     below: list[int | None] | None = None
     resolution: float | None = None
+    below_at: list[float] | None = None
 
 
 class CategoricalPartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

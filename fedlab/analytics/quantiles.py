@@ -102,12 +102,15 @@ _K = TypeVar("_K")
 
 class NodeAnswer(NamedTuple):
     """One node's reply to a round of :meth:`QuantileSearch.update_nodes`: its ``below`` counts
-    (None where withheld), the grid ``resolution`` it rounded the thresholds to (None for none)
-    and ``n``, how many values it holds (its ``NumericPartial.count`` of round 1)."""
+    (None where withheld), the grid ``resolution`` it rounded the thresholds to (None for none),
+    ``n``, how many values it holds (its ``NumericPartial.count`` of round 1), and ``at``, the
+    points it says it counted at (``NumericPartial.below_at``; None: the thresholds snapped to
+    ``resolution``)."""
 
     below: Sequence[int | None]
     resolution: float | None
     n: int
+    at: Sequence[float] | None = None
 
 
 class _Counts:
@@ -322,7 +325,9 @@ class QuantileSearch:
         counted_at: list[set[float]] = [set() for _ in pending]
         withheld: set[float] = set()
         total = 0
-        for node, (below, resolution, count) in answers.items():
+        for node, answer in answers.items():
+            below, resolution, count = answer[0], answer[1], answer[2]
+            at = answer[3] if len(answer) > 3 else None
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise FedlabProtocolError(f"node {node}'s count of values must be an integer >= 0, got {count!r}",
                                           code="invalid_field", field="count")
@@ -337,9 +342,12 @@ class QuantileSearch:
             if step is not None and not (math.isfinite(step) and step > 0):
                 raise FedlabProtocolError(f"node {node}'s resolution must be a positive number, got {resolution!r}",
                                           code="invalid_field", field="resolution")
+            if at is not None and (len(at) != len(pending) or any(math.isnan(float(x)) for x in at)):
+                raise FedlabProtocolError(f"node {node} sent {len(at)} points for {len(pending)} thresholds",
+                                          code="invalid_field", field="below_at")
             observed: list[tuple[float, int]] = []
             for j, (t, c) in enumerate(zip(pending, below, strict=True)):
-                p = snap(float(t), step)
+                p = float(at[j]) if at is not None else snap(float(t), step)
                 counted_at[j].add(p)
                 if c is None:
                     withheld.add(t)

@@ -377,9 +377,12 @@ class AnalyticsHandler:
         lo, hi = self._fence(data, origin.source, source)
         reasons: list[str] = []
 
+        counted_at: list[float] = []
+
         def count(asked: Sequence[float], sides: Sequence[str]) -> list[int | None]:
             points = [cuts.Point(cuts.snap(origin.to_source(float(t)), step), side)
                       for t, side in zip(asked, sides, strict=True)]
+            counted_at[:] = [origin.from_source(p.value) for p in points]
             ranks, why = cuts.answer_points(points, source, fence=(lo, hi), state=state, key_prefix=origin.source,
                                             min_count=rules.min_count, cell_threshold=rules.cell_threshold)
             reasons.extend(why)
@@ -397,12 +400,13 @@ class AnalyticsHandler:
         if thresholds is not None:
             numeric_partial(data.frame[column].iloc[:0], thresholds=thresholds)  # validates the thresholds
             below = count(thresholds, [cuts.RIGHT] * len(thresholds))
+        below_at = list(counted_at) if thresholds is not None else None
         session.save(origin.source, state)
         allowance[column] = state.remaining
         if reasons:
             refused[f"{column}.thresholds"] = _withheld(reasons, rules)
         return msgspec.structs.replace(part, histogram_edges=histogram_edges, histogram=histogram, below=below,
-                                       resolution=step * origin.scale)
+                                       resolution=step * origin.scale, below_at=below_at)
 
     def _fence(self, data: LoadedData, key: str, values_sorted: np.ndarray) -> tuple[float, float]:
         """The noisy outward range of sorted real values, fixed per (node secret, source content,

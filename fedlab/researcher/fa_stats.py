@@ -314,7 +314,7 @@ def _quantile_rounds(result: FAResult, run: Any, nodes: Sequence[str],
                     break
                 else:
                     answers[node_id] = NodeAnswer(partial.below, partial.resolution,
-                                                  result.replies[node_id].numeric[column].count)
+                                                  result.replies[node_id].numeric[column].count, partial.below_at)
             if lost is not None:
                 result.failed.setdefault(lost, f"did not answer a quantile round for {column!r}")
                 del searches[column]

@@ -219,7 +219,8 @@ class Pipeline:
                     if partial is None or partial.below is None or len(partial.below) != len(ts):
                         gone.append(node_id)  # dropped, or refused: the others' counts no longer add up
                     else:
-                        answers[node_id] = NodeAnswer(partial.below, partial.resolution, first_partial.count)
+                        answers[node_id] = NodeAnswer(partial.below, partial.resolution, first_partial.count,
+                                                      partial.below_at)
                 if gone:
                     why = "; ".join(f"{self._names.get(n, n)}: " + self._refusal(replies.get(n), column)
                                     for n in gone)

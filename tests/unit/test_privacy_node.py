@@ -232,3 +232,15 @@ def test_shifted_copies_share_one_grid_and_one_set_of_cuts(node: Node) -> None:
         assert below is not None
         seen.add(below[0])
     assert seen <= {first.below[0]}  # each copy's point 0 is the source's grid point 50000
+
+
+def test_a_copy_says_where_it_counted(node: Node) -> None:
+    """On a derived copy the grid is the source's, mapped: the reply gives the points it counted at,
+    so the researcher's bookkeeping is exact (the count is the copy's count at that point)."""
+    derived = node.derive({"type": "standardize", "columns": ["income"], "mean": {"income": 50_000.37},
+                           "scale": {"income": 9_999.3}}, "odd")
+    part = node.fa(derived, stats=["quantiles"], columns=["income"], thresholds={"income": [0.0123]}).numeric["income"]
+    assert part.below is not None and part.below_at is not None and part.below[0] is not None
+    copy = (cohort()["income"] - 50_000.37) / 9_999.3
+    assert part.below_at[0] != 0.0123
+    assert part.below[0] == int((copy <= part.below_at[0] + 1e-12).sum())
