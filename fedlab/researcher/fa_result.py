@@ -252,7 +252,8 @@ class FAResult:
             if not levels:
                 continue
             values, errors = self.quantiles.get(column, {}), self.quantile_errors.get(column, {})
-            parts = [f"q{q:g} unknown (the counts the nodes may release cannot bracket it)" if math.isnan(values.get(q, math.nan))
+            unknown = "unknown (the counts the nodes may release cannot bracket it)"
+            parts = [f"q{q:g} {unknown}" if math.isnan(values.get(q, math.nan))
                      else f"q{q:g} = {values[q]:.6g} ± {errors.get(q, math.nan):.3g}" for q in levels]
             lines.append(f"quantiles of {column!r} are approximate (nodes withheld the counts that would locate them "
                          f"more finely): {'; '.join(parts)}")
