@@ -271,14 +271,16 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
     path = Path(directory).expanduser().resolve()
     if not path.exists():
         raise FedlabConfigError(
-            f"node directory {path} does not exist: run `fedlab node init DIR --name NAME` first"
+            f"node directory {path} does not exist: run "
+            "`fedlab node init DIR --name NAME --researcher-key FILE` first (or `--insecure` for a local demo)"
         )
     if not path.is_dir():
         raise FedlabConfigError(f"{path} is not a directory; pass the node directory")
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise FedlabConfigError(
-            f"{path} is not a fedlab node directory: run `fedlab node init DIR --name NAME` first"
+            f"{path} is not a fedlab node directory: run "
+            "`fedlab node init DIR --name NAME --researcher-key FILE` first (or `--insecure` for a local demo)"
         )
     try:
         data = tomllib.loads(config_path.read_text(encoding="utf-8"))

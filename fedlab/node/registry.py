@@ -137,7 +137,8 @@ def _connect(db_path: Path, *, create: bool = False) -> Iterator[sqlite3.Connect
     """A fresh connection in autocommit mode (transactions are explicit), translated errors."""
     if not create and not db_path.is_file():
         raise FedlabConfigError(
-            f"no dataset registry at {db_path}: run `fedlab node init DIR --name NAME` first"
+            f"no dataset registry at {db_path}: run "
+            "`fedlab node init DIR --name NAME --researcher-key FILE` first (or `--insecure` for a local demo)"
         )
     try:
         with closing(sqlite3.connect(db_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)) as conn:
