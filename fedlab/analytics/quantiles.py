@@ -83,10 +83,10 @@ from __future__ import annotations
 
 import bisect
 import math
-import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
+from fedlab.analytics.grid import from_ordinal, grid_point, ordinal, snap
 from fedlab.errors import FedlabConfigError, FedlabDataQualityError, FedlabDatasetError, FedlabProtocolError
 
 __all__ = ["NodeAnswer", "QuantileSearch", "pool_counts", "snap"]
@@ -432,7 +432,7 @@ class QuantileSearch:
             return False
         a, b = self._bounds(cell)
         tol = self._tolerance()
-        if (b - a) / 2 * self._weight_at(k, tol) <= tol or _ordinal(b) - _ordinal(a) == 1:
+        if (b - a) / 2 * self._weight_at(k, tol) <= tol or ordinal(b) - ordinal(a) == 1:
             return True
         return self._one_step(a, b)
 
@@ -462,7 +462,7 @@ class QuantileSearch:
             if free_hi:  # towards a: at the first grid point above it
                 near = min(self._above(a), b)
                 return near, max(near - a, b - near)
-        if _ordinal(b) - _ordinal(a) == 1:
+        if ordinal(b) - ordinal(a) == 1:
             return b, 0.0
         width = b - a
         if self._tie(cell):
@@ -477,7 +477,7 @@ class QuantileSearch:
         if r is None or not abs(a / r) < 2.0**52:
             return a
         m = round(a / r)
-        return g if (g := _grid_point(m, r)) > a else _grid_point(m + 1, r)
+        return g if (g := grid_point(m, r)) > a else grid_point(m + 1, r)
 
     def _below(self, b: float) -> float:
         """The last point of the grid below ``b`` (``b`` itself without a grid)."""
@@ -485,7 +485,7 @@ class QuantileSearch:
         if r is None or not abs(b / r) < 2.0**52:
             return b
         m = round(b / r)
-        return g if (g := _grid_point(m, r)) < b else _grid_point(m - 1, r)
+        return g if (g := grid_point(m, r)) < b else grid_point(m - 1, r)
 
     def _tie(self, cell: tuple[int, int]) -> bool:
         """Whether the cell is one grid step holding a tie: many values, far denser than around it."""
@@ -523,7 +523,7 @@ class QuantileSearch:
         p = self.points_per_round
         # if all values equal the mean (or the degenerate bracket), [prev(c), c] proves it at once
         exact = {c for m in {self.mean, lo if lo == hi else None} if m is not None
-                 for c in (_from_ordinal(_ordinal(m) - 1), m)}
+                 for c in (from_ordinal(ordinal(m) - 1), m)}
         p -= len(exact)
         if lo == hi:
             out = exact | set(_outward(lo, -self._scale(), p // 2)) | set(_outward(lo, self._scale(), p // 2))
@@ -603,15 +603,15 @@ class QuantileSearch:
             return
         if self.resolution is None:
             yield _between(a, b, 0.5)
-            yield _from_ordinal((_ordinal(a) + _ordinal(b)) // 2)
+            yield from_ordinal((ordinal(a) + ordinal(b)) // 2)
             return
         middle = _between(a, b, 0.5) / self.resolution
         if not abs(middle) < 2.0**52:
             return
         m = round(middle)
         for j in range(64):
-            yield _grid_point(m + j, self.resolution)
-            yield _grid_point(m - j - 1, self.resolution)
+            yield grid_point(m + j, self.resolution)
+            yield grid_point(m - j - 1, self.resolution)
 
     def _width(self, cell: tuple[int, int]) -> float:
         a, b = self._bounds(cell)
@@ -632,16 +632,16 @@ class QuantileSearch:
                 return []
             return _outward(self._t[-1], self._scale(), p)
         a, b = self._t[i], self._t[j]
-        oa, ob = _ordinal(a), _ordinal(b)
+        oa, ob = ordinal(a), ordinal(b)
         if ob - oa - 1 <= p:
-            return [_from_ordinal(o) for o in range(oa + 1, ob)]
+            return [from_ordinal(o) for o in range(oa + 1, ob)]
         # the counts at the ends, as well as they are known (exact where every node answered)
         ca, cb = (self._lo[i] + self._hi[i]) / 2, (self._lo[j] + self._hi[j]) / 2
         # split the floats evenly when they are few, or when one cell holds every value (a constant
         # column in a wide bracket: only adjacent floats resolve it, <= 64 bits to find)
         if ob - oa - 1 <= 16 * p or (self._hi[i] == 0 and self._lo[j] == self.n and self.tol is None
                                      and self.resolution is None):
-            return [_from_ordinal(oa + (ob - oa) * f // (p + 1)) for f in range(1, p + 1)]
+            return [from_ordinal(oa + (ob - oa) * f // (p + 1)) for f in range(1, p + 1)]
         m = cb - ca
         # interpolate only where the values look spread out: not if the density of the cell jumped
         # since the last round (a tie / point mass: interpolation would aim at the wrong place)
@@ -659,30 +659,6 @@ class QuantileSearch:
             pw = p - even
             pts += [_between(a, b, lo_w + (hi_w - lo_w) * f / (pw - 1)) for f in range(pw)]
         return [t for t in pts if a < t < b]
-
-
-def snap(value: float, step: float | None) -> float:
-    """``value`` rounded to the nearest multiple of ``step``, as nodes round thresholds and edges.
-
-    For a power-of-ten step the multiple is computed from integers, so that a round number
-    (40, 0.5) stays exactly itself and a point on a coarse power-of-ten grid is unchanged by
-    rounding to a finer one. Values beyond 2**52 steps, non-finite values and a step of None or
-    0 are returned as they are.
-    """
-    if step is None or not step > 0 or not math.isfinite(value):
-        return value
-    k = value / step
-    if not abs(k) < 2.0**52:
-        return value
-    return _grid_point(round(k), step)
-
-
-def _grid_point(m: int, step: float) -> float:
-    """The m-th multiple of step (exactly representable decimals for power-of-ten steps)."""
-    exponent = round(math.log10(step))
-    if math.isclose(step, 10.0**exponent, rel_tol=1e-12):
-        return float(m * 10**exponent) if exponent >= 0 else m / 10 ** (-exponent)
-    return m * step
 
 
 def pool_counts(
@@ -763,15 +739,3 @@ def _allocate(need: dict[_K, float], total: int) -> dict[_K, int]:
 def _outward(start: float, step: float, p: int) -> list[float]:
     """p thresholds beyond ``start`` at ``step / 4, step, 4 step, ...`` (clipped to finite floats)."""
     return [max(-_MAX, min(_MAX, start + step * 4.0 ** (j - 1))) for j in range(p)]
-
-
-def _ordinal(x: float) -> int:
-    """An integer that orders floats like their values and steps by 1 between adjacent floats."""
-    (i,) = struct.unpack("<q", struct.pack("<d", x))
-    return int(i) if i >= 0 else -(int(i) & 0x7FFFFFFFFFFFFFFF)
-
-
-def _from_ordinal(o: int) -> float:
-    bits = o if o >= 0 else (-o) | (1 << 63)
-    (x,) = struct.unpack("<d", struct.pack("<Q", bits))
-    return float(x)

@@ -15,13 +15,9 @@ quantile search takes several rounds) costs one read.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
-import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,113 +42,22 @@ from fedlab.analytics.partials import (
     is_numeric,
     numeric_partial,
 )
-from fedlab.errors import FedlabDatasetError, FedlabDisclosureError, FedlabError, FedlabProtocolError
+from fedlab.errors import FedlabDatasetError, FedlabDisclosureError, FedlabProtocolError
+from fedlab.node.dataset_view import CsvCache, LoadedData, apply_tracked
 from fedlab.node.preproc_state import PreprocStateStore
 from fedlab.node.privacy_state import CutSession, PrivacyState
 from fedlab.node.registry import DatasetRecord, DatasetRegistry
 from fedlab.privacy import cuts
 from fedlab.privacy.groups import group_refusal, level_counts, levels_refusal, moments_refusal, suppressed_levels
 from fedlab.privacy.noise import noise_fractions, noisy_range
-from fedlab.privacy.provenance import OTHER_CATEGORY, VALUE, Origin, initial, track
+from fedlab.privacy.provenance import VALUE, initial
 
-__all__ = ["AnalyticsHandler", "CsvCache", "LoadedData"]
+__all__ = ["INSECURE_PEER", "AnalyticsHandler", "CsvCache", "LoadedData", "apply_tracked"]
 
 log = logging.getLogger("fedlab.node")
 INSECURE_PEER = "insecure"
 _CROSSTAB = "crosstab"
 _COV = "cov"
-
-
-class CsvCache:
-    """DataFrames of registered CSV datasets, re-read only when the file changes, with a digest
-    of the file's content (the noise and the threshold state of a dataset follow its content)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._frames: dict[str, tuple[tuple[int, int], pd.DataFrame, str]] = {}
-
-    def load(self, path: str) -> pd.DataFrame:
-        return self.load_with_digest(path)[0]
-
-    def load_with_digest(self, path: str) -> tuple[pd.DataFrame, str]:
-        try:
-            stat = os.stat(path)
-        except OSError as exc:
-            raise FedlabDatasetError(
-                f"the dataset's file is no longer readable on this node ({exc.strerror}); "
-                "the node's operator should register it again"
-            ) from None
-        key = (stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            cached = self._frames.get(path)
-            if cached is not None and cached[0] == key:
-                return cached[1], cached[2]
-        if not os.path.isfile(path):
-            raise FedlabDatasetError("the dataset's file is no longer a readable file on this node; "
-                                     "the node's operator should register it again")
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        frame = pd.read_csv(path)
-        with self._lock:
-            self._frames[path] = (key, frame, digest.hexdigest())
-        return frame, digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class LoadedData:
-    """A dataset as a request sees it: the frame, each column's origin, and its root source."""
-
-    frame: pd.DataFrame
-    origins: dict[str, Origin]
-    source: pd.DataFrame
-    root: DatasetRecord
-    digest: str
-    chain: list[dict[str, Any]]
-
-    @property
-    def source_key(self) -> str:
-        return f"{self.root.dataset_id}:{self.digest[:32]}"
-
-
-def apply_tracked(frame: pd.DataFrame, origins: dict[str, Origin], chain: Sequence[Mapping[str, Any]],
-                  ) -> tuple[pd.DataFrame, dict[str, Origin]]:
-    """``frame`` transformed by ``chain`` (a copy), with the origins carried along."""
-    from fedlab.preprocessing.transforms import apply_transform
-
-    out = frame.copy()
-    for spec in chain:
-        try:
-            out = apply_transform(out, spec)
-        except FedlabError:
-            raise
-        except (KeyError, ValueError, TypeError) as exc:
-            log.warning("preprocessing chain failed on this node: %s: %s", type(exc).__name__, exc)
-            raise FedlabDatasetError(
-                f"the preprocessing chain cannot be applied to this node's data (its {spec.get('type')} step "
-                "failed; the node's log has the details); check the step's columns and parameters, or start "
-                "the pipeline again") from exc
-        if spec.get("type") == "onehot":
-            out = _fold(out, spec)
-        origins = track(origins, spec)
-    return out, origins
-
-
-def _fold(frame: pd.DataFrame, spec: Mapping[str, Any]) -> pd.DataFrame:
-    """Move the rows of the levels this node folded (see :mod:`fedlab.privacy.spec_check`) from their
-    indicator columns, which stay all zeros, to ``<other>``."""
-    folded = spec.get("folded")
-    if not isinstance(folded, Mapping):
-        return frame
-    for column, levels in folded.items():
-        other = f"{column}={OTHER_CATEGORY}"
-        for level in levels if isinstance(levels, list) else []:
-            name = f"{column}={level}"
-            if name in frame.columns and other in frame.columns:
-                frame[other] = np.maximum(frame[other].to_numpy(), frame[name].to_numpy())
-                frame[name] = 0.0
-    return frame
 
 
 class AnalyticsHandler:
@@ -318,8 +223,8 @@ class AnalyticsHandler:
             own = np.sort(_floats(series[origin.real]))
             fence = self._fence(data, column, own)
         else:
-            lo, hi = self._fence(data, origin.source, source)
-            fence = (origin.from_source(lo), origin.from_source(hi))
+            fence_src = self._fence(data, origin.source, source)
+            fence = (origin.from_source(fence_src[0]), origin.from_source(fence_src[1]))
         imputed = self._imputed(data, column)
         if imputed.size:  # the released range covers imputed values too, which the researcher chose and knows
             fence_out = (min(fence[0], float(imputed[0])), max(fence[1], float(imputed[-1])))
@@ -342,7 +247,8 @@ class AnalyticsHandler:
             return msgspec.structs.replace(part, histogram_edges=None, histogram=None, below=None), fence_out
         # the cut state is read, spent and written in one short transaction, before the answer is sent
         with self.privacy.cuts(self.peer, data.source_key) as session:
-            part = self._cuts(session, data, column, part, edges, thresholds, source, imputed, refused, allowance)
+            part = self._cuts(session, data, column, part, edges, thresholds, source, fence_src, imputed, refused,
+                              allowance)
         return part, fence_out
 
     def _source_values(self, data: LoadedData, column: str) -> np.ndarray | None:
@@ -362,8 +268,8 @@ class AnalyticsHandler:
         return np.sort(_floats(series[mask])) if mask.any() else np.empty(0)
 
     def _cuts(self, session: CutSession, data: LoadedData, column: str, part: NumericPartial, edges: Any,
-              thresholds: list[float] | None, source: np.ndarray, imputed: np.ndarray,
-              refused: dict[str, str], allowance: dict[str, int]) -> NumericPartial:
+              thresholds: list[float] | None, source: np.ndarray, fence: tuple[float, float],
+              imputed: np.ndarray, refused: dict[str, str], allowance: dict[str, int]) -> NumericPartial:
         """The histogram and the counts below thresholds that the cut rules let out (fedlab.privacy.cuts).
 
         Every point is judged and rounded in the source column's units: a derived copy's point is
@@ -374,7 +280,6 @@ class AnalyticsHandler:
         rules = self.rules
         step = cuts.grid_step(source, rules.threshold_resolution)
         state = session.load(origin.source, rules.threshold_allowance)
-        lo, hi = self._fence(data, origin.source, source)
         reasons: list[str] = []
 
         counted_at: list[float] = []
@@ -383,7 +288,7 @@ class AnalyticsHandler:
             points = [cuts.Point(cuts.snap(origin.to_source(float(t)), step), side)
                       for t, side in zip(asked, sides, strict=True)]
             counted_at[:] = [origin.from_source(p.value) for p in points]
-            ranks, why = cuts.answer_points(points, source, fence=(lo, hi), state=state, key_prefix=origin.source,
+            ranks, why = cuts.answer_points(points, source, fence=fence, state=state, key_prefix=origin.source,
                                             min_count=rules.min_count, cell_threshold=rules.cell_threshold)
             reasons.extend(why)
             return [None if r is None else r + _rank(imputed, cuts.Point(origin.from_source(p.value), p.side))

@@ -28,7 +28,8 @@ import pandas as pd
 from fedlab.analytics.disclosure import DisclosureRules, check_enabled
 from fedlab.analytics.messages import FARequest
 from fedlab.errors import FedlabDatasetError, FedlabDisclosureError, FedlabError, FedlabProtocolError
-from fedlab.node.analytics_handler import AnalyticsHandler, LoadedData, apply_tracked
+from fedlab.node.analytics_handler import AnalyticsHandler
+from fedlab.node.dataset_view import LoadedData, apply_tracked
 from fedlab.node.preproc_state import PreprocStateStore
 from fedlab.node.registry import DatasetRecord, DatasetRegistry
 from fedlab.preprocessing.messages import PREPROC_STEPS, PREPROC_TYPES, PreprocReply, PreprocRequest

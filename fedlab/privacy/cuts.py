@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedlab.analytics.grid import snap  # the researcher rounds with the very same function
+
 __all__ = ["CutState", "Point", "answer_points", "grid_step", "snap"]
 
 LEFT = "left"  # count of values < t (histogram edges but the last)
@@ -76,19 +78,6 @@ def grid_step(real: np.ndarray, resolution: float) -> float:
         scale = scale if scale > 0 and math.isfinite(scale) else 1.0
     exponent = math.ceil(math.log10(resolution * scale) - 1e-12)
     return 10.0**exponent
-
-
-def snap(value: float, step: float) -> float:
-    """``value`` rounded to the nearest multiple of ``step`` (a power of ten), computed so that a
-    round number (40, 0.5) stays exactly itself. Far-away values (beyond 2**52 steps) are kept."""
-    if not math.isfinite(value):
-        return value
-    exponent = round(math.log10(step))
-    k = value / step
-    if not abs(k) < 2.0**52:
-        return value
-    n = round(k)
-    return float(n * 10**exponent) if exponent >= 0 else n / 10 ** (-exponent)
 
 
 def answer_points(
