@@ -245,8 +245,18 @@ def _setup_logging(config: NodeConfig) -> None:
 
 def run_node(directory: str | Path, *, researcher: str | None = None,
              heartbeat_interval: float | None = None) -> int:
-    """Run the node in ``directory`` in the foreground until SIGINT or SIGTERM; return 0."""
+    """Run the node in ``directory`` in the foreground until SIGINT or SIGTERM; return 0.
+
+    A second process on the same directory is refused before it logs, opens node.db or dials out.
+    """
+    from fedlab.node.dir_lock import lock_node_dir
+
     config = load_config(directory)
+    with lock_node_dir(config.directory):  # held until this returns, or by the kernel until the process dies
+        return _serve(config, researcher, heartbeat_interval)
+
+
+def _serve(config: NodeConfig, researcher: str | None, heartbeat_interval: float | None) -> int:
     if researcher:
         config = dataclasses.replace(config, researcher=researcher)
     if heartbeat_interval:
