@@ -25,7 +25,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from fedlab.transport.keys import Allowlist
 
-__all__ = ["AllowlistAuthenticator", "HandshakeMonitor", "Throttle", "node_refusal", "researcher_refusal"]
+__all__ = [
+    "CONNECTION_EVENTS", "AllowlistAuthenticator", "HandshakeMonitor", "Throttle", "node_refusal", "researcher_refusal",
+]
 
 log = logging.getLogger("fedlab.transport")
 REPEAT_SECONDS = 60.0  # the same refusal is logged again at most this often (zmq keeps retrying)
@@ -89,12 +91,21 @@ class AllowlistAuthenticator(ThreadAuthenticator):
         return False
 
 
-class HandshakeMonitor:
-    """The monitor socket of ``sock``, reporting only handshake results."""
+CONNECTION_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
-    def __init__(self, sock: zmq.Socket[Any]) -> None:
+
+class HandshakeMonitor:
+    """The monitor socket of ``sock``: handshake results, and with ``connections`` also the
+    connection events (accepted, connected, disconnected; their value is the connection's fd).
+
+    libzmq's I/O thread emits these without the GIL, so they stay on time however busy the
+    Python side is; they are what liveness is decided from.
+    """
+
+    def __init__(self, sock: zmq.Socket[Any], *, connections: bool = False) -> None:
         self._sock = sock
-        self.socket = sock.get_monitor_socket(_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.socket = sock.get_monitor_socket(
+            _FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | (CONNECTION_EVENTS if connections else 0))
 
     def events(self) -> list[tuple[int, int]]:
         """The (event, value) pairs waiting, without blocking."""

@@ -23,6 +23,7 @@ class Outgoing:
     peer: bytes
     frames: Sequence[Any]
     on_failure: Callable[[str], None] | None = None
+    msg_id: str = ""  # for the log line if it is dropped ("" for heartbeats)
 
 
 class Outbox:

@@ -2,12 +2,17 @@
 
 Hospital firewalls allow outbound connections only, so the node connects to the researcher,
 never the reverse. The loop thread owns the socket: it sends heartbeats (which also
-introduce the node to a researcher that just started), notices when the researcher has been
-silent for three of its heartbeats and then rebuilds its socket, and hands every validated
-message to ``on_message``. Replies come back from worker threads through an outbox.
+introduce the node to a researcher that just started) and hands every validated message to
+``on_message``. Replies come back from worker threads through an outbox.
 
-``IMMEDIATE`` is set so nothing queues while no researcher is there: a node started first
-just keeps knocking, and a restarted researcher never receives a backlog of stale beats.
+Whether the researcher is there is libzmq's call, made on its I/O thread without the GIL:
+ZMTP heartbeats end a dead connection, the monitor reports it, and libzmq reconnects by
+itself. Heartbeats are sent only while connected, so a restarted researcher never receives a
+backlog of stale beats. ``IMMEDIATE`` is deliberately *not* set: with it, libzmq tears down
+the socket's pipe with each lost connection, which drops every reply queued in it without a
+word and can abort the process (``Assertion failed: !_more (src/fq.cpp)``) when a peer
+vanishes while a multipart message is being read. Without it the pipe outlives connections:
+replies queued during a reconnect leave on the next connection.
 
 With a ``key`` and the researcher's public key (``server_key``) the socket is a CURVE client:
 it talks only to that researcher, encrypted. A handshake monitor logs why a researcher
@@ -88,6 +93,7 @@ class ZmqNodeTransport:
         self._beat_now = threading.Event()
         self._beat_sent = threading.Event()
         self._monitor: HandshakeMonitor | None = None
+        self._link_up = False  # a connection to the researcher is up (monitor events; loop thread)
         self._throttle = Throttle()
         self._rebuild_at = float("inf")
         # this process: a restart under the same node id shows as a new session in the heartbeats
@@ -102,7 +108,7 @@ class ZmqNodeTransport:
         """Queue a message for the researcher (thread-safe). Oversize replies become errors."""
         frames = encode(envelope)
         check_size(frames, self.max_message_bytes)
-        self._outbox.put(Outgoing(b"", frames))
+        self._outbox.put(Outgoing(b"", frames, msg_id=envelope.msg_id))
 
     def announce_pause(self, seconds: float, *, wait: float = 1.0) -> None:
         """Tell the researcher this process may not beat for up to ``seconds`` (0 ends the pause).
@@ -136,15 +142,15 @@ class ZmqNodeTransport:
         sock = self._ctx.socket(zmq.DEALER)
         socket_options(sock, self.heartbeat_interval, self.max_message_bytes)
         sock.setsockopt(zmq.IDENTITY, self.node_id.encode())
-        sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(int(self.heartbeat_interval * 1000), 100))
         if self.key is not None and self.server_key is not None:
             sock.curve_secretkey = self.key.secret.encode("ascii")
             sock.curve_publickey = self.key.public.encode("ascii")
             sock.curve_serverkey = self.server_key.encode("ascii")
-        self._monitor = HandshakeMonitor(sock)
+        self._monitor = HandshakeMonitor(sock, connections=True)
         self._rebuild_at = float("inf")
+        self._link_up = False
         sock.connect(self.address)
         return sock
 
@@ -160,6 +166,14 @@ class ZmqNodeTransport:
         for event, value in self._monitor.events():
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # zmq's own retry got through: keep this socket
                 self._rebuild_at = float("inf")
+                self._link_up = True
+                self._beat_now.set()  # introduce ourselves on the new connection at once
+            if event == zmq.EVENT_DISCONNECTED:
+                self._link_up = False
+                if self.researcher_connected.is_set():
+                    log.warning("connection to researcher at %s lost; libzmq reconnects", self.address)
+                    self.researcher_connected.clear()
+                continue
             refusal = node_refusal(event, value, self.address, keyed=self.key is not None)
             if refusal is not None:  # after a refused key or mechanism zmq gives up on the socket: we do not
                 self._rebuild_at = min(self._rebuild_at, time.monotonic() + _REFUSED_RETRY_SECONDS)
@@ -183,7 +197,7 @@ class ZmqNodeTransport:
                     self._beat_now.clear()
                     self._beat(sock)
                     next_beat = now + self.heartbeat_interval
-                    if self._researcher_lost(now) or now >= self._rebuild_at:
+                    if now >= self._rebuild_at:
                         poller.unregister(sock)
                         poller.unregister(monitor_sock)
                         self._disconnect(sock, 0)
@@ -194,6 +208,8 @@ class ZmqNodeTransport:
                         poller.register(monitor_sock, zmq.POLLIN)
                 timeout = 50 if pending else max(0, int((next_beat - time.monotonic()) * 1000)) + 1
                 events = dict(poller.poll(timeout))
+                if monitor_sock in events:
+                    self._handshakes()
                 if self._outbox.fileno in events or pending:
                     pending += [(time.monotonic(), item) for item in self._outbox.drain() if item]
                     pending = self._send_pending(sock, pending)
@@ -204,8 +220,6 @@ class ZmqNodeTransport:
                         except zmq.Again:
                             break
                         self._receive(frames)
-                if monitor_sock in events:
-                    self._handshakes()
             # leaving: flush the goodbye and any last replies, briefly
             deadline = time.monotonic() + 0.3
             pending += [(time.monotonic(), item) for item in self._outbox.drain() if item]
@@ -225,14 +239,18 @@ class ZmqNodeTransport:
         for queued_at, item in pending:
             try:
                 sock.send_multipart(list(item.frames), zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            except zmq.Again:  # the queue to the researcher is full (its high-water mark)
                 if time.monotonic() - queued_at < _RETRY_SECONDS:
                     left.append((queued_at, item))
                 else:
-                    log.warning("dropped a reply: no researcher reachable for %.0f s", _RETRY_SECONDS)
+                    log.warning("dropped message %s: the queue to the researcher stayed full for %.0f s",
+                                item.msg_id or "(heartbeat)", _RETRY_SECONDS)
         return left
 
     def _beat(self, sock: zmq.Socket[Any]) -> None:
+        if not self._link_up:  # nobody there: a beat would only wait in the queue and arrive stale
+            self._beat_sent.set()
+            return
         pause_left = self._pause_until - time.monotonic()
         interval = max(self.heartbeat_interval, pause_left / 2)  # liveness is 3 intervals: 1.5x the pause
         beat = make_envelope(Heartbeat(name=self.name, state=self._state(), interval=interval,
@@ -242,16 +260,6 @@ class ZmqNodeTransport:
         except zmq.Again:
             pass  # no researcher connected yet: keep knocking
         self._beat_sent.set()
-
-    def _researcher_lost(self, now: float) -> bool:
-        if not self.researcher_connected.is_set():
-            return False
-        if time.time() - self._last_heard <= 3 * self._researcher_interval or now < self._pause_until:
-            return False  # during an announced pause our own loop may be the one that stalled
-        log.warning("researcher at %s silent for %.1f s; reconnecting", self.address,
-                    time.time() - self._last_heard)
-        self.researcher_connected.clear()
-        return True
 
     def _receive(self, frames: list[zmq.Frame]) -> None:
         try:

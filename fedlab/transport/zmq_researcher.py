@@ -10,11 +10,23 @@ copied per node.
 With a ``key`` (and its ``allowlist``) the socket is a CURVE server: traffic is encrypted and
 only nodes whose public key is in the allowlist get through the handshake; without, it is
 plain TCP, for local demos. A handshake monitor logs refused connections either way.
+
+Liveness comes from libzmq, not from Python: each message's source connection is recorded
+(``SRCFD``), ZMTP heartbeats run on libzmq's I/O threads, and the monitor's ``disconnected``
+event for a node's connection marks it offline. Monitor events are read before messages in
+every turn of the loop, so a connection's end is never applied after a newer connection that
+reuses its file descriptor number has spoken.
+
+Nothing is dropped silently: sends never block the loop (``NOBLOCK``; ``ROUTER_MANDATORY``
+turns an unknown peer into an error instead of a silent drop), a message that meets a full
+queue waits in line and is retried, and one that cannot leave is logged with its msg_id and
+reported to its sender's ``on_failure``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -47,7 +59,15 @@ __all__ = ["MessageHandler", "ZmqResearcherTransport", "check_size"]
 
 log = logging.getLogger("fedlab.transport")
 _GOODBYE_LINGER_MS = 300
+_FULL_QUEUE_SECONDS = 30.0  # a message meeting a full queue is retried this long, then dropped (and logged)
+MIN_ZMTP_TIMEOUT_MS = 2000  # a connection silent this long at the libzmq level is over, however short the beat
 MessageHandler = Callable[[str, Envelope], None]
+
+
+def io_threads() -> int:
+    """libzmq I/O threads for a context: each connection is served (and encrypted) by one, so a
+    researcher with several nodes uses one per core, up to 8."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def check_size(frames: Sequence[Any], max_bytes: int) -> None:
@@ -61,12 +81,20 @@ def check_size(frames: Sequence[Any], max_bytes: int) -> None:
 
 
 def socket_options(sock: zmq.Socket[Any], heartbeat_interval: float, max_bytes: int) -> None:
-    """Options shared by both ends: no linger, a frame-size backstop, zmq-level keepalive."""
+    """Options shared by both ends: no linger, a frame-size backstop, ZMTP heartbeats.
+
+    The ZMTP heartbeat (PING/PONG, answered by the peer's libzmq I/O thread) ends a connection
+    that carried nothing for ``HEARTBEAT_TIMEOUT``; any data received resets it, so a large
+    message in transit keeps it alive. It is what liveness is decided from, so it is never
+    shorter than ``MIN_ZMTP_TIMEOUT_MS``: a loaded machine may delay an I/O thread, not for seconds.
+    """
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 1024 * 1024)
-    ivl = max(int(heartbeat_interval * 1000), 10)
+    ivl = max(int(heartbeat_interval * 1000), 100)
+    timeout = max(3 * ivl, MIN_ZMTP_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, timeout)
 
 
 class ZmqResearcherTransport:
@@ -100,12 +128,13 @@ class ZmqResearcherTransport:
         # when the loop last found no message waiting: a node is judged silent only up to then,
         # so a flood that keeps the loop busy cannot make it miss heartbeats still queued
         self._caught_up = time.time()
+        self._waiting: list[tuple[float, Outgoing]] = []  # met a full queue: retried in order (loop thread)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, on_message: MessageHandler) -> None:
         """Bind and start the loop thread. Raise FedlabTransportError if the address is unusable."""
         self._on_message = on_message
-        ctx: zmq.Context[Any] = zmq.Context()
+        ctx: zmq.Context[Any] = zmq.Context(io_threads=io_threads())
         sock = ctx.socket(zmq.ROUTER)
         socket_options(sock, self.heartbeat_interval, self.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -117,7 +146,7 @@ class ZmqResearcherTransport:
             sock.curve_secretkey = self.key.secret.encode("ascii")
             sock.curve_publickey = self.key.public.encode("ascii")
             sock.curve_server = True
-        self._monitor = HandshakeMonitor(sock)
+        self._monitor = HandshakeMonitor(sock, connections=True)
         try:
             sock.bind(self.address)
         except zmq.ZMQError as exc:
@@ -171,11 +200,11 @@ class ZmqResearcherTransport:
         if self._thread is None:
             raise FedlabTransportError("the researcher's transport is not running; use it inside "
                                        "`with Researcher(...)` or call .start()")
-        self._outbox.put(Outgoing(node_id.encode(), frames, on_failure))
+        self._outbox.put(Outgoing(node_id.encode(), frames, on_failure, envelope.msg_id))
 
     def send_nowait(self, node_id: str, envelope: Envelope) -> None:
         if self._thread is not None:
-            self._outbox.put(Outgoing(node_id.encode(), encode(envelope)))
+            self._outbox.put(Outgoing(node_id.encode(), encode(envelope), msg_id=envelope.msg_id))
 
     # -- loop (owns the socket) --------------------------------------------------------------
     def _run(self) -> None:
@@ -193,9 +222,12 @@ class ZmqResearcherTransport:
                     self._heartbeat(sock)
                     next_beat = now + self.heartbeat_interval
                 timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000)) + 1
-                events = dict(poller.poll(timeout_ms))
+                events = dict(poller.poll(20 if self._waiting else timeout_ms))
+                self._handshakes(monitor)  # first: a connection's end before any newer connection's messages
                 if sock not in events:
                     self._caught_up = time.time()
+                if self._waiting:
+                    self._retry_waiting(sock)
                 if self._outbox.fileno in events or self._stop.is_set():
                     stop = self._flush(sock)
                     if stop or self._stop.is_set():
@@ -209,8 +241,6 @@ class ZmqResearcherTransport:
                             self._caught_up = time.time()
                             break
                         self._receive(sock, frames)
-                if monitor.socket in events:
-                    self._handshakes(monitor)
         except Exception:  # pragma: no cover - a bug here must be visible, not silent
             log.exception("researcher transport loop crashed")
         finally:
@@ -219,6 +249,10 @@ class ZmqResearcherTransport:
 
     def _handshakes(self, monitor: HandshakeMonitor) -> None:
         for event, value in monitor.events():
+            if event == zmq.EVENT_DISCONNECTED:
+                for node_id in self.directory.connection_closed(value):
+                    log.info("node %s: its connection closed; offline until it reconnects", node_id)
+                continue
             refusal = researcher_refusal(event, value, keyed=self.key is not None)
             if refusal is not None and self._throttle.ready(refusal[0]):
                 log.warning("%s", refusal[1])
@@ -232,14 +266,42 @@ class ZmqResearcherTransport:
             self._send_frames(sock, item)
         return stop
 
-    def _send_frames(self, sock: zmq.Socket[Any], item: Outgoing) -> None:
+    def _send_frames(self, sock: zmq.Socket[Any], item: Outgoing, queued_at: float | None = None) -> bool:
+        """Send now, or put ``item`` in line if its peer's queue is full; False if it was dropped."""
+        if queued_at is None and self._waiting and any(w.peer == item.peer for _, w in self._waiting):
+            self._waiting.append((time.monotonic(), item))  # keep the order per peer
+            return True
         try:
-            sock.send_multipart([item.peer, *item.frames], copy=False)
+            sock.send_multipart([item.peer, *item.frames], zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            if not item.msg_id:  # a heartbeat: the next one will do
+                return True
+            started = time.monotonic() if queued_at is None else queued_at
+            if time.monotonic() - started < _FULL_QUEUE_SECONDS:
+                self._waiting.append((started, item))
+                return True
+            reason = f"its queue stayed full for {_FULL_QUEUE_SECONDS:.0f} s"
         except zmq.ZMQError as exc:
-            reason = ("not connected" if exc.errno == zmq.EHOSTUNREACH else exc.strerror)
-            log.debug("could not send to %s: %s", item.peer, reason)
-            if item.on_failure is not None:
-                item.on_failure(reason)
+            reason = "not connected" if exc.errno == zmq.EHOSTUNREACH else exc.strerror
+        peer = item.peer.decode("utf-8", "replace")
+        if item.msg_id:
+            log.info("dropped message %s to node %s: %s", item.msg_id, peer, reason)
+        if item.on_failure is not None:
+            item.on_failure(reason)
+        return False
+
+    def _retry_waiting(self, sock: zmq.Socket[Any]) -> None:
+        waiting, self._waiting = self._waiting, []
+        blocked: set[bytes] = set()
+        for queued_at, item in waiting:
+            if item.peer in blocked:
+                self._waiting.append((queued_at, item))
+                continue
+            before = len(self._waiting)
+            self._send_frames(sock, item, queued_at)
+            if len(self._waiting) > before:
+                blocked.add(item.peer)
 
     def _heartbeat(self, sock: zmq.Socket[Any]) -> None:
         self.directory.sweep(self._caught_up)
@@ -250,7 +312,7 @@ class ZmqResearcherTransport:
         content = encode_content(beat.content)
         for rec in self.directory.records():
             if self.directory.is_connected(rec.node_id):
-                self._send_frames(sock, Outgoing(rec.node_id.encode(), encode(beat, content)))
+                self._send_frames(sock, Outgoing(rec.node_id.encode(), encode(beat, content)), queued_at=0.0)
 
     def _receive(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
         node_id = frames[0].bytes.decode("utf-8", "replace")
@@ -271,15 +333,16 @@ class ZmqResearcherTransport:
                     make_envelope(reply, self.researcher_id, parent_id=parent))))
             return
         content = envelope.content
+        connection = _source_fd(frames[0])
         if isinstance(content, Heartbeat):
             state = BUSY if content.state == BUSY else ONLINE
-            self.directory.seen(node_id, content.name, state, content.interval, content.session)
+            self.directory.seen(node_id, content.name, state, content.interval, content.session, connection)
             return
         if isinstance(content, Bye):
             log.info("node %s said goodbye: %s", node_id, content.reason)
             self.directory.offline(node_id)
             return
-        self.directory.seen(node_id)
+        self.directory.seen(node_id, connection=connection)
         if isinstance(content, ErrorReply) and envelope.parent_id is None:
             log.warning("node %s reported: [%s] %s", node_id, content.code, content.message)
             return
@@ -287,3 +350,12 @@ class ZmqResearcherTransport:
             self._on_message(node_id, envelope)
         except Exception:
             log.exception("handling a message from %s failed", node_id)
+
+
+def _source_fd(frame: zmq.Frame) -> int | None:
+    """The file descriptor of the connection ``frame`` came in on (libzmq's ``ZMQ_SRCFD``)."""
+    try:
+        fd = int(frame.get(zmq.SRCFD))
+    except (zmq.ZMQError, ValueError, TypeError):
+        return None
+    return fd if fd >= 0 else None
