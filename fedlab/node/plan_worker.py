@@ -11,6 +11,15 @@ waits it forwards the worker's progress events, watches the request's cancel fla
 as a ``Cancel`` message, which the training loop sees at its next iteration; a plan that does
 not stop within ``cancel_grace`` seconds is killed) and the round's deadline (past it, the worker
 is killed).
+
+A round's parameters cross to the worker and back in a memory file of the node's (an arena,
+``fedlab.training.worker_wire.SharedArena``), lent with the round: the node copies the received
+frames into it (the one copy in), the worker trains the model in those very bytes, and the
+result's frames are views of the node's own mapping of the file, handed to the network as they
+are (no copy out, but for what the worker had to write there). The network holds those views
+until the reply is sent, so an arena is reused only once they are all gone: the node keeps two,
+used alternately when a reply is still queued as the next round starts, and a third, dropped
+after its round, when both are.
 """
 
 from __future__ import annotations
@@ -37,7 +46,6 @@ from fedlab.training.worker_wire import (
     RoundProgress,
     RunRound,
     SharedArena,
-    SharedMapping,
     WorkerMessage,
     recv_message,
     send_message,
@@ -48,10 +56,7 @@ __all__ = ["PlanWorker", "WorkerDied", "WorkerTimeout"]
 log = logging.getLogger("fedlab.node")
 _POLL_S = 0.1  # how often a waiting round looks at its cancel flag
 _STOP_WAIT_S = 10.0
-_KEEP_COPIES = 1  # result buffers kept for reuse (when it is still being sent, a fresh one is used)
-_probe = [bytearray(1)]
-_UNUSED_REFS = sys.getrefcount(_probe[0])  # a kept buffer's count when no frame of it is alive
-del _probe
+_KEEP_ARENAS = 2  # memory files kept for rounds: one in use, one while the last reply is still being sent
 
 
 class WorkerTimeout(Exception):
@@ -72,54 +77,6 @@ class WorkerDied(Exception):
         super().__init__(how)
 
 
-class ResultCopies:
-    """Ordinary memory, reused, for the results copied out of the worker's memory file.
-
-    The worker writes every result into the same memory file, so the node copies a result out
-    at once: the frames go to the network, which sends them when it can (zmq, without a copy of
-    its own). Copying into freshly allocated memory costs the kernel a page fault and a zeroed
-    page per 4 kB, more than the copy itself; a buffer of an earlier round is reused instead, but
-    only once no frame of it is alive anywhere (its reference count, which every view of it
-    holds up, is back to the pool's own), so a reply still queued for sending is never overwritten.
-    """
-
-    def __init__(self, keep: int = _KEEP_COPIES) -> None:
-        self.keep = keep
-        self._buffers: list[bytearray] = []
-        self.reused = 0  # for tests
-
-    def copy(self, frames: Sequence[memoryview]) -> list[memoryview]:
-        """``frames`` copied back to back into one buffer; views of it."""
-        total = sum(frame.nbytes for frame in frames)
-        index = self._free(total)
-        if index is None:
-            buffer = bytearray(total)
-            # forget free buffers too small for this size; busy ones stay, to be reused once sent
-            self._buffers = [self._buffers[i] for i in range(len(self._buffers))
-                             if not (len(self._buffers[i]) < total and self._unused(i))]
-            if len(self._buffers) < self.keep:
-                self._buffers.append(buffer)
-        else:
-            buffer = self._buffers[index]
-            self.reused += 1
-        whole = memoryview(buffer)
-        out, offset = [], 0
-        for frame in frames:
-            whole[offset:offset + frame.nbytes] = frame.cast("B")
-            out.append(whole[offset:offset + frame.nbytes])
-            offset += frame.nbytes
-        return out
-
-    def _free(self, total: int) -> int | None:
-        for i in range(len(self._buffers)):
-            if len(self._buffers[i]) >= total and self._unused(i):
-                return i
-        return None
-
-    def _unused(self, index: int) -> bool:
-        return sys.getrefcount(self._buffers[index]) <= _UNUSED_REFS
-
-
 class PlanWorker:
     """One warm training worker process, started on demand and replaced after it is killed."""
 
@@ -134,9 +91,7 @@ class PlanWorker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._scratch: str | None = None
-        self._arena = SharedArena()  # the parameters sent to the worker, one memory file reused every round
-        self._results = SharedMapping()  # the worker's arena, mapped once per worker process
-        self._copies = ResultCopies()
+        self._arenas: list[SharedArena] = []  # the rounds' memory files, kept (see the module's docstring)
         self._lock = threading.Lock()
 
     @property
@@ -185,10 +140,20 @@ class PlanWorker:
         ``WorkerDied`` if the worker ends meanwhile (killed then; the next ``run`` starts a fresh one).
         A cancel the plan has not honoured within ``cancel_grace`` kills the worker and returns a ``Failed``."""
         self.start()
+        arena = self._free_arena()
+        try:
+            return self._run(job, buffers, arena, timeout, cancelled, on_progress)
+        finally:
+            if not arena.kept:
+                arena.close()  # frames of it still being sent keep their mapping until they go
+
+    def _run(self, job: RunRound, buffers: Sequence[bytes | memoryview], arena: SharedArena, timeout: float,
+             cancelled: threading.Event, on_progress: Callable[[RoundProgress], None]
+             ) -> tuple[RoundDone | Failed, list[memoryview]]:
         assert self._sock is not None and self._proc is not None
         deadline = time.monotonic() + timeout
         try:
-            send_message(self._sock, job, buffers, self._arena)
+            send_message(self._sock, job, buffers, arena, lend=True)  # the one copy of the parameters in
         except OSError as exc:
             raise WorkerDied(self._kill()) from exc
         kill_at: float | None = None
@@ -206,7 +171,7 @@ class PlanWorker:
                     f"{self.cancel_grace:g} s, so its worker process was stopped")), []
             limit = deadline if kill_at is None else min(deadline, kill_at)
             try:
-                message, frames = self._receive(min(limit, time.monotonic() + _POLL_S))
+                message, frames = self._receive(min(limit, time.monotonic() + _POLL_S), arena)
             except (EOFError, OSError, ValueError) as exc:  # closed: the worker died, or the node is stopping
                 raise WorkerDied(self._kill()) from exc
             except WorkerTimeout:
@@ -220,9 +185,7 @@ class PlanWorker:
                 if isinstance(message, RoundDone):
                     for what in message.loaded:
                         self.loads[what] = self.loads.get(what, 0) + 1
-                if message.shared is not None:  # the worker reuses that memory next round: copy out now
-                    frames = self._copies.copy(frames)
-                return message, frames
+                return message, frames  # views of the arena, when large: it stays busy until they are gone
 
     def close(self) -> None:
         """Stop the worker (the node is shutting down), without waiting for a start in progress."""
@@ -231,18 +194,32 @@ class PlanWorker:
             proc.kill()  # a start waiting for torch to load sees the end at once and gives up the lock
         with self._lock:
             self._discard()
-            self._arena.close()
+            for arena in self._arenas:
+                arena.close()
+            self._arenas = []
 
     # -- internals ---------------------------------------------------------------------------
-    def _receive(self, deadline: float) -> tuple[WorkerMessage, list[memoryview]]:
+    def _free_arena(self) -> SharedArena:
+        """A memory file no frame of an earlier reply is still using: a kept one if there is, else one
+        for this round only (kept, while fewer than ``_KEEP_ARENAS`` are)."""
+        for arena in self._arenas:
+            if not arena.busy:
+                return arena
+        arena = SharedArena(kept=len(self._arenas) < _KEEP_ARENAS)
+        if arena.kept:
+            self._arenas.append(arena)
+        return arena
+
+    def _receive(self, deadline: float, arena: SharedArena | None = None) -> tuple[WorkerMessage, list[memoryview]]:
         """The next message; ``WorkerTimeout`` if none starts before ``deadline``. A message that has
-        started arriving is read to its end (the worker writes each in one go)."""
+        started arriving is read to its end (the worker writes each in one go). Large frames are views
+        of ``arena``, the file lent with the round."""
         assert self._sock is not None
         remaining = max(0.0, deadline - time.monotonic())
         readable, _, _ = select.select([self._sock], [], [], remaining)
         if not readable:
             raise WorkerTimeout()
-        return recv_message(self._sock, self._results)
+        return recv_message(self._sock, None, arena)
 
     def _kill(self) -> int | None:
         """Kill the worker now (SIGKILL: a hung plan ignores everything else); its exit status."""
@@ -258,7 +235,6 @@ class PlanWorker:
                 log.info("training worker %d ended (%s)", self._proc.pid, WorkerDied(code))
         self._proc = None
         self.ready = None
-        self._results.close()  # that worker's memory file: the next worker has its own
         if self._sock is not None:
             self._sock.close()
             self._sock = None

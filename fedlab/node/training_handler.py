@@ -167,7 +167,10 @@ class TrainingHandler:
     # -- training ----------------------------------------------------------------------------
     def train_request(self, envelope: Envelope) -> HandlerResult:
         """One round of local training (or validation) with an approved plan; the reply's buffers
-        are the updated parameters followed by the auxiliary variables."""
+        are the updated parameters followed by the auxiliary variables.
+
+        Large buffers are views of the node's memory file the round ran in (no copy): the transport
+        sends them as they are, and that file is not used for another round while any of them is alive."""
         request = envelope.content
         assert isinstance(request, TrainRequest)
         with self._lock:

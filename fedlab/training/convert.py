@@ -3,7 +3,10 @@
 Received parameters are read-only views of message frames. Turning them into tensors with
 ``torch.as_tensor`` would share memory torch may not write (and warn about it), so they are
 copied straight into the model's own tensors instead: one copy, no warning, the frames
-untouched. Parameters going out are detached CPU copies, independent of the model.
+untouched. The training worker owns its frames (the node's memory file lent for the round,
+see ``fedlab.training.worker_wire``) and asks for them to be *adopted*: a frame of the tensor's
+dtype becomes the tensor's memory, no copy, and training updates it in place. Parameters going
+out are detached CPU copies, independent of the model, or views of the model's memory.
 
 A plan's ``training_data`` may return ``(X, y)`` (arrays, tensors or pandas objects) or a
 torch ``Dataset``. Arrays are batched by indexing whole tensors, which is much faster than
@@ -14,6 +17,7 @@ so the order of batches is a function of the seed and the round only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -23,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from fedlab.errors import FedlabTrainingError
 
-__all__ = ["PlanData", "batch_size_of", "load_params", "model_params", "shared_param_names", "to_tensor"]
+__all__ = ["PlanData", "batch_size_of", "load_params", "model_params", "shared_param_names", "to_tensor",
+           "torch_dtype"]
 
 
 def shared_param_names(model: torch.nn.Module, share_persistent_buffers: bool) -> list[str]:
@@ -58,8 +63,16 @@ def model_params(model: torch.nn.Module, names: list[str], *, copy: bool = True)
     return out
 
 
-def load_params(model: torch.nn.Module, params: Mapping[str, np.ndarray], names: list[str]) -> None:
-    """Copy ``params`` into the model's tensors; the names must be exactly ``names``, with the same shapes."""
+def load_params(model: torch.nn.Module, params: Mapping[str, np.ndarray], names: list[str], *,
+                adopt: bool = False) -> None:
+    """Copy ``params`` into the model's tensors; the names must be exactly ``names``, with the same shapes.
+
+    ``adopt``: an array that is writable, C-contiguous, aligned and of the tensor's dtype, for a
+    contiguous CPU tensor, becomes that tensor's memory instead of being copied (``tensor.data``
+    is replaced; the Parameter object stays, so an optimizer made afterwards, and tied weights,
+    see it). The model then reads and writes the caller's memory: only for a caller that owns
+    the arrays and leaves them to the model. Others (a cast, a non-contiguous tensor) are copied.
+    """
     missing = [n for n in names if n not in params]
     expected = set(names)
     extra = [n for n in params if n not in expected]
@@ -73,7 +86,7 @@ def load_params(model: torch.nn.Module, params: Mapping[str, np.ndarray], names:
             f"the parameters received do not match the plan's model ({'; '.join(parts)}); "
             "check that model_args and the plan are the ones the parameters were made with"
         )
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)  # the model's own Parameters and buffers, not detached aliases
     with torch.no_grad():
         for name in names:
             array, tensor = np.asarray(params[name]), state[name]
@@ -82,10 +95,29 @@ def load_params(model: torch.nn.Module, params: Mapping[str, np.ndarray], names:
                     f"parameter {name} received with shape {list(array.shape)} but the model's has shape "
                     f"{list(tensor.shape)}; check model_args"
                 )
-            if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:  # numpy has no bfloat16
+            if adopt and _adoptable(array, tensor):
+                tensor.data = torch.from_numpy(array)
+            elif tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:  # numpy has no bfloat16
                 np.copyto(tensor.detach().numpy(), array, casting="unsafe")
             else:
                 tensor.copy_(torch.tensor(array))
+
+
+@functools.cache
+def torch_dtype(dtype: np.dtype[Any]) -> torch.dtype | None:
+    """The torch dtype of tensors over arrays of ``dtype`` (``torch.from_numpy``), None if there is none."""
+    try:
+        return torch.from_numpy(np.empty(0, dtype)).dtype
+    except (TypeError, ValueError):  # a dtype (or byte order) torch has no tensors of
+        return None
+
+
+def _adoptable(array: np.ndarray, tensor: torch.Tensor) -> bool:
+    """Whether ``array`` can be ``tensor``'s memory as it is (see ``load_params``)."""
+    return (array.size > 0 and array.flags.writeable and array.flags.c_contiguous and array.flags.aligned
+            and array.dtype.isnative and type(tensor) in (torch.Tensor, torch.nn.Parameter)
+            and tensor.layout == torch.strided and tensor.device.type == "cpu" and tensor.is_contiguous()
+            and torch_dtype(array.dtype) == tensor.dtype)
 
 
 def to_tensor(value: Any, what: str) -> torch.Tensor:

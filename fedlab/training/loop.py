@@ -22,7 +22,7 @@ import torch
 
 from fedlab.errors import FedlabError, FedlabTrainingError
 from fedlab.training.args import Progress, RoundResult, TrainingArgs
-from fedlab.training.convert import PlanData, load_params, model_params, shared_param_names
+from fedlab.training.convert import PlanData, load_params, model_params, shared_param_names, torch_dtype
 from fedlab.training.source import call_plan, plan_error
 from fedlab.training.state import load_optimizer_state, optimizer_state
 from fedlab.training.steps import Reporter, RoundContext, train, validate
@@ -105,9 +105,12 @@ def initial_params(
 
 
 def _scaffold_tensors(
-    ctx: RoundContext, aux_vars: Mapping[str, Mapping[str, np.ndarray]], state: Mapping[str, np.ndarray]
+    ctx: RoundContext, aux_vars: Mapping[str, Mapping[str, np.ndarray]], state: Mapping[str, np.ndarray],
+    adopt: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Scaffold's server control variate ``c`` and this node's ``c_i`` (zeros where none was sent yet)."""
+    """Scaffold's server control variate ``c`` and this node's ``c_i`` (zeros where none was sent yet).
+
+    Neither is written in place: with ``adopt``, a writable array of the parameter's dtype is used as it is."""
     received = aux_vars.get("scaffold", {})
     known = {name for name, _ in ctx.trainable}
     unknown = [name for name in received if name not in known and name not in ctx.plan.model.state_dict()]
@@ -118,7 +121,12 @@ def _scaffold_tensors(
     for name, param in ctx.trainable:
         for out, source, key in ((c, received, name), (c_i, state, _SCAFFOLD + name)):
             if key in source:
-                value = torch.tensor(np.asarray(source[key]), dtype=param.dtype, device=param.device)
+                array = np.asarray(source[key])
+                shareable = array.flags.writeable and torch_dtype(array.dtype) == param.dtype
+                if adopt and shareable and param.device.type == "cpu":
+                    value = torch.from_numpy(array)
+                else:
+                    value = torch.tensor(array, dtype=param.dtype, device=param.device)
                 if value.shape != param.shape:
                     raise FedlabTrainingError(
                         f"Scaffold control variate for {name} has shape {list(value.shape)}, "
@@ -146,12 +154,19 @@ def run_round(
     share_persistent_buffers: bool = True,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    adopt_params: bool = False,
 ) -> RoundResult:
     """Train (or only validate) ``plan_cls`` on ``dataset`` for one round, starting from ``params``.
 
     Deterministic: the same arguments give bit-identical results. ``state_arrays`` and
     ``state_meta`` are what the previous round's result asked to keep (optimizer state,
     Scaffold's ``c_i``); ``should_stop`` is polled before every batch.
+
+    ``adopt_params``: writable arrays of ``params`` (and of ``aux_vars``) become the model's memory
+    (and Scaffold's ``c``) without a copy where their dtype allows (``load_params(adopt=True)``), so
+    the round trains in them and the parameters returned are views of them. Only for a caller that
+    owns those arrays and reads them no more (the training worker, whose frames they are); the
+    default copies, leaving the caller's arrays untouched.
     """
     started = time.perf_counter()
     args = TrainingArgs.from_dict(training_args)
@@ -166,6 +181,7 @@ def run_round(
                 share_persistent_buffers=share_persistent_buffers,
                 report=Reporter(progress, args.progress_interval, round),
                 should_stop=should_stop,
+                adopt=adopt_params,
             )
     except FedlabError:
         raise
@@ -179,7 +195,7 @@ def _run(
     plan_cls: type, dataset: Any, round_: int, args: TrainingArgs, model_args: Mapping[str, Any],
     params: Mapping[str, np.ndarray] | None, *, scaffold: bool, aux_vars: Mapping[str, Mapping[str, np.ndarray]],
     state: tuple[dict[str, np.ndarray], dict[str, Any]], do_training: bool, share_persistent_buffers: bool,
-    report: Reporter, should_stop: Callable[[], bool] | None,
+    report: Reporter, should_stop: Callable[[], bool] | None, adopt: bool,
 ) -> RoundResult:
     seed = args.seed * _SEED_STRIDE + round_
     torch.default_generator.manual_seed(seed)
@@ -189,7 +205,7 @@ def _run(
         plan = _model_to_overwrite(plan_cls, model_args, params, share_persistent_buffers)
     names = shared_param_names(plan.model, share_persistent_buffers)
     if params is not None:
-        load_params(plan.model, params, names)
+        load_params(plan.model, params, names, adopt=adopt)
     data = PlanData(call_plan(plan_cls, "training_data", plan.training_data, dataset))
     trainable = [(n, p) for n, p in plan.model.named_parameters() if p.requires_grad]
     ctx = RoundContext(plan_cls, plan, args, data, round_, seed, report, should_stop, trainable)
@@ -208,7 +224,7 @@ def _run(
     if scaffold and lr <= 0:
         raise FedlabTrainingError(f"Scaffold needs a positive learning rate, the optimizer has lr={lr}")
     x = {name: p.detach().clone() for name, p in trainable} if scaffold else {}
-    c, c_i = _scaffold_tensors(ctx, aux_vars, state[0]) if scaffold else ({}, {})
+    c, c_i = _scaffold_tensors(ctx, aux_vars, state[0], adopt) if scaffold else ({}, {})
     n_updates, train_loss = train(ctx, train_idx, args.fedprox_mu, {n: c[n] - c_i[n] for n in c} if scaffold else None)
     after = validate(ctx, test_idx, "validation after") if len(test_idx) and args.test_on_local_updates else {}
 
@@ -219,8 +235,8 @@ def _run(
         aux["scaffold"] = {}
         for name, param in trainable:
             c_new = c_i[name] - c[name] + (x[name] - param.detach()) / (n_updates * lr)
-            aux["scaffold"][name] = (c_new - c_i[name]).cpu().numpy().copy()
-            new_state[_SCAFFOLD + name] = c_new.cpu().numpy().copy()
+            aux["scaffold"][name] = (c_new - c_i[name]).cpu().numpy()  # fresh tensors: no copy needed
+            new_state[_SCAFFOLD + name] = c_new.cpu().numpy()
     shared = model_params(plan.model, names, copy=False)  # the model is dropped after the round: no copy
     return RoundResult(shared, len(train_idx), len(test_idx), n_updates, train_loss,
                        before, after, aux, new_state, {"optimizer": opt_meta}, 0.0)

@@ -40,11 +40,13 @@ def pack_named(
     return specs, frames
 
 
-def unpack_named(specs: Sequence[NamedArray], buffers: Sequence[bytes | memoryview]) -> dict[str, np.ndarray]:
+def unpack_named(specs: Sequence[NamedArray], buffers: Sequence[bytes | memoryview], *,
+                 writable: bool = False) -> dict[str, np.ndarray]:
     """``{name: read-only view of its frame}``; a name sent twice is a protocol error.
 
     A duplicate would otherwise silently overwrite a parameter, so it is refused with the
-    name it concerns.
+    name it concerns. ``writable``: views of writable frames are left writable, for a receiver
+    that owns the frames and lets the model work in them (the training worker).
     """
     out: dict[str, np.ndarray] = {}
     for spec in specs:
@@ -54,5 +56,7 @@ def unpack_named(specs: Sequence[NamedArray], buffers: Sequence[bytes | memoryvi
                 code="invalid_field",
                 field="name",
             )
-        out[spec.name] = unpack_array(spec.array, buffers)
+        array = out[spec.name] = unpack_array(spec.array, buffers)
+        if writable and not memoryview(buffers[spec.array.buffer]).readonly:
+            array.flags.writeable = True
     return out

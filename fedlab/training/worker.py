@@ -33,11 +33,11 @@ from fedlab.errors import FedlabDatasetError, FedlabError, FedlabProtocolError
 from fedlab.training.worker_wire import (
     Cancel,
     Failed,
+    LentFile,
     Ready,
     RoundDone,
     RoundProgress,
     RunRound,
-    SharedArena,
     SharedMapping,
     recv_message,
     send_message,
@@ -58,8 +58,7 @@ class Worker:
         self.node_name = node_name
         self.threads = threads
         self._cancelled: set[str] = set()  # job ids; cleared after every round, so a late cancel stays harmless
-        self._arena = SharedArena()  # the results' frames; the node copies them out as soon as they arrive
-        self._params = SharedMapping()  # the node's arena, mapped once (the reader thread's alone)
+        self._params = SharedMapping()  # the node's arenas, each mapped once (the reader thread's alone)
         self._plans: OrderedDict[tuple[str, str], type] = OrderedDict()
         self._data: OrderedDict[str, tuple[tuple[int, int], Any]] = OrderedDict()
 
@@ -87,25 +86,41 @@ class Worker:
                      seconds=time.monotonic() - started)
 
     def serve(self) -> None:
-        """Answer rounds until the node closes the socket."""
-        jobs: queue.Queue[tuple[RunRound, list[memoryview]] | None] = queue.Queue()
+        """Answer rounds until the node closes the socket.
+
+        A round's model is built over the frames of the node's memory file lent with it, and the
+        reply's large frames go in that file (in place, or written once past the round's frames):
+        nothing of the round may hold on to that memory once the reply is sent, since the node
+        writes the file again for a later round (see ``fedlab.training.worker_wire``).
+        """
+        jobs: queue.Queue[tuple[RunRound, list[memoryview], LentFile | None] | None] = queue.Queue()
         threading.Thread(target=self._read, args=(jobs,), name="fedlab-worker-reader", daemon=True).start()
         while (item := jobs.get()) is not None:
-            job, buffers = item
-            reply, out = self.run(job, buffers)
-            del buffers  # done with the node's frames before replying (the node reuses their memory)
-            self._cancelled.clear()
-            send_message(self.sock, reply, out, self._arena)
+            job, buffers, lent = item
+            del item
+            try:
+                reply, out = self.run(job, buffers)
+                del buffers
+                self._cancelled.clear()
+                send_message(self.sock, reply, out, into=lent)
+                del out, reply  # the model's memory (the node's file): let it go with the round
+            finally:
+                if lent is not None:
+                    lent.close()
 
-    def _read(self, jobs: queue.Queue[tuple[RunRound, list[memoryview]] | None]) -> None:
+    def _read(self, jobs: queue.Queue[tuple[RunRound, list[memoryview], LentFile | None] | None]) -> None:
         """The node's messages: rounds go to the queue, cancels are noted at once."""
         try:
             while True:
                 message, buffers = recv_message(self.sock, self._params)
+                lent = self._params.take_lent()
                 if isinstance(message, RunRound):
-                    jobs.put((message, buffers))
-                elif isinstance(message, Cancel):
-                    self._cancelled.add(message.job_id)
+                    jobs.put((message, buffers, lent))
+                else:
+                    if lent is not None:
+                        lent.close()
+                    if isinstance(message, Cancel):
+                        self._cancelled.add(message.job_id)
         except (EOFError, OSError):
             jobs.put(None)
 
@@ -130,8 +145,9 @@ class Worker:
         dataset = self._dataset(job, loaded)
         plan_cls = self._plan_class(job, loaded)
         state_arrays, state_meta = decode_state(job.state) if job.state is not None else (None, None)
-        params = unpack_named(job.params, buffers) if job.params else None
-        aux_vars = {name: unpack_named(specs, buffers) for name, specs in job.aux_vars.items()}
+        # the frames are this round's alone (the node's file, lent for it): the model is built over them
+        params = unpack_named(job.params, buffers, writable=True) if job.params else None
+        aux_vars = {name: unpack_named(specs, buffers, writable=True) for name, specs in job.aux_vars.items()}
 
         def progress(p: Progress) -> None:
             send_message(self.sock, RoundProgress(
@@ -143,7 +159,7 @@ class Worker:
             training_args=dict(job.training_args), params=params, aggregator_args=dict(job.aggregator_args),
             aux_vars=aux_vars or None, state_arrays=state_arrays, state_meta=state_meta,
             do_training=job.do_training, share_persistent_buffers=job.share_persistent_buffers,
-            progress=progress, should_stop=lambda: job.job_id in self._cancelled)
+            progress=progress, should_stop=lambda: job.job_id in self._cancelled, adopt_params=True)
         state = None
         # Only arrays (moments, control variates) need keeping: the hyperparameters in the meta come
         # from the next request's optimizer_args anyway. Plain SGD keeps nothing.
