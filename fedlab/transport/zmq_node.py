@@ -220,6 +220,7 @@ class ZmqNodeTransport:
                         except zmq.Again:
                             break
                         self._receive(frames)
+                        del frames  # a 100 MB request's frames live as long as its handler needs them, no longer
             # leaving: flush the goodbye and any last replies, briefly
             deadline = time.monotonic() + 0.3
             pending += [(time.monotonic(), item) for item in self._outbox.drain() if item]
