@@ -1,31 +1,57 @@
-"""Time of one training round with near-zero local compute, beside the raw transfer floor.
+"""Time and memory of one training round with near-zero local compute, beside the raw transfer floor.
 
 A round sends the global parameters to N real `fedlab node start` processes, each node loads
 them into its model, takes one optimizer step on a single row (near-zero compute), and sends
 its parameters back; the researcher aggregates them (FedAvg) as they arrive. The floor is
 the same bytes moved by bare pyzmq in the same run: a ROUTER sends the payload to N DEALER
-echo processes and waits for every echo (`benchmarks/transport.py`'s baseline). Medians over
-several rounds, after one warm-up round (which imports torch on the nodes and loads the plan).
+echo processes and waits for every echo (`benchmarks/transport.py`'s baseline, its median).
+Several timed rounds after one warm-up round (which imports torch on the nodes and loads the
+plan); min / median / max of them are printed, and the ratio is median / floor.
 
 Models: ~100k parameters (0.4 MB) and ~25M parameters (100 MB), as single linear layers.
 Targets (issue 4): 100 MB round <= 1.5 x floor; small model at N = 8 <= 30 ms per round.
-"node compute" is the median time a node spent in the plan's round (its ``compute_seconds``):
-loading the parameters, one forward and backward pass and one optimizer step. For the 100 MB
-model that alone is ~150 ms of CPU per node, which the floor (an echo) does not pay.
+Targets (issue 14): the researcher's work after the last reply ("tail") < 10% of the floor at
+N = 8; researcher peak RSS during rounds <= 3 x the model.
 
-    .venv/bin/python benchmarks/rounds.py [--nodes 2 8] [--rounds 5] [--models small large]
+Columns:
+  round ms    min / median / max of the timed rounds, researcher side (``run_once``).
+  tail ms     median time from the moment the last reply of a round is handed to the
+              aggregator until ``run_once`` returns: folding it in, the mean, the next global
+              model. Nothing of it overlaps the network.
+  compute ms  the median time a node spent in the plan's round (its ``compute_seconds``):
+              loading the parameters, one forward and backward pass and one optimizer step. For
+              the 100 MB model that alone is ~150 ms of CPU per node, which the floor (an echo)
+              does not pay.
+  researcher  peak RSS during the timed rounds minus the RSS before the warm-up round (the
+              experiment already built, so the global model itself is in the baseline; buffers
+              the aggregator keeps from round to round are not), in MB and as a multiple of the
+              model's size. The peak is the kernel's high-water mark (VmHWM, reset before the
+              timed rounds) or the sampler's, whichever is higher.
+  node        the largest node's peak RSS, the node process plus its training worker child,
+              minus its RSS after the warm-up round (the worker, with torch, starts there).
+              Sampled every ~20 ms; the node/worker shared-memory file is counted once.
+  curve/plain with ``--encrypted``: each configuration runs a second time with CurveZMQ keys
+              (nodes made with a researcher key, a keyed Researcher with an allowlist), and this
+              is the median round time encrypted / plain.
+
+    .venv/bin/python benchmarks/rounds.py [--nodes 2 8] [--rounds 5] [--models small large] [--encrypted]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +60,8 @@ from transport import bench_raw, free_port  # benchmarks/ is on sys.path when ru
 from fedlab import Experiment, Researcher
 from fedlab.node.config import init_node_dir
 from fedlab.node.registry import DatasetRegistry
+from fedlab.researcher.aggregators import FedAvg
+from fedlab.transport.keys import create_keypair, read_public_key
 
 PLAN = '''
 class BenchPlan(TorchTrainingPlan):
@@ -55,20 +83,140 @@ MODELS = {  # name: (n_in, n_out) -> parameters = n_in * n_out + n_out
     "small": (316, 316),  # 100,172 parameters, 0.4 MB
     "large": (5000, 5000),  # 25,005,000 parameters, 100 MB
 }
+SAMPLE_S = 0.02
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def start_nodes(root: Path, n: int, address: str) -> tuple[list[Path], list[subprocess.Popen[bytes]]]:
+# -- memory --------------------------------------------------------------------------------------
+def _status(pid: int | str) -> dict[str, int]:
+    """The ``kB`` lines of ``/proc/PID/status`` we need, in bytes (empty if the process is gone)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (the node's training worker), from /proc's children lists."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children", encoding="ascii") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+    return found
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of ``pid`` and its descendants; shared memory (the node/worker frames file, mapped by
+    both) is counted once: anonymous and file pages summed, the largest shmem figure added."""
+    total, shmem = 0, 0
+    for p in _descendants(pid):
+        s = _status(p)
+        total += s.get("RssAnon", 0) + s.get("RssFile", 0)
+        shmem = max(shmem, s.get("RssShmem", 0))
+    return total + shmem
+
+
+def own_rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def reset_high_water_mark() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemorySampler(threading.Thread):
+    """Samples this process's RSS and each node's (node + worker) every ``SAMPLE_S``, keeping the peaks."""
+
+    def __init__(self, node_pids: list[int]) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.node_pids = node_pids
+        self.researcher_peak = 0
+        self.node_peaks = dict.fromkeys(node_pids, 0)
+        self._done = threading.Event()
+
+    def sample(self) -> None:
+        self.researcher_peak = max(self.researcher_peak, own_rss())
+        for pid in self.node_pids:
+            self.node_peaks[pid] = max(self.node_peaks[pid], tree_rss(pid))
+
+    def run(self) -> None:
+        while not self._done.wait(SAMPLE_S):
+            self.sample()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(5)
+        self.sample()
+
+
+# -- rounds --------------------------------------------------------------------------------------
+class TimedFedAvg(FedAvg):
+    """FedAvg that notes when each reply is handed to it, to time the researcher's tail of a round."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_reply = 0.0
+
+    def add(self, node_id: str, params: Mapping[str, np.ndarray], n_samples: int,
+            aux_vars: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+        self.last_reply = time.perf_counter()
+        super().add(node_id, params, n_samples, aux_vars)
+
+
+@dataclass
+class Result:
+    times: list[float]
+    tails: list[float]
+    compute: float
+    n_bytes: int
+    researcher_peak: int  # bytes over the baseline
+    node_peak: int
+
+
+def start_nodes(root: Path, n: int, address: str, researcher_key: Path | None = None
+                ) -> tuple[list[Path], list[subprocess.Popen[bytes]], Path | None]:
+    """N started nodes and, when keyed, the allowlist file naming their public keys."""
     csv = root / "one-row.csv"
     pd.DataFrame({"x": [0.0]}).to_csv(csv, index=False)
-    dirs, procs = [], []
+    dirs, procs, lines = [], [], []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for i in range(n):
-        config = init_node_dir(root / f"{address.rsplit(':', 1)[1]}-node-{i}", f"bench-{i}", address)
+        config = init_node_dir(root / f"{address.rsplit(':', 1)[1]}-node-{i}", f"bench-{i}", address,
+                               researcher_key=str(researcher_key) if researcher_key is not None else None)
         DatasetRegistry(config.db_path).add("bench", ["bench"], "csv", str(csv))
         dirs.append(config.directory)
+        if researcher_key is not None:
+            lines.append(f"{read_public_key(str(config.public_key_path))} bench-{i} ({config.node_id})")
         procs.append(subprocess.Popen([sys.executable, "-m", "fedlab", "node", "start", str(config.directory)],
                                       stderr=subprocess.DEVNULL, env=env))
-    return dirs, procs
+    allowlist = None
+    if researcher_key is not None:
+        allowlist = root / f"{address.rsplit(':', 1)[1]}-allowlist.txt"
+        allowlist.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dirs, procs, allowlist
 
 
 def approve(dirs: list[Path], plan_id: str) -> None:
@@ -77,29 +225,54 @@ def approve(dirs: list[Path], plan_id: str) -> None:
                        check=True, stdout=subprocess.DEVNULL)
 
 
-def bench_rounds(root: Path, n: int, model: str, rounds: int) -> tuple[float, float, int]:
+def bench_rounds(root: Path, n: int, model: str, rounds: int, encrypted: bool = False) -> Result:
     address = f"tcp://127.0.0.1:{free_port()}"
-    dirs, procs = start_nodes(root, n, address)
+    keys: dict[str, Any] = {}
+    public = None
+    if encrypted:
+        public, secret = create_keypair(root / f"{address.rsplit(':', 1)[1]}-keys", "researcher")
+        keys["key"] = secret
+    # the allowlist must exist before the keyed Researcher starts: write it before the nodes connect
+    dirs, procs, allowlist = start_nodes(root, n, address, public)
+    if allowlist is not None:
+        keys["allowlist"] = allowlist
     n_in, n_out = MODELS[model]
     try:
-        with Researcher(address) as researcher:
+        with Researcher(address, **keys) as researcher:
             researcher.wait_for_nodes(n, timeout=60)
+            aggregator = TimedFedAvg()
             exp = Experiment(researcher, tags=["bench"], training_plan=PLAN, plan_class="BenchPlan",
                              model_args={"n_in": n_in, "n_out": n_out},
                              training_args={"num_updates": 1, "batch_size": 1, "optimizer_args": {"lr": 0.0}},
-                             rounds=rounds + 1, aggregator="fedavg", round_timeout=300)
+                             rounds=rounds + 1, aggregator=aggregator, round_timeout=300)
             exp.approve("benchmark plan")
             approve(dirs, exp.plan_id)
-            times = []
-            for _ in range(rounds + 1):
-                t0 = time.perf_counter()
-                exp.run_once()
-                times.append(time.perf_counter() - t0)
+            researcher_base = own_rss()
+            exp.run_once()  # warm-up: torch and the plan load on the nodes, their workers start
+            sampler = MemorySampler([p.pid for p in procs])
+            sampler.sample()
+            node_base = dict(sampler.node_peaks)
+            sampler.researcher_peak = 0
+            sampler.node_peaks = dict.fromkeys(node_base, 0)
+            hwm = reset_high_water_mark()
+            sampler.start()
+            times, tails = [], []
+            try:
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    exp.run_once()
+                    t1 = time.perf_counter()
+                    times.append(t1 - t0)
+                    tails.append(t1 - aggregator.last_reply)
+            finally:
+                sampler.stop()
+            researcher_peak = max(sampler.researcher_peak, _status("self").get("VmHWM", 0) if hwm else 0)
             history = exp.history
             assert (history["status"] == "ok").all(), history[history["status"] != "ok"]
             n_bytes = sum(int(np.asarray(p).nbytes) for p in exp.params.values())
             compute = float(history[history["round"] > 1]["compute_seconds"].median())
-            return statistics.median(times[1:]), compute, n_bytes
+            return Result(times, tails, compute, n_bytes, researcher_peak - researcher_base,
+                          max(sampler.node_peaks[p] - node_base[p] for p in node_base))
     finally:
         for p in procs:
             p.terminate()
@@ -107,22 +280,42 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int) -> tuple[float, fl
             p.wait(10)
 
 
+# -- the table -----------------------------------------------------------------------------------
+HEADER = (f"{'model':>6} {'MB':>6} {'nodes':>5} {'mode':>5} | {'round ms: min':>13} {'median':>7} {'max':>7} | "
+          f"{'floor ms':>8} {'ratio':>5} | {'tail ms':>7} {'compute ms':>10} | {'researcher MB':>13} {'x':>5} | "
+          f"{'node MB':>7} {'x':>5} | {'curve/plain':>11}")
+
+
+def row(model: str, n: int, mode: str, r: Result, floor: float, plain: Result | None) -> str:
+    mb = r.n_bytes / 1e6
+    ms = [t * 1e3 for t in r.times]
+    vs = f"{statistics.median(r.times) / statistics.median(plain.times):>11.2f}" if plain is not None else f"{'':>11}"
+    return (f"{model:>6} {mb:>6.1f} {n:>5} {mode:>5} | {min(ms):>13.1f} {statistics.median(ms):>7.1f} "
+            f"{max(ms):>7.1f} | {floor * 1e3:>8.1f} {statistics.median(r.times) / floor:>5.2f} | "
+            f"{statistics.median(r.tails) * 1e3:>7.1f} {r.compute * 1e3:>10.1f} | "
+            f"{r.researcher_peak / 1e6:>13.1f} {r.researcher_peak / r.n_bytes:>5.2f} | "
+            f"{r.node_peak / 1e6:>7.1f} {r.node_peak / r.n_bytes:>5.2f} | {vs}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["small", "large"])
+    parser.add_argument("--encrypted", action="store_true",
+                        help="also run each configuration with CurveZMQ keys and print encrypted / plain")
     args = parser.parse_args()
-    print(f"{'model':>6} {'params':>11} {'MB':>7} {'nodes':>5} {'round ms':>9} {'floor ms':>9} {'ratio':>6} "
-          f"{'node compute ms':>16}")
+    logging.getLogger("fedlab").setLevel(logging.ERROR)  # the plain runs' INSECURE warning would break the table
+    print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for n in args.nodes:
-                round_s, compute_s, n_bytes = bench_rounds(Path(tmp), n, model, args.rounds)
-                floor = bench_raw(n, {n_bytes: bytes(n_bytes)}, args.rounds)[n_bytes]
-                n_in, n_out = MODELS[model]
-                print(f"{model:>6} {n_in * n_out + n_out:>11,} {n_bytes / 1e6:>7.1f} {n:>5} {round_s * 1e3:>9.1f} "
-                      f"{floor * 1e3:>9.1f} {round_s / floor:>6.2f} {compute_s * 1e3:>16.1f}", flush=True)
+                plain = bench_rounds(Path(tmp), n, model, args.rounds)
+                floor = bench_raw(n, {plain.n_bytes: bytes(plain.n_bytes)}, args.rounds)[plain.n_bytes]
+                print(row(model, n, "plain", plain, floor, None), flush=True)
+                if args.encrypted:
+                    curve = bench_rounds(Path(tmp), n, model, args.rounds, encrypted=True)
+                    print(row(model, n, "curve", curve, floor, plain), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,19 @@ aggregator only says what each node gets (``node_args``, ``training_args``) and 
 replies into the next global parameters (``begin_round`` / ``add`` / ``end_round``). It is
 pure numpy, so its arithmetic is tested exactly without nodes.
 
-Replies are folded in as they arrive, into running float64 sums, so the researcher holds
-about two models (the global one and the sum), never one per node, and the result does not
-depend on arrival order beyond float64 rounding. Parameters are cast back to their own dtype
-at the end; integer entries (BatchNorm's ``num_batches_tracked``) are averaged and rounded.
+Replies are folded in as they arrive, into running float64 sums (complex128 for complex
+parameters), so the researcher holds the global model, the sums and the reply being added,
+never one model per node, and the result does not depend on arrival order beyond float64
+rounding. A reply is added in place, through one cache-sized scratch block: adding it
+allocates nothing the size of the model. At the end of a round each parameter's mean is
+divided and cast to the parameter's dtype in one pass, written over the front of its own
+float64 sum; the rest of the sum's pages go back to the system. That memory is the next
+global model, handed out read-only, and it is written again (as a later round's sum) only
+once nothing holds that array or a view of it any more: the previous model is in use while
+the next one is made, and a caller, or a send still queued for a slow node, may hold any of
+them longer. So two such memories per parameter alternate, allocated in the first two rounds
+(``release`` gives them back). Integer entries (BatchNorm's ``num_batches_tracked``) are
+averaged and rounded.
 
 - ``FedAvg``: the mean of the nodes' parameters weighted by their training samples.
 - ``FedProx(mu)``: FedAvg aggregation; the nodes add ``mu/2 * ||w - w_global||^2`` to their
@@ -21,6 +30,9 @@ at the end; integer entries (BatchNorm's ``num_batches_tracked``) are averaged a
 
 from __future__ import annotations
 
+import math
+import mmap
+import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -34,32 +46,194 @@ Params = dict[str, np.ndarray]
 AuxVars = dict[str, dict[str, np.ndarray]]
 
 
-def _accumulate(sums: dict[str, np.ndarray], name: str, value: np.ndarray, weight: float) -> None:
-    """``sums[name] += weight * value`` in float64, in place: after the first reply of a round
-    no model-sized array is allocated per reply (a 100 MB model would otherwise cost a fresh
-    200 MB float64 array each time)."""
-    total = sums.get(name)
-    if total is None:
-        total = sums[name] = np.array(value, dtype=np.float64)  # a copy, also for 0-d entries
-        if weight != 1.0:
-            total *= weight
-    elif weight == 1.0:
-        np.add(total, value, out=total)
-    else:  # in blocks, so the temporary stays small whatever the parameter's size
-        flat_total, flat_value = total.reshape(-1), np.asarray(value).reshape(-1)
+_BLOCK = 1 << 16  # elements per block: 512 KiB of float64 scratch, stays in cache
+_MAPPED_BYTES = 1 << 16  # a parameter's memory from here up is its own mapping, whose unused pages go back
+_KEEP_SLOTS = 2  # memory kept per parameter: the current global model's, and the one written next
+_PAGE = mmap.PAGESIZE
+# every global model array an aggregator handed out, while it lives (by id: arrays are not hashable)
+_HANDED_OUT: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def handed_out(array: Any) -> bool:
+    """Whether ``array`` is a global model array a built-in aggregator's ``end_round`` returned:
+    read-only, and its memory is not written again while it or any view of it is alive, so the
+    caller may keep it without a copy."""
+    return _HANDED_OUT.get(id(array)) is array
+
+
+def _sum_dtype(dtype: np.dtype) -> np.dtype:
+    """What a parameter of ``dtype`` is summed in: complex128 for complex dtypes, else float64."""
+    return np.dtype(np.complex128 if np.issubdtype(dtype, np.complexfloating) else np.float64)
+
+
+def _rounded(dtype: np.dtype) -> bool:
+    return bool(np.issubdtype(dtype, np.integer) or dtype == np.bool_)
+
+
+def _flat(array: np.ndarray) -> np.ndarray:
+    """A flat view (a copy only for a non-contiguous array, which replies never are)."""
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+class _Slot:
+    """Memory for one parameter's running sum, which at the end of the round becomes, in place,
+    the next global model's array (the mean, in the parameter's dtype, fills the front of it).
+
+    The array handed out is a read-only view through its own base; the slot keeps only a weak
+    reference to that base, which every view of the array (a frame queued in zmq, a caller's
+    copy of ``Experiment.params``) keeps alive: while it lives the slot is ``busy`` and is not
+    written. Large slots are a private anonymous mapping: once the mean is written, the pages
+    behind it are given back (they held the float64 sum), so a global model costs its own size.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.memory: mmap.mmap | bytearray
+        if nbytes >= _MAPPED_BYTES and hasattr(mmap, "MAP_PRIVATE"):
+            self.memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+            if hasattr(mmap, "MADV_HUGEPAGE"):  # as numpy asks for its own large arrays: far fewer page faults
+                self.memory.madvise(mmap.MADV_HUGEPAGE)
+        else:
+            self.memory = bytearray(nbytes)
+        self.nbytes = nbytes
+        self._bytes = np.frombuffer(self.memory, np.uint8)  # ours alone, never handed out
+        self._handed: weakref.ref[np.ndarray] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._handed is not None and self._handed() is not None
+
+    def view(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A writeable array over the front of the slot."""
+        return self._bytes[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+
+    def hand_out(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The array ``view`` wrote, read-only for good; the slot is busy while it (or a view) lives."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        base = np.frombuffer(memoryview(self.memory).toreadonly(), np.uint8)
+        self._handed = weakref.ref(base)
+        start = -(-nbytes // _PAGE) * _PAGE
+        if isinstance(self.memory, mmap.mmap) and start < self.nbytes and hasattr(mmap, "MADV_DONTNEED"):
+            self.memory.madvise(mmap.MADV_DONTNEED, start, self.nbytes - start)  # the sum's tail: not needed
+        return base[:nbytes].view(dtype).reshape(shape)
+
+
+class _RunningSums:
+    """Weighted sums of named arrays, in memory kept from round to round, with one scratch block.
+
+    ``reset`` starts a round; the first ``add`` of a name in a round writes its sum, the next
+    ones add into it; ``finish`` makes the result. With ``in_place`` (the global model's sums)
+    each sum lives in a ``_Slot`` and the result is written over it, in its memory; two slots
+    per parameter alternate, as the previous global model is still in use (a third is made only
+    while both are). Without (Scaffold's control variates) the sums are plain arrays, kept.
+    """
+
+    def __init__(self, *, in_place: bool) -> None:
+        self.in_place = in_place
+        self.buffers: dict[str, np.ndarray] = {}
+        self.written: set[str] = set()
+        self._slots: dict[str, list[_Slot]] = {}
+        self._current: dict[str, _Slot] = {}
+        self._scratch: dict[np.dtype, np.ndarray] = {}
+
+    def reset(self, like: Mapping[str, np.ndarray]) -> None:
+        buffers, self._current = {}, {}
+        for name, array in like.items():
+            dtype = _sum_dtype(array.dtype)
+            if self.in_place:
+                slot = self._free_slot(name, array.size * dtype.itemsize)
+                self._current[name] = slot
+                buffers[name] = slot.view(array.shape, dtype)
+                continue
+            buffer = self.buffers.get(name)
+            if buffer is None or buffer.shape != array.shape or buffer.dtype != dtype:
+                buffer = np.empty(array.shape, dtype)
+            buffers[name] = buffer
+        self._slots = {name: self._slots.get(name, []) for name in like} if self.in_place else {}
+        self.buffers = buffers
+        self.written = set()
+
+    def _free_slot(self, name: str, nbytes: int) -> _Slot:
+        slots = [slot for slot in self._slots.get(name, []) if slot.nbytes == nbytes or slot.busy]
+        for slot in slots:
+            if slot.nbytes == nbytes and not slot.busy:
+                self._slots[name] = slots
+                return slot
+        slot = _Slot(nbytes)
+        if len(slots) >= _KEEP_SLOTS:  # the oldest busy one lives on with whoever holds its array
+            slots = slots[len(slots) - _KEEP_SLOTS + 1:]
+        self._slots[name] = [*slots, slot]
+        return slot
+
+    def release(self) -> None:
+        self.buffers, self.written, self._slots, self._current, self._scratch = {}, set(), {}, {}, {}
+
+    def scratch(self, dtype: np.dtype) -> np.ndarray:
+        block = self._scratch.get(dtype)
+        if block is None:
+            block = self._scratch[dtype] = np.empty(_BLOCK, dtype)
+        return block
+
+    def refusal(self, name: str, value: np.ndarray) -> str | None:
+        """Why ``value`` cannot be added to ``name``'s sum (a complex array into a real sum), or None."""
+        dtype = self.buffers[name].dtype
+        if not np.can_cast(value.dtype, dtype, "same_kind"):
+            return f"{name} came as {value.dtype}, which cannot be averaged as {dtype}"
+        return None
+
+    def add(self, name: str, value: np.ndarray, weight: float) -> None:
+        """``sum[name] += weight * value``, in the sum's dtype and in place."""
+        total = self.buffers[name]
+        if name not in self.written:  # the round's first: written, not added (no zeroing pass)
+            if weight == 1.0:
+                np.copyto(total, value)
+            else:
+                np.multiply(value, weight, out=total, dtype=total.dtype)
+            self.written.add(name)
+        elif weight == 1.0:
+            np.add(total, value, out=total, dtype=total.dtype)
+        else:  # weight * value block by block into the scratch, then added: no model-sized temporary
+            flat_total, flat_value, scratch = total.reshape(-1), _flat(value), self.scratch(total.dtype)
+            for start in range(0, flat_total.size, _BLOCK):
+                block = flat_total[start:start + _BLOCK]
+                step = scratch[:block.size]
+                np.multiply(flat_value[start:start + _BLOCK], weight, out=step, dtype=total.dtype)
+                np.add(block, step, out=block)
+
+    def finish(self, name: str, weight: float, dtype: np.dtype, x: np.ndarray | None = None,
+               server_lr: float = 1.0) -> np.ndarray:
+        """The result for ``name``, read-only, in ``dtype``: ``sum / weight`` or, with ``x``,
+        ``x + server_lr * (sum / weight - x)``; rounded first for integer and bool dtypes.
+
+        One pass over the sum, block by block: each block is computed in float64 (complex128)
+        in the scratch, then cast into the result. With ``in_place`` the result is written over
+        the sum's own memory (its front: a block's result never reaches a sum not yet read).
+        The sum is gone after this, until the next ``reset``.
+        """
+        total = self.buffers.pop(name)
+        slot = self._current.pop(name, None)
+        dtype = np.dtype(dtype)
+        in_place = slot is not None and dtype.itemsize <= total.dtype.itemsize
+        out = slot.view(total.shape, dtype) if slot is not None and in_place else np.empty(total.shape, dtype)
+        flat_total, flat_out, scratch = total.reshape(-1), out.reshape(-1), self.scratch(total.dtype)
+        flat_x = _flat(x) if x is not None else None
         for start in range(0, flat_total.size, _BLOCK):
-            block = slice(start, start + _BLOCK)
-            flat_total[block] += flat_value[block].astype(np.float64) * weight
-
-
-_BLOCK = 1 << 18  # 2 MiB of float64: stays in cache
-
-
-def _cast_back(mean: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """``mean`` (float64) in the dtype of ``like``; integer and bool dtypes are rounded first."""
-    if np.issubdtype(like.dtype, np.integer) or like.dtype == np.bool_:
-        return np.rint(mean).astype(like.dtype)
-    return mean.astype(like.dtype)
+            stop = start + _BLOCK
+            step = scratch[:flat_total[start:stop].size]
+            np.divide(flat_total[start:stop], weight, out=step)
+            if flat_x is not None:  # x + lr * (mean - x), in that order, as float64
+                np.subtract(step, flat_x[start:stop], out=step, dtype=step.dtype)
+                np.multiply(step, server_lr, out=step)
+                np.add(step, flat_x[start:stop], out=step, dtype=step.dtype)
+            if _rounded(dtype):
+                np.rint(step, out=step)
+            np.copyto(flat_out[start:stop], step, casting="unsafe")
+        if slot is not None and in_place:
+            result = slot.hand_out(total.shape, dtype)
+        else:
+            out.flags.writeable = False
+            result = out
+        _HANDED_OUT[id(result)] = result
+        return result
 
 
 class Aggregator:
@@ -73,8 +247,9 @@ class Aggregator:
 
     def __init__(self) -> None:
         self._global: Params = {}
-        self._sums: dict[str, np.ndarray] = {}
+        self._sums = _RunningSums(in_place=True)
         self._weight = 0.0
+        self._open = False  # between begin_round and end_round
         self.added: list[str] = []
 
     # -- what the nodes get ------------------------------------------------------------------
@@ -93,9 +268,15 @@ class Aggregator:
     # -- folding replies in ------------------------------------------------------------------
     def begin_round(self, global_params: Mapping[str, np.ndarray]) -> None:
         self._global = {k: np.asarray(v) for k, v in global_params.items()}
-        self._sums = {}
+        self._sums.reset(self._global)
         self._weight = 0.0
+        self._open = True
         self.added = []
+
+    def release(self) -> None:
+        """Give back the memory kept between rounds (the sums); the next round makes it anew. The
+        global model arrays already handed out stay valid (they keep their own memory alive)."""
+        self._sums.release()
 
     def _check(self, node_id: str, params: Mapping[str, np.ndarray]) -> None:
         missing = sorted(set(self._global) - set(params))
@@ -110,32 +291,49 @@ class Aggregator:
                 raise FedlabTrainingError(
                     f"node {node_id} returned {name} of shape {np.shape(value)}, the global model has "
                     f"{self._global[name].shape}; check that model_args are the same everywhere")
+            refusal = self._sums.refusal(name, np.asarray(value))
+            if refusal is not None:
+                raise FedlabTrainingError(f"node {node_id} returned parameters of the wrong type: {refusal} "
+                                          f"(the global model has {self._global[name].dtype})")
 
     def add(self, node_id: str, params: Mapping[str, np.ndarray], n_samples: int,
             aux_vars: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
-        """Fold one node's reply into the running sums; the caller may drop the reply after."""
+        """Fold one node's reply into the running sums, in place; the caller may drop the reply after."""
+        self._require_open("add")
         if n_samples <= 0:  # weight zero: it would not change the mean
             return
         self._check(node_id, params)
         weight = float(n_samples)
         for name, value in params.items():
-            _accumulate(self._sums, name, value, weight)
+            self._sums.add(name, np.asarray(value), weight)
         self._weight += weight
         self.added.append(node_id)
 
-    def _mean(self) -> dict[str, np.ndarray]:
+    def _require_open(self, what: str) -> None:
+        if not self._open:  # the sums' memory is the last global model's now: never write it
+            raise FedlabTrainingError(f"{what}() outside a round: call begin_round() with the global model first")
+
+    def _require_added(self) -> None:
+        self._require_open("end_round")
         if not self.added:
             raise FedlabTrainingError(
                 "no node contributed parameters this round (every node failed, was missing, or trained "
                 "on 0 samples); the global model is unchanged. See the experiment's history for why.")
-        return {name: total / self._weight for name, total in self._sums.items()}
+
+    def _mean(self) -> dict[str, np.ndarray]:
+        """The weighted means in float64 (new arrays), for aggregators that want them whole."""
+        self._require_added()
+        return {name: self._sums.buffers[name] / self._weight for name in self._global}
 
     def end_round(self, n_nodes_total: int) -> Params:
-        """The next global parameters, each in its own dtype."""
-        mean = self._mean()
-        result = {name: _cast_back(mean[name], like) for name, like in self._global.items()}
-        self._sums = {}
-        return result
+        """The next global parameters, each in its own dtype.
+
+        The arrays are read-only and their memory is not written again while any of them (or a
+        view of one) is alive: the caller may keep them without a copy (the experiment does).
+        """
+        self._require_added()
+        self._open = False  # whatever happens now, these sums are spent
+        return {name: self._sums.finish(name, self._weight, like.dtype) for name, like in self._global.items()}
 
     # -- breakpoints -------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, Any], Params]:
@@ -188,7 +386,7 @@ class Scaffold(Aggregator):
         self.server_lr = float(server_lr)
         self.c: dict[str, np.ndarray] = {}
         self._c_sent: Params = {}
-        self._delta_c: dict[str, np.ndarray] = {}
+        self._delta_c = _RunningSums(in_place=False)
 
     def args(self) -> dict[str, Any]:
         return {"server_lr": self.server_lr}
@@ -198,8 +396,15 @@ class Scaffold(Aggregator):
         if not self.c:
             self.c = {k: np.zeros(v.shape, np.float64) for k, v in self._global.items()
                       if np.issubdtype(v.dtype, np.floating)}
+        # new arrays every round: last round's may still be on the wire, to a slow node
         self._c_sent = {k: v.astype(self._global[k].dtype) for k, v in self.c.items()}
-        self._delta_c = {}
+        for sent in self._c_sent.values():
+            sent.flags.writeable = False
+        self._delta_c.reset(self.c)
+
+    def release(self) -> None:
+        super().release()
+        self._delta_c.release()
 
     def node_args(self, node_id: str) -> tuple[dict[str, Any], AuxVars]:
         return {"name": "scaffold"}, {"scaffold": self._c_sent}
@@ -218,22 +423,27 @@ class Scaffold(Aggregator):
             if np.shape(value) != self.c[name].shape:
                 raise FedlabTrainingError(f"node {node_id} returned a control variate for {name} of shape "
                                           f"{np.shape(value)}, expected {self.c[name].shape}")
+            refusal = self._delta_c.refusal(name, np.asarray(value))
+            if refusal is not None:
+                raise FedlabTrainingError(f"node {node_id} returned a control variate of the wrong type: {refusal}")
         super().add(node_id, params, n_samples, aux_vars)
         if node_id not in self.added:  # trained on 0 samples: no contribution at all
             return
         for name, value in delta.items():
-            _accumulate(self._delta_c, name, value, 1.0)
+            self._delta_c.add(name, np.asarray(value), 1.0)
 
     def end_round(self, n_nodes_total: int) -> Params:
-        mean = self._mean()
+        """``x + server_lr * (mean - x)`` in each parameter's dtype; ``c`` is updated in place."""
+        self._require_added()
+        self._open = False
         n_total = max(int(n_nodes_total), len(self.added))
-        result = {}
-        for name, x in self._global.items():
-            updated = x.astype(np.float64) + self.server_lr * (mean[name] - x.astype(np.float64))
-            result[name] = _cast_back(updated, x)
-        for name, total in self._delta_c.items():
-            self.c[name] = self.c[name] + total / n_total
-        self._sums, self._delta_c = {}, {}
+        result = {name: self._sums.finish(name, self._weight, x.dtype, x=x, server_lr=self.server_lr)
+                  for name, x in self._global.items()}
+        for name in self._delta_c.written:
+            total = self._delta_c.buffers[name]
+            np.divide(total, n_total, out=total)
+            np.add(self.c[name], total, out=self.c[name])
+        self._delta_c.written = set()
         return result
 
     def state(self) -> tuple[dict[str, Any], Params]:

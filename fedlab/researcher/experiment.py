@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from fedlab.errors import FedlabError, FedlabNodeError
-from fedlab.researcher.aggregators import AGGREGATORS, Aggregator, aggregator_name, make_aggregator
+from fedlab.researcher.aggregators import AGGREGATORS, Aggregator, aggregator_name, handed_out, make_aggregator
 from fedlab.researcher.breakpoint import Breakpoint, read_breakpoint, write_breakpoint
 from fedlab.researcher.local_job import build_model, training_loop
 from fedlab.researcher.policies import DiscardOnDisconnect, DiscardOnTimeout, RequestPolicy
@@ -137,8 +137,14 @@ class Experiment:
 
     @staticmethod
     def _frozen(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Read-only arrays nobody else can change. What a built-in aggregator's ``end_round``
+        handed out already is (its memory is not written while the array lives) and is kept as
+        it is; anything else (the plan's initial parameters, a custom aggregator's) is copied."""
         out = {}
         for name, value in params.items():
+            if handed_out(value):
+                out[name] = value
+                continue
             array = np.array(value)  # our own copy: nobody else's buffer, nobody else can change it
             array.flags.writeable = False
             out[name] = array
@@ -234,8 +240,11 @@ class Experiment:
                 raise FedlabError(f"{todo} more rounds would pass the experiment's {self.rounds} rounds "
                                   f"({self.round_current} done); pass increase=True to raise the limit")
             self.rounds = self.round_current + todo
-        for _ in range(max(todo, 0)):
-            self.run_once()
+        try:
+            for _ in range(max(todo, 0)):
+                self.run_once()
+        finally:
+            self.aggregator.release()  # the sums it keeps from round to round: not needed between runs
         args = self.training_args
         final = self.round_current + 1
         if (self.round_current == self.rounds and args.get("test_on_global_updates")

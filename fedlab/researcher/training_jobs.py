@@ -8,9 +8,11 @@ seed does, and return the replies by node (``errors`` and ``missing`` say who di
 parameters, the arguments and that node's aggregator inputs. The parameters are packed
 once and the same buffers go in every node's message (serialize once, send many). Replies
 are handed to ``on_reply`` as they arrive, so the aggregator folds each one in and the
-reply can be dropped: researcher memory stays near two models whatever the number of
-nodes. A node that fails is left out of the round with its reason; a node still computing
-when the round ends (timeout, stopped) is sent a ``TrainCancelRequest`` so it stops.
+reply can be dropped: the researcher holds the global model, the aggregator's sums and the
+replies not yet folded in. Replies that arrive together are all received at once by zmq,
+so that last part can reach one model per node (nothing here paces the nodes' sends). A
+node that fails is left out of the round with its reason; a node still computing when the
+round ends (timeout, stopped) is sent a ``TrainCancelRequest`` so it stops.
 """
 
 from __future__ import annotations
