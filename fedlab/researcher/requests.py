@@ -215,6 +215,7 @@ class FederatedRequest:
                     envelope = self._replies.pop(node_id)
             if ready:
                 yield node_id, envelope
+                del envelope  # the caller has folded it in: do not hold it until the next one arrives
                 continue
             self.wait()
             return

@@ -241,6 +241,7 @@ class ZmqResearcherTransport:
                             self._caught_up = time.time()
                             break
                         self._receive(sock, frames)
+                        del frames  # a 100 MB reply lives as long as its request needs it, no longer
         except Exception:  # pragma: no cover - a bug here must be visible, not silent
             log.exception("researcher transport loop crashed")
         finally:
