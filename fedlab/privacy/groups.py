@@ -19,21 +19,63 @@ mean of a 0/1 column is a count), so they are released only when no level is sup
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import pandas as pd
 
 from fedlab.analytics.disclosure import suppressed_levels as _suppressed
 from fedlab.analytics.disclosure_rules import DisclosureRules
 
-__all__ = ["group_refusal", "level_counts", "levels_refusal", "moments_refusal", "suppressed_levels"]
+__all__ = ["LevelCounts", "group_refusal", "level_counts", "levels_refusal", "moments_refusal", "suppressed_levels"]
 
 
-def level_counts(series: pd.Series) -> dict[str, int]:
-    """Counts of the present values of ``series`` keyed by ``str(value)``, as nodes key them."""
-    present = series.dropna()
-    keys = pd.Series([str(v) for v in present.tolist()], dtype=object)
-    return {str(k): int(v) for k, v in keys.value_counts(sort=False).items() if v}
+_EXACT_LEVELS = 10_000  # up to this many distinct values, the counts are made at once
+
+
+class LevelCounts(Mapping[str, int]):
+    """Counts of the present values of a column keyed by ``str(value)``, as nodes key them.
+
+    How many levels there are and how many values (``n_levels``, ``total``) is known at once,
+    from one hashing pass in pandas; the counts themselves are made only when read. Most
+    questions (too many levels to list? few enough to form groups?) need only the first, and a
+    continuous column of 11 million rows has 11 million levels: keying each by its string, in
+    Python, took minutes per column.
+    """
+
+    def __init__(self, series: pd.Series) -> None:
+        self._present = series.dropna()
+        self.total = len(self._present)
+        self.n_levels = int(self._present.nunique()) if self.total else 0
+        self._counts: dict[str, int] | None = None
+        if self.n_levels <= _EXACT_LEVELS:  # cheap: count now, so the number of levels is exactly the keys'
+            self.n_levels = len(self._all())
+
+    def _all(self) -> dict[str, int]:
+        if self._counts is None:
+            counts: dict[str, int] = {}
+            for value, n in self._present.value_counts(sort=False).items():
+                key = str(value)  # values of different types may print alike (1 and "1"): one level, as before
+                counts[key] = counts.get(key, 0) + int(n)
+            self._counts = {k: n for k, n in counts.items() if n}
+        return self._counts
+
+    def __len__(self) -> int:
+        return len(self._counts) if self._counts is not None else self.n_levels
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __getitem__(self, key: str) -> int:
+        return self._all()[key]
+
+
+def level_counts(series: pd.Series) -> LevelCounts:
+    """The level counts of ``series`` (see :class:`LevelCounts`)."""
+    return LevelCounts(series)
+
+
+def _total(counts: Mapping[str, int]) -> int:
+    return counts.total if isinstance(counts, LevelCounts) else sum(counts.values())
 
 
 def suppressed_levels(counts: Mapping[str, int], threshold: int) -> set[str]:
@@ -43,7 +85,7 @@ def suppressed_levels(counts: Mapping[str, int], threshold: int) -> set[str]:
 
 def levels_refusal(column: str, counts: Mapping[str, int], rules: DisclosureRules) -> str | None:
     """Why ``column`` has too many levels to be listed, or None."""
-    n_levels, total = len(counts), sum(counts.values())
+    n_levels, total = len(counts), _total(counts)
     if n_levels > rules.levels_max:
         return (f"levels_max: {column} has {n_levels} distinct values, more than this node's maximum of "
                 f"{rules.levels_max} (disclosure.levels_max)")
