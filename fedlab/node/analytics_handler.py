@@ -186,7 +186,7 @@ class AnalyticsHandler:
             series = frame[column]
             stats = set(self._stats_for(request, column))
             args: dict[str, Any] = request.stats_args.get(column, {})
-            counts: dict[str, int] | None = None
+            counts: Mapping[str, int] | None = None
             if "value_counts" in stats or not is_numeric(series):
                 counts = level_counts(series)
                 partial = categorical_partial(series, dropna=bool(_arg(args, "value_counts", "dropna", True)))
