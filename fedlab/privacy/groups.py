@@ -30,25 +30,41 @@ __all__ = ["LevelCounts", "group_refusal", "level_counts", "levels_refusal", "mo
 
 
 _EXACT_LEVELS = 10_000  # up to this many distinct values, the counts are made at once
+_PROBE_ROWS = 50_000  # the first rows looked at to tell a continuous column at once
 
 
 class LevelCounts(Mapping[str, int]):
     """Counts of the present values of a column keyed by ``str(value)``, as nodes key them.
 
-    How many levels there are and how many values (``n_levels``, ``total``) is known at once,
-    from one hashing pass in pandas; the counts themselves are made only when read. Most
-    questions (too many levels to list? few enough to form groups?) need only the first, and a
-    continuous column of 11 million rows has 11 million levels: keying each by its string, in
-    Python, took minutes per column.
+    How many levels there are and how many values (``n_levels``, ``total``) is known at once;
+    the counts themselves are made only when read. Most questions (too many levels to list? few
+    enough to form groups?) need only the first, and a continuous column of 11 million rows has
+    11 million levels: keying each by its string, in Python, took minutes per column, and even
+    hashing them all takes seconds. So the first rows are looked at first: when they already
+    hold more than ``_EXACT_LEVELS`` levels, ``n_levels`` is that lower bound (``exact`` False),
+    which answers every question but an operator's limit above it (``count_levels`` then counts).
     """
 
     def __init__(self, series: pd.Series) -> None:
         self._present = series.dropna()
         self.total = len(self._present)
-        self.n_levels = int(self._present.nunique()) if self.total else 0
         self._counts: dict[str, int] | None = None
-        if self.n_levels <= _EXACT_LEVELS:  # cheap: count now, so the number of levels is exactly the keys'
-            self.n_levels = len(self._all())
+        # Hashing 11 million floats takes seconds per column: a first slice that already holds more
+        # levels than are ever listed settles every question but the operator's very large limits.
+        probe = int(self._present.iloc[:_PROBE_ROWS].nunique()) if self.total else 0
+        self.n_levels = probe  # when not exact: a lower bound, made exact by count_levels()
+        self.exact = probe <= _EXACT_LEVELS
+        if self.exact:
+            if self.total > _PROBE_ROWS:
+                self.n_levels = int(self._present.nunique())
+            if self.n_levels <= _EXACT_LEVELS:  # cheap: count now, so the number of levels is exactly the keys'
+                self.n_levels = len(self._all())
+
+    def count_levels(self) -> int:
+        """The exact number of levels (one hashing pass over the whole column)."""
+        if not self.exact:
+            self.n_levels, self.exact = int(self._present.nunique()), True
+        return self.n_levels
 
     def _all(self) -> dict[str, int]:
         if self._counts is None:
@@ -86,11 +102,14 @@ def suppressed_levels(counts: Mapping[str, int], threshold: int) -> set[str]:
 def levels_refusal(column: str, counts: Mapping[str, int], rules: DisclosureRules) -> str | None:
     """Why ``column`` has too many levels to be listed, or None."""
     n_levels, total = len(counts), _total(counts)
+    if isinstance(counts, LevelCounts) and not counts.exact and n_levels <= rules.levels_max:
+        n_levels = counts.count_levels()  # an operator's limit above the lower bound: count them all
+    at_least = "at least " if isinstance(counts, LevelCounts) and not counts.exact else ""
     if n_levels > rules.levels_max:
-        return (f"levels_max: {column} has {n_levels} distinct values, more than this node's maximum of "
+        return (f"levels_max: {column} has {at_least}{n_levels} distinct values, more than this node's maximum of "
                 f"{rules.levels_max} (disclosure.levels_max)")
     if total and n_levels > rules.levels_density * total:
-        return (f"levels_density: {column} has {n_levels} distinct values for {total} values, more than "
+        return (f"levels_density: {column} has {at_least}{n_levels} distinct values for {total} values, more than "
                 f"{rules.levels_density} of them (disclosure.levels_density)")
     return None
 

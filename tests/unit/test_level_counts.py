@@ -28,6 +28,22 @@ def test_a_continuous_column_is_sized_without_listing_its_levels():
     assert counts._counts is not None
 
 
+def test_a_long_continuous_column_is_judged_from_its_first_rows_unless_the_limit_is_higher():
+    values = np.random.default_rng(1).normal(size=200_000)
+    counts = level_counts(pd.Series(values))
+    assert not counts.exact and 10_000 < len(counts) <= 50_000  # a lower bound, from the first rows
+    why = levels_refusal("x", counts, DisclosureRules())
+    assert why is not None and "at least" in why
+    assert not is_grouping(counts, DisclosureRules())
+    # an operator who lists up to 100,000 levels gets the exact count, and the refusal it implies
+    why = levels_refusal("x", counts, DisclosureRules(levels_max=100_000, levels_density=1.0))
+    assert counts.exact and len(counts) == 200_000
+    assert why is not None and "has 200000 distinct values" in why
+    # a column whose first rows repeat but whose tail does not is counted in full
+    tail = level_counts(pd.Series(np.concatenate([np.zeros(60_000), values])))
+    assert tail.exact and len(tail) == 200_001
+
+
 def test_an_empty_column_has_no_levels():
     counts = level_counts(pd.Series([None, None], dtype=object))
     assert len(counts) == 0 and counts.total == 0 and dict(counts) == {}
