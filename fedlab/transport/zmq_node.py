@@ -87,8 +87,6 @@ class ZmqNodeTransport:
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context[Any] = zmq.Context()
         self.researcher_connected = threading.Event()
-        self._last_heard = 0.0
-        self._researcher_interval = heartbeat_interval
         self._pause_until = 0.0
         self._beat_now = threading.Event()
         self._beat_sent = threading.Event()
@@ -273,12 +271,10 @@ class ZmqNodeTransport:
                 self._outbox.put(Outgoing(b"", encode(
                     make_envelope(reply, self.node_id, parent_id=parent))))
             return
-        self._last_heard = time.time()
         if not self.researcher_connected.is_set():
             log.info("connected to researcher %s at %s", envelope.sender, self.address)
             self.researcher_connected.set()
-        if isinstance(envelope.content, Heartbeat):
-            self._researcher_interval = envelope.content.interval
+        if isinstance(envelope.content, Heartbeat):  # liveness is libzmq's (monitor events): nothing to record
             return
         if isinstance(envelope.content, Bye):
             log.info("researcher %s left: %s", envelope.sender, envelope.content.reason)

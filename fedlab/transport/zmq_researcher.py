@@ -60,6 +60,7 @@ __all__ = ["MessageHandler", "ZmqResearcherTransport", "check_size"]
 log = logging.getLogger("fedlab.transport")
 _GOODBYE_LINGER_MS = 300
 _FULL_QUEUE_SECONDS = 30.0  # a message meeting a full queue is retried this long, then dropped (and logged)
+_FULL = "full"  # _try_send's answer when the peer's queue is at its high-water mark
 MIN_ZMTP_TIMEOUT_MS = 2000  # a connection silent this long at the libzmq level is over, however short the beat
 MessageHandler = Callable[[str, Envelope], None]
 
@@ -267,42 +268,50 @@ class ZmqResearcherTransport:
             self._send_frames(sock, item)
         return stop
 
-    def _send_frames(self, sock: zmq.Socket[Any], item: Outgoing, queued_at: float | None = None) -> bool:
-        """Send now, or put ``item`` in line if its peer's queue is full; False if it was dropped."""
-        if queued_at is None and self._waiting and any(w.peer == item.peer for _, w in self._waiting):
+    def _send_frames(self, sock: zmq.Socket[Any], item: Outgoing) -> None:
+        """Send now, or put ``item`` in line behind its peer's waiting messages (heartbeats, which
+        carry no msg_id, are never queued: the next one will do)."""
+        if item.msg_id and any(w.peer == item.peer for _, w in self._waiting):
             self._waiting.append((time.monotonic(), item))  # keep the order per peer
-            return True
-        try:
-            sock.send_multipart([item.peer, *item.frames], zmq.NOBLOCK, copy=False)
-            return True
-        except zmq.Again:
-            if not item.msg_id:  # a heartbeat: the next one will do
-                return True
-            started = time.monotonic() if queued_at is None else queued_at
-            if time.monotonic() - started < _FULL_QUEUE_SECONDS:
-                self._waiting.append((started, item))
-                return True
-            reason = f"its queue stayed full for {_FULL_QUEUE_SECONDS:.0f} s"
-        except zmq.ZMQError as exc:
-            reason = "not connected" if exc.errno == zmq.EHOSTUNREACH else exc.strerror
-        peer = item.peer.decode("utf-8", "replace")
-        if item.msg_id:
-            log.info("dropped message %s to node %s: %s", item.msg_id, peer, reason)
-        if item.on_failure is not None:
-            item.on_failure(reason)
-        return False
+            return
+        failure = self._try_send(sock, item)
+        if failure is _FULL:
+            if item.msg_id:
+                self._waiting.append((time.monotonic(), item))
+        elif failure is not None:
+            self._dropped(item, failure)
 
     def _retry_waiting(self, sock: zmq.Socket[Any]) -> None:
+        """Try the waiting messages again, in order per peer; drop those that waited too long."""
         waiting, self._waiting = self._waiting, []
         blocked: set[bytes] = set()
         for queued_at, item in waiting:
-            if item.peer in blocked:
+            failure = _FULL if item.peer in blocked else self._try_send(sock, item)
+            if failure is _FULL and time.monotonic() - queued_at < _FULL_QUEUE_SECONDS:
                 self._waiting.append((queued_at, item))
-                continue
-            before = len(self._waiting)
-            self._send_frames(sock, item, queued_at)
-            if len(self._waiting) > before:
                 blocked.add(item.peer)
+            elif failure is _FULL:
+                self._dropped(item, f"its queue stayed full for {_FULL_QUEUE_SECONDS:.0f} s")
+            elif failure is not None:
+                self._dropped(item, failure)
+
+    @staticmethod
+    def _try_send(sock: zmq.Socket[Any], item: Outgoing) -> str | None:
+        """None if sent, ``_FULL`` if the peer's queue is full, else why it cannot be sent."""
+        try:
+            sock.send_multipart([item.peer, *item.frames], zmq.NOBLOCK, copy=False)
+            return None
+        except zmq.Again:
+            return _FULL
+        except zmq.ZMQError as exc:
+            return "not connected" if exc.errno == zmq.EHOSTUNREACH else exc.strerror
+
+    @staticmethod
+    def _dropped(item: Outgoing, reason: str) -> None:
+        if item.msg_id:
+            log.info("dropped message %s to node %s: %s", item.msg_id, item.peer.decode("utf-8", "replace"), reason)
+        if item.on_failure is not None:
+            item.on_failure(reason)
 
     def _heartbeat(self, sock: zmq.Socket[Any]) -> None:
         self.directory.sweep(self._caught_up)
@@ -313,7 +322,7 @@ class ZmqResearcherTransport:
         content = encode_content(beat.content)
         for rec in self.directory.records():
             if self.directory.is_connected(rec.node_id):
-                self._send_frames(sock, Outgoing(rec.node_id.encode(), encode(beat, content)), queued_at=0.0)
+                self._send_frames(sock, Outgoing(rec.node_id.encode(), encode(beat, content)))
 
     def _receive(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
         node_id = frames[0].bytes.decode("utf-8", "replace")
