@@ -16,7 +16,8 @@ registry) and never reach a user raw::
     ├── FedlabRequestStopped       a request policy stopped a request
     ├── FedlabApprovalError        a training plan is not approved on a node
     ├── FedlabTrainingError        a training plan failed or its arguments are wrong
-    └── FedlabDisclosureError      a node's disclosure rules refused a result
+    ├── FedlabDisclosureError      a node's disclosure rules refused a result
+    └── FedlabSecaggError          a secure aggregation step failed or was refused
 
 Each class carries a message written for the person who will read it: what was wrong and
 what to do about it.
@@ -34,6 +35,7 @@ __all__ = [
     "FedlabNodeError",
     "FedlabProtocolError",
     "FedlabRequestStopped",
+    "FedlabSecaggError",
     "FedlabTimeoutError",
     "FedlabTrainingError",
     "FedlabTransportError",
@@ -114,3 +116,9 @@ class FedlabTrainingError(FedlabError):
     The message carries the plan's own error (its exception type, text and the line of the
     plan that raised) so the researcher can fix the plan without access to the node.
     """
+
+
+class FedlabSecaggError(FedlabError):
+    """A secure aggregation step failed or was refused: a share that does not decrypt, a session
+    replayed or asked twice, too few nodes left to unmask the sum (the message says how many
+    answered and how many were needed)."""

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import msgspec
 
 from fedlab.protocol.messages import Message, register
+from fedlab.protocol.secagg_messages import SecaggInput
 
 __all__ = [
     "CATEGORICAL_STATS",
@@ -26,6 +27,7 @@ __all__ = [
     "CovariancePartial",
     "CrosstabPartial",
     "FAReply",
+    "FASecure",
     "FARequest",
     "NumericPartial",
 ]
@@ -38,6 +40,19 @@ TABLE_STATS = ("crosstab", "cov", "corr")
 STATISTICS = NUMERIC_STATS + CATEGORICAL_STATS + TABLE_STATS
 
 ColumnName = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+
+
+class FASecure(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A securely aggregated analytics request (``researcher.stats(..., secagg=True)``).
+
+    ``phase`` "layout": answer the reply's skeleton (names and suppression marks, every figure 0;
+    see :mod:`fedlab.secagg.fa_layout`). ``phase`` "masked": answer the figures in the order of
+    ``layout`` (an msgpack-encoded ``FALayout``), masked for session ``input``.
+    """
+
+    phase: Annotated[str, msgspec.Meta(pattern="^(layout|masked)$")]
+    input: SecaggInput | None = None
+    layout: Annotated[bytes, msgspec.Meta(max_length=16 << 20)] = b""
 
 
 class FARequest(Message, frozen=True):
@@ -56,6 +71,7 @@ class FARequest(Message, frozen=True):
     stats_args: dict[str, dict[str, dict[str, Any]]] = {}
     crosstab: Annotated[list[ColumnName], msgspec.Meta(max_length=2)] = []
     thresholds: dict[str, list[float]] = {}
+    secagg: FASecure | None = None
 
 
 class NumericPartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -135,6 +151,8 @@ class FAReply(Message, frozen=True):
     covariance: CovariancePartial | None = None
     refused: dict[str, str] = {}
     allowance: dict[str, int] = {}
+    masked: Annotated[bytes, msgspec.Meta(max_length=256 << 20)] | None = None
+    secagg_session: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
 register("fa_request", FARequest)

@@ -66,6 +66,9 @@ class NodeConfig:
     researcher_public_key: str = ""
     insecure: bool = False
     training_timeout: float = 3600.0
+    secure_aggregation: bool = True
+    force_secure_aggregation: bool = False
+    secure_aggregation_min_nodes: int = 2
     disclosure: DisclosureRules = field(default_factory=DisclosureRules)
     directory: Path = field(kw_only=True)
 
@@ -103,6 +106,9 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "researcher_public_key": (str,),
     "insecure": (bool,),
     "training_timeout": (int, float),
+    "secure_aggregation": (bool,),
+    "force_secure_aggregation": (bool,),
+    "secure_aggregation_min_nodes": (int,),
     "disclosure": (dict,),
 }
 _REQUIRED = ("node_id", "name")
@@ -129,6 +135,17 @@ _COMMENTS = {
     "training_timeout": [
         "# Seconds one training round may take. Plans run in a separate worker process; a round past",
         "# this limit is stopped (the worker is killed), the researcher is told why, and the node keeps serving.",
+    ],
+    "secure_aggregation": [
+        "# Secure aggregation (secagg=True in the notebook): this node's figures leave it masked, and the",
+        "# researcher learns only their sum over the nodes. true: take part when asked; false: refuse such requests.",
+    ],
+    "force_secure_aggregation": [
+        "# true: answer analytics requests and training rounds ONLY under secure aggregation (a plain request",
+        "# is refused with an error that says so). Preprocessing fits and validation-only rounds stay plain.",
+    ],
+    "secure_aggregation_min_nodes": [
+        "# The fewest nodes a secure aggregation session may have for this node to take part (at least 2).",
     ],
 }
 
@@ -331,6 +348,12 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
             f"{config_path}: training_timeout must be a finite number of seconds > 0 (for example 3600), "
             f"not {training_timeout}"
         )
+    if data.get("secure_aggregation_min_nodes", 2) < 2:
+        raise FedlabConfigError(f"{config_path}: secure_aggregation_min_nodes must be 2 or more")
+    if data.get("force_secure_aggregation", False) and not data.get("secure_aggregation", True):
+        raise FedlabConfigError(
+            f"{config_path} sets force_secure_aggregation = true and secure_aggregation = false: this node would "
+            "answer nothing. Set secure_aggregation = true (or force_secure_aggregation = false)")
     log_level = data.get("log_level", "INFO").upper()
     if log_level not in _LOG_LEVELS:
         raise FedlabConfigError(

@@ -27,12 +27,16 @@ from fedlab.errors import (
     FedlabError,
     FedlabProtocolError,
     FedlabRequestStopped,
+    FedlabSecaggError,
     FedlabTrainingError,
 )
 from fedlab.node.analytics_handler import INSECURE_PEER, AnalyticsHandler
 from fedlab.node.preproc_handler import PreprocHandler
 from fedlab.node.registry import DatasetRegistry
 from fedlab.node.safe_errors import new_reference, path_forms, redact
+from fedlab.node.secagg_handler import SecaggHandler
+from fedlab.node.secagg_state import SecaggStore
+from fedlab.node.secure_analytics import answer_secure
 from fedlab.node.training_handler import DEFAULT_TIMEOUT, Emit, TrainingHandler
 from fedlab.preprocessing.messages import PreprocRequest
 from fedlab.protocol import (
@@ -63,6 +67,7 @@ _CODES: list[tuple[type[FedlabError], str]] = [
     (FedlabProtocolError, "invalid_request"),
     (FedlabTrainingError, "plan_error"),
     (FedlabRequestStopped, "cancelled"),
+    (FedlabSecaggError, "secagg_refused"),
 ]
 
 
@@ -80,7 +85,8 @@ class Dispatcher:
                  rules: DisclosureRules | None = None, node_dir: Path | None = None, *,
                  require_approval: bool = True, training_threads: int = 0,
                  training_timeout: float = DEFAULT_TIMEOUT, emit: Emit | None = None,
-                 peer: str = INSECURE_PEER) -> None:
+                 peer: str = INSECURE_PEER, secure_aggregation: bool = True,
+                 force_secure_aggregation: bool = False, secure_aggregation_min_nodes: int = 2) -> None:
         self.node_id = node_id
         self.name = name
         self.registry = registry
@@ -98,6 +104,11 @@ class Dispatcher:
         self.training = TrainingHandler(registry, node_id=node_id, name=name,
                                         require_approval=require_approval, threads=training_threads,
                                         timeout=training_timeout, emit=emit)
+        # Secure aggregation: its sessions live in node.db beside the registry's tables.
+        self.secagg = SecaggHandler(SecaggStore(registry.db_path), node_id=node_id, name=name, peer=peer,
+                                    enabled=secure_aggregation, forced=force_secure_aggregation,
+                                    min_nodes=secure_aggregation_min_nodes)
+        self.training.secagg = self.secagg
         self.table: dict[str, Handler] = {
             "ping_request": self._ping,
             "dataset_search_request": self._search,
@@ -108,6 +119,9 @@ class Dispatcher:
             "training_plan_status_request": self.training.status_request,
             "train_request": self.training.train_request,
             "train_cancel_request": self.training.cancel_request,
+            "secagg_keys_request": self.secagg.keys_request,
+            "secagg_share_request": self.secagg.share_request,
+            "secagg_unmask_request": self.secagg.unmask_request,
         }
 
     def handle(self, envelope: Envelope) -> Envelope:
@@ -187,8 +201,12 @@ class Dispatcher:
         return DatasetSearchReply(datasets=[r.to_info() for r in self.registry.search(envelope.content.tags)])
 
     def _analytics(self, envelope: Envelope) -> HandlerResult:
-        assert isinstance(envelope.content, FARequest)
-        return self.analytics(envelope.content)
+        request = envelope.content
+        assert isinstance(request, FARequest)
+        if request.secagg is not None:
+            return answer_secure(request, self.analytics, self.secagg)
+        self.secagg.require(False, "analytics requests")
+        return self.analytics(request)
 
     def _preprocess(self, envelope: Envelope) -> HandlerResult:
         assert isinstance(envelope.content, PreprocRequest)

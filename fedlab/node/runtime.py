@@ -79,7 +79,10 @@ class Node:
                                      require_approval=config.require_approval,
                                      training_threads=config.training_threads,
                                      training_timeout=config.training_timeout, emit=self._emit,
-                                     peer=config.researcher_public_key or INSECURE_PEER)
+                                     peer=config.researcher_public_key or INSECURE_PEER,
+                                     secure_aggregation=config.secure_aggregation,
+                                     force_secure_aggregation=config.force_secure_aggregation,
+                                     secure_aggregation_min_nodes=config.secure_aggregation_min_nodes)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedlab-worker")
         self._train_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlab-train")
         self._busy = 0

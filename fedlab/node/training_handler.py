@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import fedlab.errors as errors
 from fedlab.errors import (
@@ -35,8 +36,9 @@ from fedlab.errors import (
 from fedlab.node.approvals import ApprovalRegistry, check_plan_source
 from fedlab.node.plan_worker import PlanWorker, WorkerDied, WorkerTimeout
 from fedlab.node.registry import DatasetRegistry
+from fedlab.node.secagg_handler import SecaggHandler
 from fedlab.node.training_state import StateStore
-from fedlab.protocol import Envelope, Message, make_envelope
+from fedlab.protocol import ArraySpec, Envelope, Message, make_envelope
 from fedlab.training.messages import (
     NOT_REGISTERED,
     PENDING,
@@ -50,6 +52,7 @@ from fedlab.training.messages import (
     TrainReply,
     TrainRequest,
 )
+from fedlab.training.tensors import unpack_named
 from fedlab.training.worker_wire import Failed, RoundProgress, RunRound
 
 __all__ = ["TrainingHandler"]
@@ -89,6 +92,7 @@ class TrainingHandler:
         self._lock = threading.Lock()
         self._cancel: dict[str, threading.Event] = {}
         self._warm = False
+        self.secagg: SecaggHandler | None = None  # set by the dispatcher: secure aggregation of rounds
 
     # -- approval ------------------------------------------------------------------------------
     def approve_request(self, envelope: Envelope) -> HandlerResult:
@@ -182,6 +186,8 @@ class TrainingHandler:
                 self._cancel.pop(envelope.msg_id, None)
 
     def _train(self, envelope: Envelope, request: TrainRequest, flag: threading.Event) -> HandlerResult:
+        if self.secagg is not None and request.do_training:
+            self.secagg.require(request.secagg is not None, "training rounds")
         plan_id = self.approvals.check_allowed(request.plan_source, request.plan_class, node=self.name,
                                                require_approval=self.require_approval,
                                                researcher_id=envelope.sender)
@@ -232,6 +238,8 @@ class TrainingHandler:
         log.info("round %d of %s done: %d samples, %d updates in %.2f s%s", request.round, request.experiment_id,
                  result.n_samples, result.n_updates, result.compute_seconds,
                  f" ({' and '.join(result.loaded)} loaded)" if result.loaded else "")
+        if request.secagg is not None and request.do_training:
+            return self._masked_reply(request, record.dataset_id, result, buffers, state_id)
         reply = TrainReply(
             experiment_id=request.experiment_id, round=request.round, dataset_id=record.dataset_id,
             params=list(result.params), n_samples=result.n_samples, n_test_samples=result.n_test_samples,
@@ -239,6 +247,28 @@ class TrainingHandler:
             metrics_after=dict(result.metrics_after), aux_vars={k: list(v) for k, v in result.aux_vars.items()},
             compute_seconds=result.compute_seconds, state_id=state_id)
         return reply, buffers
+
+    def _masked_reply(self, request: TrainRequest, dataset_id: str, result: Any, buffers: Sequence[Any],
+                      state_id: str | None) -> HandlerResult:
+        """The round's parameters, aux vars and sample count as one masked vector (``request.secagg``).
+
+        Metrics, the train loss and timings stay in the clear (see SECURITY.md); ``n_samples`` is 0."""
+        from fedlab.secagg import train_vector
+
+        secagg = request.secagg
+        assert secagg is not None and self.secagg is not None
+        params = unpack_named(result.params, buffers)
+        aux = {group: unpack_named(specs, buffers) for group, specs in result.aux_vars.items()}
+        vector = train_vector.encode(list(secagg.fields), params, aux, result.n_samples, secagg.weight_bound)
+        del params, aux
+        self.secagg.mask(secagg, vector, "training")
+        reply = TrainReply(
+            experiment_id=request.experiment_id, round=request.round, dataset_id=dataset_id, params=[],
+            n_samples=0, n_test_samples=result.n_test_samples, n_updates=result.n_updates,
+            train_loss=result.train_loss, metrics_before=dict(result.metrics_before),
+            metrics_after=dict(result.metrics_after), compute_seconds=result.compute_seconds, state_id=state_id,
+            masked=ArraySpec(buffer=0, dtype="uint64", shape=[int(vector.size)]), secagg_session=secagg.session_id)
+        return reply, [memoryview(vector.data).cast("B")]
 
     def _send_event(self, request: Envelope, content: Message) -> None:
         if self.emit is None:

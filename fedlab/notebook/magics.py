@@ -108,7 +108,8 @@ class FedMagics(Magics):
 
     def _stats(self, args: Any, cell: str | None) -> pd.DataFrame:
         researcher = self.session.researcher
-        result = researcher.stats(researcher.search(args.tags), args.stats, args.columns, quantiles=args.quantiles)
+        result = researcher.stats(researcher.search(args.tags), args.stats, args.columns, quantiles=args.quantiles,
+                                  secagg=args.secagg)
         _print_notes(result.notes())
         return self._store(args.out, result.global_stats())
 
@@ -182,9 +183,12 @@ class FedMagics(Magics):
         exp = self.session.experiment(
             args.name, args.tags, rounds=args.rounds, aggregator=args.aggregator,
             aggregator_args=args.aggregator_args, model_args=args.model_args, training_args=args.training_args,
-            round_timeout=args.round_timeout)
+            round_timeout=args.round_timeout, secagg=args.secagg)
         self.session.experiments[args.name] = exp
-        panel = _progress_panel(self.session.node_names(), exp, title=f"training {args.name}")
+        title = f"training {args.name}"
+        if args.secagg:
+            title += " (secure aggregation: the researcher sees only sums)"
+        panel = _progress_panel(self.session.node_names(), exp, title=title)
         if panel is not None:
             exp.on_progress = panel.on_event
             self.session.progress[args.name] = panel

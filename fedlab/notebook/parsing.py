@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tags(p)
     p.add_argument("--columns", nargs="+", metavar="C", help="default: every column")
     p.add_argument("--quantiles", nargs="+", type=float, metavar="Q", default=[0.25, 0.5, 0.75])
+    p.add_argument("--secagg", action="store_true",
+                   help="secure aggregation: only the sum over the nodes is received (no min, max, quantiles)")
     _out(p, "the DataFrame")
     p = add("hist")
     p.add_argument("column")
@@ -162,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-args", type=json_object, default=None, metavar="JSON")
     p.add_argument("--training-args", type=json_object, default=None, metavar="JSON")
     p.add_argument("--round-timeout", type=seconds, default=600.0, metavar="S")
+    p.add_argument("--secagg", action="store_true",
+                   help="secure aggregation: each round's parameters reach the researcher only summed")
     p.add_argument("--background", action="store_true", help="return at once; see %%fed jobs")
     _out(p, "the history (foreground) or the job (background)")
     p = add("jobs")

@@ -167,7 +167,8 @@ class TrainingProgress(w.VBox):
                         stack.enter_context(part.hold_sync())
                     if record["status"] == "ok":
                         row.bar.value = min(round_ * STEPS, row.bar.max)
-                        row.state.value = f"round {round_} done"
+                        secure = "n_samples" in record and pd.isna(record["n_samples"])  # hidden: secure round
+                        row.state.value = f"round {round_} done" + (", secure (masked)" if secure else "")
                         if pd.notna(record.get("train_loss")):
                             row.loss.value = f"loss {record['train_loss']:.4g}"
                     else:

@@ -309,6 +309,17 @@ class Aggregator:
         self._weight += weight
         self.added.append(node_id)
 
+    def add_secure(self, sums: Any, node_ids: list[str]) -> None:
+        """Fold a secure aggregation's unmasked sum (``fedlab.secagg.train_vector.TrainingSums``) of
+        ``node_ids``: the same sums ``add`` makes node by node, without any node's own figures."""
+        self._require_open("add_secure")
+        if sums.n_samples <= 0:
+            return
+        for name, value in sums.weighted.items():  # sum_k (n_k / W) x_k, times W: sum_k n_k x_k
+            self._sums.add(name, value, float(sums.weight_bound))
+        self._weight += float(sums.n_samples)
+        self.added.extend(node_ids)
+
     def _require_open(self, what: str) -> None:
         if not self._open:  # the sums' memory is the last global model's now: never write it
             raise FedlabTrainingError(f"{what}() outside a round: call begin_round() with the global model first")
@@ -431,6 +442,11 @@ class Scaffold(Aggregator):
             return
         for name, value in delta.items():
             self._delta_c.add(name, np.asarray(value), 1.0)
+
+    def add_secure(self, sums: Any, node_ids: list[str]) -> None:
+        super().add_secure(sums, node_ids)
+        for name, value in sums.aux.get("scaffold", {}).items():
+            self._delta_c.add(name, value, 1.0)
 
     def end_round(self, n_nodes_total: int) -> Params:
         """``x + server_lr * (mean - x)`` in each parameter's dtype; ``c`` is updated in place."""

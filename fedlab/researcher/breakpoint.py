@@ -64,6 +64,8 @@ class Breakpoint(msgspec.Struct, forbid_unknown_fields=True):
     format_version: int = FORMAT_VERSION
     param_names: list[str] = []
     aggregator_names: list[str] = []
+    secagg: bool = False  # a securely aggregated experiment resumes securely aggregated
+    secagg_arguments: dict[str, Any] = {}
 
 
 def _what_to_do(path: Path) -> str:

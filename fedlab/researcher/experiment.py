@@ -32,6 +32,7 @@ from fedlab.researcher.breakpoint import Breakpoint, read_breakpoint, write_brea
 from fedlab.researcher.local_job import build_model, training_loop
 from fedlab.researcher.policies import DiscardOnDisconnect, DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.researcher import Researcher
+from fedlab.researcher.secure_round import check_secagg_arguments, run_secure_round
 from fedlab.researcher.training_jobs import (
     TrainingJob,
     TrainingPlanApproveJob,
@@ -73,10 +74,17 @@ class Experiment:
         plan_class: str | None = None,
         search_timeout: float = 10.0,
         disconnect_grace: float = 10.0,
+        secagg: bool = False,
+        secagg_arguments: Mapping[str, Any] | None = None,
     ) -> None:
         """``training_plan`` is a ``TorchTrainingPlan`` subclass, or module source text with
         ``plan_class`` naming the class. ``on_progress(node_id, TrainProgress)`` is called on the
-        network thread for every progress event: keep it quick."""
+        network thread for every progress event: keep it quick.
+
+        ``secagg=True``: every round is securely aggregated (see :mod:`fedlab.researcher.secure_round`);
+        ``secagg_arguments`` may set ``threshold`` (how many nodes must remain, default a majority),
+        ``clip`` (|x| above which a value is clipped, default 4096) and ``timeout`` (seconds per
+        set-up or unmasking step, default 30)."""
         if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
             raise FedlabError(f"rounds must be a positive integer, got {rounds!r}")
         if not round_timeout > 0:
@@ -100,6 +108,9 @@ class Experiment:
         self.on_progress = on_progress
         self.experiment_id = experiment_id or "exp-" + uuid.uuid4().hex[:12]
         self.share_persistent_buffers = share_persistent_buffers
+        self.secagg = bool(secagg)
+        self.secagg_arguments = check_secagg_arguments(secagg_arguments)
+        self.secagg_rounds: list[dict[str, Any]] = []  # per secure round: session, nodes, dropped, totals
         self.fds = researcher.search(self.tags, nodes=self._nodes_filter, timeout=search_timeout)
         self.node_ids = self.fds.node_ids()
         self.state_ids: dict[str, str | None] = {n: None for n in self.node_ids}
@@ -151,8 +162,9 @@ class Experiment:
         return out
 
     # -- approval ----------------------------------------------------------------------------
-    def _job_kwargs(self) -> dict[str, Any]:
-        return {"researcher_id": self.researcher.id, "requests": self.researcher.requests, "nodes": self.node_ids}
+    def _job_kwargs(self, nodes_override: Sequence[str] | None = None) -> dict[str, Any]:
+        nodes = self.node_ids if nodes_override is None else list(nodes_override)
+        return {"researcher_id": self.researcher.id, "requests": self.researcher.requests, "nodes": nodes}
 
     def approve(self, description: str = "") -> pd.DataFrame:
         """Ask each node's operator to approve this plan; one row per node with its plan status."""
@@ -165,17 +177,19 @@ class Experiment:
         return status_frame(job.execute(), job, self.node_ids, self._names())
 
     # -- training ----------------------------------------------------------------------------
-    def _job(self, round_: int, do_training: bool, on_reply: Callable[[TrainResult], None] | None) -> TrainingJob:
-        node_args = {n: self.aggregator.node_args(n) for n in self.node_ids} if do_training else {}
+    def _job(self, round_: int, do_training: bool, on_reply: Callable[[TrainResult], None] | None,
+             nodes: Sequence[str] | None = None, secagg_arguments: Mapping[str, Any] | None = None) -> TrainingJob:
+        node_ids = list(self.node_ids if nodes is None else nodes)
+        node_args = {n: self.aggregator.node_args(n) for n in node_ids} if do_training else {}
         training_args = self.aggregator.training_args(self.training_args) if do_training else self.training_args
         return TrainingJob(
-            self.experiment_id, round_, {n: self.fds.dataset(n).dataset_id for n in self.node_ids},
-            self.plan_source, self.plan_class, self._params, **self._job_kwargs(),
+            self.experiment_id, round_, {n: self.fds.dataset(n).dataset_id for n in node_ids},
+            self.plan_source, self.plan_class, self._params, **self._job_kwargs(node_ids),
             policies=self._round_policies(), model_args=self.model_args,
             training_args=training_args, aggregator_args={n: a for n, (a, _) in node_args.items()},
             aux_vars={n: v for n, (_, v) in node_args.items()}, state_ids=self.state_ids, do_training=do_training,
             share_persistent_buffers=self.share_persistent_buffers, on_reply=on_reply,
-            on_progress=self.on_progress)
+            on_progress=self.on_progress, secagg_arguments=secagg_arguments)
 
     def _round_policies(self) -> list[RequestPolicy]:
         """A round ends after ``round_timeout``; a node whose heartbeats stop is dropped after
@@ -210,15 +224,18 @@ class Experiment:
         def fold(result: TrainResult) -> None:
             aggregator.add(result.node_id, result.params, result.reply.n_samples, result.aux_vars)
 
-        results = self._job(round_, True, fold).execute()
-        self._record(round_, "training", results)
-        self._raise_if_none_ok(results, f"round {round_}")
+        if self.secagg:
+            run_secure_round(self, round_)
+        else:
+            results = self._job(round_, True, fold).execute()
+            self._record(round_, "training", results)
+            self._raise_if_none_ok(results, f"round {round_}")
         self._params = self._frozen(aggregator.end_round(len(self.node_ids)))
         self.round_current = round_
         log.info("round %d done: %d of %d nodes contributed", round_, len(aggregator.added), len(self.node_ids))
         if self.breakpoint_dir is not None:
             self.save_breakpoint()
-        return history_frame(self._records[-len(results):])
+        return history_frame([r for r in self._records if r["round"] == round_ and r["kind"] == "training"])
 
     def validate(self) -> pd.DataFrame:
         """Have every node validate the current global model on its test split (no training)."""
@@ -271,7 +288,7 @@ class Experiment:
             round_current=self.round_current, state_ids=self.state_ids, history=self._records,
             round_timeout=self.round_timeout, share_persistent_buffers=self.share_persistent_buffers,
             breakpoint_dir=str(self.breakpoint_dir.resolve()) if self.breakpoint_dir is not None else None,
-            disconnect_grace=self.disconnect_grace)
+            disconnect_grace=self.disconnect_grace, secagg=self.secagg, secagg_arguments=self.secagg_arguments)
         return write_breakpoint(bp, self._params, arrays, path)
 
     @classmethod
@@ -293,7 +310,8 @@ class Experiment:
                   training_args=bp.training_args, rounds=bp.rounds, aggregator=aggregator, nodes=bp.nodes,
                   round_timeout=bp.round_timeout, policies=policies, breakpoint_dir=bp.breakpoint_dir,
                   on_progress=on_progress, experiment_id=bp.experiment_id,
-                  share_persistent_buffers=bp.share_persistent_buffers, disconnect_grace=bp.disconnect_grace)
+                  share_persistent_buffers=bp.share_persistent_buffers, disconnect_grace=bp.disconnect_grace,
+                  secagg=bp.secagg, secagg_arguments=bp.secagg_arguments)
         if set(exp.node_ids) != set(bp.node_ids):
             log.warning("the experiment ran on nodes %s; the search now finds %s", sorted(bp.node_ids),
                         sorted(exp.node_ids))

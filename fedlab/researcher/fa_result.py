@@ -59,6 +59,8 @@ class FAResult:
     allowances: dict[str, dict[str, int]] = field(default_factory=dict)
     # column -> the coarsest grid step to which the nodes round its thresholds and edges
     resolutions: dict[str, float] = field(default_factory=dict)
+    # under secure aggregation (stats(..., secagg=True)): the session, its threshold, survivors, dropped
+    secure: dict[str, Any] | None = None
 
     # -- who took part -----------------------------------------------------------------------
     @property
@@ -148,7 +150,15 @@ class FAResult:
         return frame
 
     def node_stats(self) -> pd.DataFrame:
-        """Each node's own figures: one row per (node, column)."""
+        """Each node's own figures: one row per (node, column). Under secure aggregation they are hidden:
+        one row per node that says so (the researcher only ever received their sum)."""
+        if self.secure is not None:
+            return pd.DataFrame(
+                [{"node": self.node_names.get(n, n),
+                  "figures": "hidden: securely aggregated, only the sum over "
+                             f"{len(self.secure['survivors'])} nodes is known (global_stats())"}
+                 for n in self.secure["survivors"]],
+                columns=["node", "figures"]).set_index("node")
         records = []
         for node_id, reply in self.replies.items():
             name = self.node_names.get(node_id, node_id)
@@ -219,6 +229,12 @@ class FAResult:
     def notes(self) -> list[str]:
         """One line per thing the reader must know: refusals, failures, silences, withheld columns."""
         lines = []
+        if self.secure is not None:
+            dropped = self.secure["dropped"]
+            lines.append(f"securely aggregated over {len(self.secure['survivors'])} nodes (threshold "
+                         f"{self.secure['threshold']}): the per-node figures were never received, only their sum"
+                         + (f"; {', '.join(self.node_names.get(n, n) for n in dropped)} dropped out after set-up "
+                            "and are not in it" if dropped else ""))
         for label, source in (("refused", self.refused), ("failed", self.failed), ("no answer", self.missing)):
             lines += [f"{self.node_names.get(n, n)} {label}: {why}" for n, why in source.items()]
         for node, withheld in self.column_refusals().items():

@@ -132,7 +132,7 @@ def federated_stats(
                       node_names=dict(node_names or {}), replies=_without_probe(replies, probe, per_column))
     _note_allowances(result, replies)
     for node_id, error in first.errors.items():
-        target = result.refused if error.code == "disclosure_refused" else result.failed
+        target = result.refused if error.code in ("disclosure_refused", "secagg_refused") else result.failed
         target[node_id] = f"[{error.code}] {error.message}"
     result.missing = {n: str(m) for n, m in first.missing.items()}
     answering = list(replies)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from fedlab.analytics.messages import STATISTICS, FAReply, FARequest
+from fedlab.analytics.messages import STATISTICS, FAReply, FARequest, FASecure
 from fedlab.errors import FedlabError, FedlabNodeError
 from fedlab.protocol import ErrorReply
 from fedlab.researcher.federated_dataset import FederatedDataset
@@ -121,11 +121,13 @@ class FARequestJob(Job):
         thresholds: Mapping[str, Sequence[float]] | None = None,
         table_stats: Sequence[str] = (),
         raise_on_error: bool = True,
+        secagg: Mapping[str, FASecure] | None = None,
     ) -> None:
         """``crosstab``, ``thresholds``, ``table_stats`` and ``raise_on_error`` go past the seed:
         the two crosstab columns, quantile-round thresholds per column, table statistics (cov,
         corr, crosstab) to add beside ``stats_args``, and whether node errors raise or are kept
-        in ``.errors`` for the caller to report."""
+        in ``.errors`` for the caller to report. ``secagg`` gives each node's part of a secure aggregation
+        (``FASecure``, see :mod:`fedlab.researcher.secure_stats`)."""
         super().__init__(researcher_id=researcher_id, requests=requests,
                          nodes=nodes if nodes is not None else federated_dataset.node_ids(), policies=policies)
         if not stats and not stats_args:
@@ -150,11 +152,12 @@ class FARequestJob(Job):
         self._crosstab = list(crosstab)
         self._thresholds = {c: [float(t) for t in ts] for c, ts in (thresholds or {}).items()}
         self._raise_on_error = raise_on_error
+        self._secagg = dict(secagg or {})
 
     def _message_for(self, node_id: str) -> FARequest:
         return FARequest(dataset_id=self._fds.dataset(node_id).dataset_id, stats=self._stats,
                          columns=self._columns, stats_args=self._stats_args, crosstab=self._crosstab,
-                         thresholds=self._thresholds)
+                         thresholds=self._thresholds, secagg=self._secagg.get(node_id))
 
     def execute(self) -> dict[str, FAReply]:
         messages = MessagesByNode({n: self._message_for(n) for n in self.nodes or []})

@@ -242,14 +242,25 @@ class Researcher:
         quantiles: Sequence[float] = (0.25, 0.5, 0.75),
         crosstab: Sequence[str] = (),
         timeout: float = 60.0,
+        secagg: bool = False,
+        secagg_threshold: int | None = None,
     ) -> FAResult:
         """Federated statistics over ``federated_dataset``, equal to those of the pooled rows.
 
         ``stats`` apply to every selected column (``columns``, default all); ``stats_args`` adds
         per-column statistics with arguments, e.g. ``{"age": {"histogram": {"edges": [0, 40, 60, 100]}}}``;
         ``bins`` is the default histogram (a bin count over the federated range, or edges).
+        ``secagg=True``: securely aggregated, the researcher receives only the sum of the nodes'
+        figures (``secagg_threshold`` nodes must remain, default a majority; see ``secure_stats``).
         """
         from fedlab.researcher.fa_stats import federated_stats
+
+        if secagg:
+            from fedlab.researcher.secure_stats import secure_stats
+
+            return secure_stats(federated_dataset, researcher_id=self.id, requests=self.requests, stats=stats,
+                                columns=columns, stats_args=stats_args, bins=bins, crosstab=crosstab,
+                                node_names=self._names(), timeout=timeout, threshold=secagg_threshold)
 
         return federated_stats(federated_dataset, researcher_id=self.id, requests=self.requests, stats=stats,
                                columns=columns, stats_args=stats_args, bins=bins, quantiles=quantiles,

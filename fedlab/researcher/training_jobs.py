@@ -111,6 +111,7 @@ class TrainResult:
     aux_vars: dict[str, dict[str, np.ndarray]]
     reply: TrainReply
     seconds: float  # researcher side, from sending to the reply's arrival
+    masked: np.ndarray | None = None  # under secure aggregation: the node's masked vector (uint64), all there is
 
 
 @dataclass
@@ -120,7 +121,7 @@ class NodeRound:
     node_id: str
     status: str  # "ok", "error" or "missing"
     reason: str = ""
-    n_samples: int = 0
+    n_samples: int | None = 0  # None: hidden (secure aggregation)
     n_test_samples: int = 0
     n_updates: int = 0
     train_loss: float | None = None
@@ -156,7 +157,12 @@ class TrainingJob(Job):
         share_persistent_buffers: bool = True,
         on_reply: Callable[[TrainResult], None] | None = None,
         on_progress: Callable[[str, TrainProgress], None] | None = None,
+        secagg_arguments: Mapping[str, Any] | None = None,
     ) -> None:
+        """``secagg_arguments`` (Fed-BioMed's name) makes the round securely aggregated: ``secure_sum``
+        (a set-up ``SecureSum``), ``fields`` (``fedlab.secagg.train_vector.layout``) and ``weight_bound``.
+        Each node then answers one masked vector; ``masked_sum`` adds them up as they arrive and
+        ``masked_nodes`` says whose are in it (``SecureSum.unmask`` takes both)."""
         super().__init__(researcher_id=researcher_id, requests=requests,
                          nodes=nodes if nodes is not None else list(dataset_ids), policies=policies)
         self.experiment_id, self.round = experiment_id, round_
@@ -173,6 +179,9 @@ class TrainingJob(Job):
         self._on_reply = on_reply
         self._on_progress = on_progress
         self.results: dict[str, NodeRound] = {}
+        self._secagg = dict(secagg_arguments) if secagg_arguments else None
+        self.masked_sum: np.ndarray | None = None
+        self.masked_nodes: list[str] = []
 
     def _messages(self) -> MessagesByNode:
         specs, buffers = pack_named(self._params)  # once: every node's message shares these frames
@@ -193,9 +202,30 @@ class TrainingJob(Job):
                 plan_source=self._plan[0], plan_class=self._plan[1], params=specs, model_args=self._model_args,
                 training_args=self._training_args, aggregator_args=self._aggregator_args.get(node_id, {}),
                 aux_vars=aux_specs, state_id=self._state_ids.get(node_id), do_training=self._do_training,
-                share_persistent_buffers=self._share)
+                share_persistent_buffers=self._share, secagg=self._secagg_input(node_id))
             messages[node_id] = (message, [*buffers, *aux_buffers])
         return messages
+
+    def _secagg_input(self, node_id: str) -> Any:
+        if self._secagg is None:
+            return None
+        return self._secagg["secure_sum"].input_for(node_id, fields=list(self._secagg["fields"]),
+                                                    weight_bound=int(self._secagg["weight_bound"]))
+
+    def _masked(self, reply: TrainReply, envelope: Envelope) -> np.ndarray:
+        """The node's masked vector, checked against the round's layout; a plain reply is refused (it
+        would be a node's parameters in the clear, which a secure round never keeps)."""
+        from fedlab.secagg.train_vector import vector_length
+
+        assert self._secagg is not None
+        expected = vector_length(list(self._secagg["fields"]))
+        spec = reply.masked
+        if (spec is None or reply.params or reply.aux_vars or spec.dtype != "uint64" or spec.shape != [expected]
+                or spec.buffer >= len(envelope.buffers) or len(envelope.buffers[spec.buffer]) != expected * 8):
+            raise FedlabProtocolError(
+                f"the node did not answer the secure round with one masked vector of {expected} uint64 values; "
+                "is it running a fedlab version with secure aggregation?", code="unexpected_reply")
+        return np.frombuffer(envelope.buffers[spec.buffer], np.uint64)
 
     def _progress(self, node_id: str, envelope: Envelope) -> None:
         if self._on_progress is not None and isinstance(envelope.content, TrainProgress):
@@ -208,6 +238,8 @@ class TrainingJob(Job):
         if reply.round != self.round or reply.experiment_id != self.experiment_id:
             raise FedlabProtocolError(f"the reply is for round {reply.round} of experiment {reply.experiment_id}, "
                                       f"not round {self.round} of {self.experiment_id}", code="unexpected_reply")
+        if self._secagg is not None and self._do_training:
+            return TrainResult(node_id, {}, {}, reply, seconds, masked=self._masked(reply, envelope))
         params = unpack_named(reply.params, envelope.buffers)
         aux = {name: unpack_named(specs, envelope.buffers) for name, specs in reply.aux_vars.items()}
         return TrainResult(node_id, params, aux, reply, seconds)
@@ -245,6 +277,8 @@ class TrainingJob(Job):
         """Decode one reply, hand it to ``on_reply``, keep its summary; a bad or refused reply fails the node."""
         try:
             result = self._decode(node_id, envelope, seconds)
+            if result.masked is not None:
+                self._fold_masked(node_id, result.masked)
             if self._on_reply is not None:
                 self._on_reply(result)
         except FedlabProtocolError as exc:
@@ -255,9 +289,18 @@ class TrainingJob(Job):
             return
         r = result.reply
         self.results[node_id] = NodeRound(
-            node_id, "ok", n_samples=r.n_samples, n_test_samples=r.n_test_samples, n_updates=r.n_updates,
+            node_id, "ok", n_samples=None if result.masked is not None else r.n_samples,
+            n_test_samples=r.n_test_samples, n_updates=r.n_updates,
             train_loss=r.train_loss, metrics_before=dict(r.metrics_before), metrics_after=dict(r.metrics_after),
             compute_seconds=r.compute_seconds, state_id=r.state_id)
+
+    def _fold_masked(self, node_id: str, masked: np.ndarray) -> None:
+        """Add a masked vector into the round's sum (mod 2**64, in place): one vector kept, not one per node."""
+        if self.masked_sum is None:
+            self.masked_sum = masked.copy()
+        else:
+            np.add(self.masked_sum, masked, out=self.masked_sum)
+        self.masked_nodes.append(node_id)
 
     def _fail(self, node_id: str, reason: str, what: str) -> None:
         log.error("node %s failed %s: %s", node_id, what, reason)

@@ -70,5 +70,6 @@ def history_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     ordered = sorted(metric_columns, key=lambda c: (not c.startswith("global_"), c))
     frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS + ordered + TIMING_COLUMNS)
     for column in ("round", "n_samples", "n_test_samples", "n_updates"):
-        frame[column] = frame[column].astype("int64")
+        # n_samples is None where secure aggregation hid it: shown as <NA>
+        frame[column] = frame[column].astype("Int64" if frame[column].isna().any() else "int64")
     return frame

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import msgspec
 
 from fedlab.protocol.messages import ArraySpec, Event, Message, register
+from fedlab.protocol.secagg_messages import SecaggInput
 
 __all__ = [
     "APPROVAL_STATES",
@@ -104,7 +105,8 @@ class TrainRequest(Message, frozen=True):
     (Scaffold sends ``{"scaffold": [c for each parameter]}``); ``aggregator_args`` are this
     node's own aggregator arguments; ``state_id`` names the node-side state (optimizer
     state, Scaffold's control variates) that the node returned in the previous round,
-    ``None`` in the first.
+    ``None`` in the first. ``secagg``: this round is securely aggregated; the node answers its
+    parameters, aux vars and sample count only masked, in one vector (see ``SecaggInput``).
     """
 
     experiment_id: Name
@@ -120,11 +122,15 @@ class TrainRequest(Message, frozen=True):
     state_id: Name | None = None
     do_training: bool = True
     share_persistent_buffers: bool = True
+    secagg: SecaggInput | None = None
 
 
 class TrainReply(Message, frozen=True):
     """The outcome of a ``TrainRequest``: updated parameters (empty for validation only),
-    sample counts, metrics, timing and the handle of the state the node kept."""
+    sample counts, metrics, timing and the handle of the state the node kept.
+
+    Under secure aggregation ``params`` and ``aux_vars`` are empty and ``n_samples`` is 0: the
+    node's figures are in ``masked``, one uint64 buffer in the layout of ``SecaggInput.fields``."""
 
     experiment_id: Name
     round: Round
@@ -139,6 +145,8 @@ class TrainReply(Message, frozen=True):
     aux_vars: dict[Name, list[NamedArray]] = {}
     compute_seconds: float = 0.0
     state_id: Name | None = None
+    masked: ArraySpec | None = None
+    secagg_session: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
 class TrainProgress(Event, frozen=True):

@@ -93,6 +93,9 @@ def test_init_writes_valid_toml_without_directory_key(tmp_path: Path) -> None:
         "training_threads",
         "insecure",
         "training_timeout",
+        "secure_aggregation",
+        "force_secure_aggregation",
+        "secure_aggregation_min_nodes",
         "disclosure",
     }
     assert data["insecure"] is True  # no researcher key: the config says the node is insecure
@@ -460,4 +463,21 @@ def test_training_timeout_must_be_a_positive_number_of_seconds(tmp_path: Path, v
     assert load_config(tmp_path).training_timeout == 90.0
     config_file.write_text(text.replace("training_timeout = 3600.0", f"training_timeout = {value}"))
     with pytest.raises(FedlabConfigError, match="training_timeout must be"):
+        load_config(tmp_path)
+
+
+def test_secure_aggregation_settings_are_checked(tmp_path: Path) -> None:
+    init_node_dir(tmp_path, "n1")
+    path = tmp_path / CONFIG_FILE
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("force_secure_aggregation = false", "force_secure_aggregation = true"),
+                    encoding="utf-8")
+    assert load_config(tmp_path).force_secure_aggregation
+    path.write_text(text.replace("force_secure_aggregation = false", "force_secure_aggregation = true")
+                    .replace("\nsecure_aggregation = true", "\nsecure_aggregation = false"), encoding="utf-8")
+    with pytest.raises(FedlabConfigError, match="would answer nothing"):
+        load_config(tmp_path)
+    path.write_text(text.replace("secure_aggregation_min_nodes = 2", "secure_aggregation_min_nodes = 1"),
+                    encoding="utf-8")
+    with pytest.raises(FedlabConfigError, match="secure_aggregation_min_nodes must be 2 or more"):
         load_config(tmp_path)

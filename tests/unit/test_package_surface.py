@@ -19,8 +19,9 @@ ALLOWED = {
     "transport": {"protocol", "transport"},
     "training": {"protocol", "training"},
     "privacy": {"protocol", "analytics", "privacy"},
-    "node": {"protocol", "transport", "node", "analytics", "preprocessing", "training", "privacy"},
-    "researcher": {"protocol", "transport", "researcher", "analytics", "preprocessing", "training"},
+    "secagg": {"protocol", "analytics", "secagg"},
+    "node": {"protocol", "transport", "node", "analytics", "preprocessing", "training", "privacy", "secagg"},
+    "researcher": {"protocol", "transport", "researcher", "analytics", "preprocessing", "training", "secagg"},
 }
 
 

@@ -1,0 +1,102 @@
+"""The node's secure aggregation sessions, kept in its SQLite database.
+
+A session's private keys, self-mask seed, the shares it received and the steps it has taken
+(shared, masked, unmasked) decide what the node may still reveal: masking twice under the same
+masks, or answering the unmasking step for two different dropout sets, would undo the
+protection. So the state lives in ``node.db``, not in memory, and each step is written in the
+same transaction that decides it (``BEGIN IMMEDIATE``); the reply leaves only after the commit.
+A restart resumes a session where it was; it never starts it again.
+
+Sessions are keyed by the researcher who opened them (``peer``) and their id. Sessions older
+than ``MAX_AGE_S`` are deleted when a new one starts, and a researcher may hold at most
+``MAX_OPEN`` sessions at a time, so a stream of key requests cannot fill the node's disk.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fedlab.errors import FedlabSecaggError
+from fedlab.node.registry import _connect
+from fedlab.secagg.session import NodeSession
+
+__all__ = ["MAX_AGE_S", "MAX_OPEN", "SecaggStore"]
+
+MAX_AGE_S = 24 * 3600.0
+MAX_OPEN = 256
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS secagg_sessions (peer TEXT NOT NULL, session_id TEXT NOT NULL,"
+    " purpose TEXT NOT NULL, created REAL NOT NULL, state BLOB NOT NULL, PRIMARY KEY (peer, session_id))",
+)
+
+
+class SecaggStore:
+    """The ``secagg_sessions`` table of one node database (created if missing)."""
+
+    def __init__(self, db_path: str | os.PathLike[str]) -> None:
+        self.db_path = Path(db_path).expanduser().resolve()
+        with _connect(self.db_path) as conn, conn:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+
+    def create(self, peer: str, session: NodeSession, purpose: str) -> None:
+        """Record a new session; an id that this researcher used before is refused (never new keys
+        under an old session: shares of the old keys may already be out)."""
+        now = time.time()
+        with _connect(self.db_path) as conn, conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM secagg_sessions WHERE created < ?", (now - MAX_AGE_S,))
+            if conn.execute("SELECT 1 FROM secagg_sessions WHERE peer = ? AND session_id = ?",
+                            (peer, session.session_id)).fetchone() is not None:
+                raise FedlabSecaggError(
+                    f"secure aggregation session {session.session_id} was already started on this node; a session "
+                    "runs once (start a new one with a new id)")
+            (open_,) = conn.execute("SELECT COUNT(*) FROM secagg_sessions WHERE peer = ?", (peer,)).fetchone()
+            if int(open_) >= MAX_OPEN:
+                raise FedlabSecaggError(
+                    f"this researcher already has {open_} secure aggregation sessions open on this node, the most it "
+                    f"keeps; sessions are forgotten after {MAX_AGE_S / 3600:g} h. Retry later")
+            conn.execute("INSERT INTO secagg_sessions (peer, session_id, purpose, created, state)"
+                         " VALUES (?, ?, ?, ?, ?)", (peer, session.session_id, purpose, now, session.to_bytes()))
+
+    def purpose(self, peer: str, session_id: str) -> str:
+        """What session ``session_id`` was started for ("training" or "analytics")."""
+        with _connect(self.db_path) as conn:
+            row = conn.execute("SELECT purpose FROM secagg_sessions WHERE peer = ? AND session_id = ?",
+                               (peer, session_id)).fetchone()
+        if row is None:
+            raise _unknown(session_id)
+        return str(row[0])
+
+    @contextmanager
+    def session(self, peer: str, session_id: str, purpose: str) -> Iterator[NodeSession]:
+        """A transaction over one session: the block changes it, the change is saved when the block ends
+        without an exception (and only then may its answer leave), rolled back otherwise."""
+        with _connect(self.db_path) as conn, conn:
+            conn.execute("BEGIN IMMEDIATE")
+            session = _load(conn, peer, session_id, purpose)
+            yield session
+            conn.execute("UPDATE secagg_sessions SET state = ? WHERE peer = ? AND session_id = ?",
+                         (session.to_bytes(), peer, session_id))
+
+
+def _load(conn: sqlite3.Connection, peer: str, session_id: str, purpose: str) -> NodeSession:
+    row = conn.execute("SELECT purpose, state FROM secagg_sessions WHERE peer = ? AND session_id = ?",
+                       (peer, session_id)).fetchone()
+    if row is None:
+        raise _unknown(session_id)
+    if row[0] != purpose:
+        raise FedlabSecaggError(f"secure aggregation session {session_id} was started for {row[0]}, not {purpose}")
+    return NodeSession.from_bytes(bytes(row[1]))
+
+
+def _unknown(session_id: str) -> FedlabSecaggError:
+    return FedlabSecaggError(f"no secure aggregation session {session_id} on this node (never started, or older "
+                             f"than {MAX_AGE_S / 3600:g} h); start the round again")

@@ -1,0 +1,114 @@
+"""One securely aggregated training round of an ``Experiment`` (``Experiment(..., secagg=True)``).
+
+The round is the plain round with a session around it: ``SecureSum.setup`` (keys and shares), the
+``TrainingJob`` whose requests carry each node's ``SecaggInput`` and whose replies are masked vectors
+added up as they arrive, then ``SecureSum.unmask`` and ``train_vector.decode``. The aggregator gets the
+sums only (``Aggregator.add_secure``): ``sum_k n_k x_k`` for the parameters, the unweighted sums of the
+aux vars (Scaffold's control variate updates) and ``sum_k n_k``. No node's parameters, corrections or
+sample count reach the researcher.
+
+A node that fails or is silent during set-up is left out of the round (a ``missing`` row saying why);
+a node that drops out after set-up, before its masked vector arrives, is named in the history and its
+masks are removed with the others' shares, as long as ``threshold`` nodes remain. Below that the round
+fails with a ``FedlabSecaggError`` saying how many answered and how many were needed; the global model
+is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from fedlab.errors import FedlabError, FedlabSecaggError
+from fedlab.researcher.secure_sum import SecureSum
+from fedlab.researcher.training_jobs import NodeRound
+from fedlab.secagg import train_vector
+
+if TYPE_CHECKING:
+    from fedlab.researcher.experiment import Experiment
+
+__all__ = ["check_secagg_arguments", "run_secure_round", "weight_bound"]
+
+log = logging.getLogger("fedlab.researcher")
+_ARGUMENTS = {"threshold", "clip", "timeout"}
+DEFAULT_STEP_TIMEOUT = 30.0
+UNKNOWN_SIZE_BOUND = 1 << 24  # a dataset that does not say its size: assume at most 16M samples
+
+
+def check_secagg_arguments(args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``secagg_arguments``, checked: ``threshold`` (int >= 2), ``clip`` (> 0), ``timeout`` (seconds > 0)."""
+    out = dict(args or {})
+    unknown = sorted(set(out) - _ARGUMENTS)
+    if unknown:
+        raise FedlabError(f"unknown secagg_arguments {unknown}; they are {sorted(_ARGUMENTS)}")
+    threshold = out.get("threshold")
+    if threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 2):
+        raise FedlabError(f"secagg_arguments['threshold'] must be an integer >= 2, got {threshold!r}")
+    for key in ("clip", "timeout"):
+        value = out.get(key)
+        if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool)
+                                      and value > 0 and math.isfinite(value)):
+            raise FedlabError(f"secagg_arguments[{key!r}] must be a finite number > 0, got {value!r}")
+    return out
+
+
+def weight_bound(exp: Experiment, nodes: list[str]) -> int:
+    """The largest sample count any node can report: the largest dataset the nodes advertised (public)."""
+    sizes = [exp.fds.dataset(n).n_samples for n in nodes]
+    return max([s for s in sizes if s > 0] or [1]) if all(s > 0 for s in sizes) else UNKNOWN_SIZE_BOUND
+
+
+def run_secure_round(exp: Experiment, round_: int) -> None:
+    """Run round ``round_`` of ``exp`` under secure aggregation, folding its sum into ``exp.aggregator``."""
+    args = exp.secagg_arguments
+    timeout = float(args.get("timeout", min(DEFAULT_STEP_TIMEOUT, exp.round_timeout)))
+    secure = SecureSum(exp.researcher.requests, exp.node_ids, purpose="training", threshold=args.get("threshold"),
+                       timeout=timeout)
+    try:
+        ready = secure.setup()
+    except FedlabSecaggError:
+        exp._record(round_, "training", _left_rows(secure, {}))
+        raise
+    aux = exp.aggregator.node_args(ready[0])[1]
+    fields = train_vector.layout(exp._params, aux, len(ready), clip=args.get("clip"))
+    bound = weight_bound(exp, ready)
+    job = exp._job(round_, True, None, nodes=ready,
+                   secagg_arguments={"secure_sum": secure, "fields": fields, "weight_bound": bound})
+    results = job.execute()
+    results = {**results, **_left_rows(secure, results)}
+    record = {"round": round_, "session": secure.session_id, "threshold": secure.threshold, "nodes": list(ready),
+              "survivors": list(job.masked_nodes), "dropped": [n for n in ready if n not in job.masked_nodes]}
+    exp.secagg_rounds.append(record)
+    if job.masked_sum is None:
+        exp._record(round_, "training", results)
+        exp._raise_if_none_ok(results, f"round {round_}")
+    try:
+        total = secure.unmask(job.masked_sum, job.masked_nodes) if job.masked_sum is not None else None
+    except FedlabSecaggError as exc:
+        for node_id in job.masked_nodes:  # their figures were masked and stay so: nothing of this round counts
+            results[node_id] = NodeRound(node_id, "error", reason=f"secure aggregation: {exc}")
+        exp._record(round_, "training", results)
+        raise
+    exp._record(round_, "training", results)
+    assert total is not None
+    shapes = {(f.group, f.name): _shape(exp, aux, f.group, f.name) for f in fields}
+    sums = train_vector.decode(fields, total, bound, shapes)
+    record.update(n_samples=sums.n_samples, contributors=sums.contributors, clipped=sums.clipped)
+    if sums.clipped:
+        log.warning("round %d: %d values were clipped to +-%g before secure aggregation; raise "
+                    "secagg_arguments['clip'] if the model's values are larger", round_, sums.clipped,
+                    max(f.clip for f in fields))
+    exp.aggregator.add_secure(sums, list(job.masked_nodes))
+
+
+def _shape(exp: Experiment, aux: Mapping[str, Mapping[str, Any]], group: str, name: str) -> tuple[int, ...]:
+    source = exp._params if group == "" else aux[group]
+    return tuple(source[name].shape)
+
+
+def _left_rows(secure: SecureSum, results: Mapping[str, NodeRound]) -> dict[str, NodeRound]:
+    """A ``missing`` row for every node that left the session before its data request was sent."""
+    return {n: NodeRound(n, "missing", reason=f"secure aggregation: {why}")
+            for n, why in secure.left.items() if n not in results}

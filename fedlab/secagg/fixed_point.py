@@ -1,0 +1,211 @@
+"""Numbers as elements of the ring Z_(2**64), so that masked vectors sum by plain uint64 addition.
+
+Masks are uniform in Z_(2**64) and cancel only modulo 2**64, so whatever a node sums must be an
+integer there, and the true sum must not wrap. Two encodings:
+
+**Training vectors** (:func:`encode_into`, :func:`decode_sum`): a value ``x`` becomes the int64
+``round(clip(x * scale, -clip, clip) * 2**frac_bits)``, stored as its two's complement uint64.
+:func:`frac_bits_for` gives as many fraction bits as the ring allows while a sum of ``n_nodes``
+such values stays below 2**62 in magnitude (one bit of margin under int64's 2**63). Error bound:
+each encoded value is within ``2**-(frac_bits + 1)`` of ``x * scale`` (plus float64's rounding
+of ``x * scale``, relative 2**-53; the scaling by 2**frac_bits itself is exact), so a sum of
+``n`` values is within ``n * 2**-(frac_bits + 1)`` of the exact sum of the ``x * scale``
+(``decode_sum``'s conversion to float64 adds a relative 2**-53). Values beyond ``clip`` are
+clipped and counted, so that a node can report how much it changed its answer.
+
+**Exact analytics values** (:func:`encode_exact`, :func:`decode_exact_sum`): counts and sums that
+must come back exactly, as in the clear. A value becomes the integer ``V = round(v * 2**frac_bits)``,
+computed exactly with Python integers, written in two's complement over ``32 * limbs`` bits and
+split into 32-bit limbs, each in its own uint64 slot. A limb is below 2**32, so a sum over up to
+2**32 nodes never carries out of its slot; the carries are propagated only after unmasking, with
+Python integers. ``|V| < 2**(32 * limbs - 40)`` keeps the sum of 2**32 of them inside the signed
+range. Integers come back exact; floats as the exact sum of their binary values, each rounded
+to a multiple of 2**-frac_bits (with the default 64 fraction bits, exact for any float64 of
+magnitude at least 2**-12; the default 8 limbs hold |v| < 2**152).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from fractions import Fraction
+
+import numpy as np
+
+from fedlab.errors import FedlabSecaggError
+
+__all__ = [
+    "MIN_FRAC_BITS",
+    "decode_exact_sum",
+    "decode_int",
+    "decode_sum",
+    "encode_exact",
+    "encode_int",
+    "encode_into",
+    "frac_bits_for",
+]
+
+MIN_FRAC_BITS = 16  # below this a training value would lose more than 2**-17 absolute
+MAX_FRAC_BITS = 62  # the most a value of magnitude >= 1 may take in int64 (and what the wire accepts)
+_CHUNK = 1 << 20  # values per chunk: 8 MiB of float64 scratch
+_RING = 1 << 64
+_HALF = 1 << 63
+_LIMB_BITS = 32
+_HEADROOM_BITS = 40  # 32 bits for the number of nodes, 8 of margin
+
+
+def frac_bits_for(n_nodes: int, clip: float) -> int:
+    """Fraction bits for sums of ``n_nodes`` values clipped to ``[-clip, clip]``:
+    ``62 - ceil(log2(n_nodes)) - ceil(log2(clip))``, at most 62."""
+    if isinstance(n_nodes, bool) or not isinstance(n_nodes, int) or n_nodes < 1:
+        raise FedlabSecaggError(f"secure aggregation sums over at least one node, not {n_nodes!r}")
+    if not (isinstance(clip, int | float) and math.isfinite(clip) and clip > 0):
+        raise FedlabSecaggError(f"the clip range of secure aggregation is a positive finite number, not {clip!r}")
+    bits = 62 - math.ceil(math.log2(n_nodes)) - math.ceil(math.log2(clip))
+    if bits < MIN_FRAC_BITS:
+        raise FedlabSecaggError(
+            f"secure aggregation of {n_nodes} nodes with values clipped to +-{clip:g} leaves {bits} fraction bits "
+            f"in 64, fewer than {MIN_FRAC_BITS}: the clip range or the node count is too large; use a smaller clip "
+            "(or fewer nodes)")
+    return min(bits, MAX_FRAC_BITS)
+
+
+def encode_into(out: np.ndarray, values: np.ndarray, *, scale: float, clip: float, frac_bits: int) -> int:
+    """Write the fixed-point encoding of ``values * scale`` (read flat) into the uint64 ``out``.
+
+    Returns how many values were clipped: beyond ``[-clip, clip]`` after scaling, infinite, or
+    NaN (which is written as 0). Works in chunks of about a million values: the extra memory is
+    a few chunks, whatever the size of ``values``."""
+    values = np.asarray(values)
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)
+            or values.dtype == np.bool_):
+        raise FedlabSecaggError(
+            f"secure aggregation encodes real numbers; got an array of {values.dtype} (convert it to float first)")
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint64 or out.ndim != 1 or not out.flags.writeable:
+        raise FedlabSecaggError("secure aggregation encodes into a writeable 1-D uint64 array")
+    if out.size != values.size:
+        raise FedlabSecaggError(
+            f"{values.size} values do not fit a slot of {out.size} in the secure aggregation vector")
+    if not (math.isfinite(clip) and clip > 0 and math.isfinite(scale)):
+        raise FedlabSecaggError(
+            f"secure aggregation needs a positive finite clip and a finite scale, not {clip} and {scale}")
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or math.ldexp(clip, frac_bits) > 2.0**62:
+        raise FedlabSecaggError(
+            f"{frac_bits!r} fraction bits do not fit values clipped to +-{clip:g} in 64 bits; use frac_bits_for")
+    unit = math.ldexp(1.0, frac_bits)
+    size = values.size
+    flat = values.reshape(-1) if values.flags.c_contiguous else None  # else: copy chunk by chunk (.flat)
+    signed = out.view(np.int64)
+    scratch = np.empty(min(size, _CHUNK), dtype=np.float64)
+    clipped = 0
+    for start in range(0, size, _CHUNK):
+        stop = min(start + _CHUNK, size)
+        x = scratch[: stop - start]
+        chunk = flat[start:stop] if flat is not None else values.flat[start:stop]
+        np.copyto(x, chunk, casting="unsafe")
+        x *= scale
+        nan = np.isnan(x)
+        clipped += int(np.count_nonzero(nan)) + int(np.count_nonzero(np.abs(x) > clip))
+        np.clip(x, -clip, clip, out=x)
+        x[nan] = 0.0
+        x *= unit  # a power of two: exact
+        np.rint(x, out=x)
+        np.copyto(signed[start:stop], x, casting="unsafe")  # |x| <= 2**62: exact
+    return clipped
+
+
+def decode_sum(total: np.ndarray, frac_bits: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The float64 values of a sum of :func:`encode_into` encodings (``total`` is uint64).
+
+    With ``out`` (float64, same size) the result is written there in chunks and nothing the size
+    of ``total`` is allocated."""
+    if not isinstance(total, np.ndarray) or total.dtype != np.uint64 or total.ndim != 1:
+        raise FedlabSecaggError("a secure aggregation sum is a 1-D uint64 array")
+    unit = math.ldexp(1.0, -frac_bits)
+    signed = total.view(np.int64)
+    if out is None:
+        return signed * unit
+    if out.dtype != np.float64 or out.shape != total.shape:
+        raise FedlabSecaggError(f"decode_sum writes into a float64 array of {total.size} values")
+    for start in range(0, total.size, _CHUNK):
+        stop = min(start + _CHUNK, total.size)
+        np.multiply(signed[start:stop], unit, out=out[start:stop])
+    return out
+
+
+def encode_int(value: int) -> int:
+    """An exact integer (a weight, a count) as an element of the ring: ``value mod 2**64``."""
+    value = operator.index(value)
+    if not -_HALF <= value < _HALF:
+        raise FedlabSecaggError(f"the integer {value} does not fit secure aggregation's signed 64 bits")
+    return value % _RING
+
+
+def decode_int(u: int) -> int:
+    """A ring element (a sum of :func:`encode_int` values) back to a signed integer."""
+    u = operator.index(u) % _RING
+    return u - _RING if u >= _HALF else u
+
+
+def _scaled(value: float | int | Fraction, frac_bits: int) -> int:
+    """``round(value * 2**frac_bits)`` computed exactly (ties to even)."""
+    if isinstance(value, Fraction):
+        return round(value * (1 << frac_bits))
+    if isinstance(value, int | np.integer):
+        return int(value) << frac_bits
+    f = float(value)
+    if not math.isfinite(f):
+        raise FedlabSecaggError(f"secure aggregation sums finite numbers; got {f} (leave it out or replace it)")
+    numerator, denominator = f.as_integer_ratio()  # the denominator is a power of two
+    if denominator <= 1 << frac_bits:
+        return numerator * ((1 << frac_bits) // denominator)
+    return round(Fraction(numerator, denominator) * (1 << frac_bits))
+
+
+def _check_exact(limbs: int, frac_bits: int) -> None:
+    if isinstance(limbs, bool) or not isinstance(limbs, int) or limbs < 2:
+        raise FedlabSecaggError(f"an exact value takes at least 2 limbs of 32 bits, not {limbs!r}")
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not 0 <= frac_bits < _LIMB_BITS * limbs:
+        raise FedlabSecaggError(f"an exact value has between 0 and {_LIMB_BITS * limbs - 1} fraction bits, "
+                                f"not {frac_bits!r}")
+
+
+def encode_exact(values: Sequence[float | int | Fraction], *, limbs: int = 8, frac_bits: int = 64) -> np.ndarray:
+    """``values`` as ``len(values) * limbs`` uint64 slots, each holding a 32-bit limb (little-endian)
+    of ``round(v * 2**frac_bits)`` in two's complement over ``32 * limbs`` bits."""
+    _check_exact(limbs, frac_bits)
+    width = _LIMB_BITS * limbs
+    bound = 1 << (width - _HEADROOM_BITS)
+    modulus = 1 << width
+    raw = bytearray()
+    for v in values:
+        scaled = _scaled(v, frac_bits)
+        if not -bound < scaled < bound:
+            raise FedlabSecaggError(
+                f"the value {v!r} is too large for an exact secure sum of {limbs} limbs with {frac_bits} fraction bits "
+                f"(|value| must be below 2**{width - _HEADROOM_BITS - frac_bits}); use more limbs")
+        raw += (scaled % modulus).to_bytes(width // 8, "little")
+    return np.frombuffer(bytes(raw), dtype="<u4").astype(np.uint64)
+
+
+def decode_exact_sum(total: np.ndarray, n_values: int, *, limbs: int = 8, frac_bits: int = 64) -> list[Fraction]:
+    """The exact sums of ``n_values`` values from the unmasked sum of their :func:`encode_exact` slots."""
+    _check_exact(limbs, frac_bits)
+    if not isinstance(total, np.ndarray) or total.dtype != np.uint64 or total.size != n_values * limbs:
+        raise FedlabSecaggError(
+            f"an exact secure sum of {n_values} values with {limbs} limbs is {n_values * limbs} uint64 values")
+    width = _LIMB_BITS * limbs
+    modulus = 1 << width
+    half = modulus >> 1
+    denominator = 1 << frac_bits
+    sums = []
+    for row in total.reshape(n_values, limbs).tolist():
+        v = 0
+        for i, limb in enumerate(row):
+            v += limb << (_LIMB_BITS * i)
+        v %= modulus
+        if v >= half:
+            v -= modulus
+        sums.append(Fraction(v, denominator))
+    return sums

@@ -1,0 +1,128 @@
+"""A training reply as one vector of the ring Z_(2**64), and the sum of such vectors back as arrays.
+
+The researcher lays the vector out (``layout``): every parameter of the global model, then every aux
+var (Scaffold's control variate updates), each a ``SecaggField``; then three exact integers: the
+node's sample count, 1 for "this node contributed" and how many of its values were clipped. The
+node fills it (``encode``) from its round's result; masks are added elsewhere. After unmasking,
+``decode`` gives the sums FedAvg and Scaffold need: ``sum_k (n_k / W) x_k`` per parameter (the
+weighted fields, ``W`` the round's ``weight_bound``), ``sum_k delta_k`` per aux var, ``sum_k n_k``,
+the number of contributors and of clipped values.
+
+Why ``n_k / W`` and not ``n_k``: the scale keeps every term within ``[-clip, clip]`` whatever the
+sample counts, so the bits of the ring go to the fraction (``frac_bits``) instead of to the counts.
+``W`` is public (the largest dataset size the nodes advertise), ``n_k`` stays secret.
+
+Accuracy: each encoded value is within ``2**-(frac_bits + 1)`` of ``x * n_k / W`` (plus float64's
+own rounding, relative ``2**-53``), so the weighted mean ``sum(...) * W / sum(n_k)`` is within
+``n * 2**-(frac_bits + 1) * W / sum(n_k)`` of FedAvg's. With the default clip of 2**12 at 8 nodes,
+``frac_bits`` is 47: about 3.6e-15 * W / sum(n_k) absolute, far below float32's resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedlab.errors import FedlabSecaggError
+from fedlab.protocol.secagg_messages import SecaggField
+from fedlab.secagg.fixed_point import decode_int, decode_sum, encode_int, encode_into, frac_bits_for
+
+__all__ = ["DEFAULT_CLIP", "TAIL", "TrainingSums", "decode", "encode", "layout", "vector_length"]
+
+#: |x| of a parameter or aux var above which it is clipped (and counted): 4096 covers any trained
+#: network's weights; integer buffers (batch counts) get 2**40.
+DEFAULT_CLIP = 2.0**12
+INT_CLIP = 2.0**40
+TAIL = 3  # n_samples, contributed, clipped
+
+
+def _clip_for(dtype: np.dtype, clip: float | None) -> float:
+    if np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_):
+        return INT_CLIP
+    return DEFAULT_CLIP if clip is None else float(clip)
+
+
+def layout(params: Mapping[str, np.ndarray], aux: Mapping[str, Mapping[str, np.ndarray]], n_nodes: int,
+           *, clip: float | None = None) -> list[SecaggField]:
+    """The fields of a round: ``params`` (the global model, weighted) then each aux group (unweighted)."""
+    fields = []
+    for name, value in params.items():
+        c = _clip_for(value.dtype, clip)
+        fields.append(SecaggField(group="", name=name, size=int(value.size), weighted=True, clip=c,
+                                  frac_bits=frac_bits_for(n_nodes, c)))
+    for group, arrays in aux.items():
+        for name, value in arrays.items():
+            c = _clip_for(value.dtype, clip)
+            fields.append(SecaggField(group=group, name=name, size=int(value.size), weighted=False, clip=c,
+                                      frac_bits=frac_bits_for(n_nodes, c)))
+    return fields
+
+
+def vector_length(fields: list[SecaggField]) -> int:
+    return sum(f.size for f in fields) + TAIL
+
+
+def encode(fields: list[SecaggField], params: Mapping[str, np.ndarray],
+           aux: Mapping[str, Mapping[str, np.ndarray]], n_samples: int, weight_bound: int) -> np.ndarray:
+    """The node's vector (new uint64 array). A node that trained on no sample contributes zeros (and 0
+    as "contributed"), as in plain FedAvg where it is left out of the mean."""
+    if n_samples > weight_bound:
+        raise FedlabSecaggError(
+            f"this node trained on {n_samples} samples, more than the round's weight bound {weight_bound} (the "
+            "largest dataset the nodes advertised when the experiment searched them); run the search again "
+            "(a new Experiment) so the bound is current")
+    vector = np.zeros(vector_length(fields), np.uint64)
+    scale = n_samples / weight_bound if weight_bound else 0.0
+    clipped = 0
+    offset = 0
+    for f in fields:
+        source = params if f.group == "" else aux.get(f.group)
+        value = None if source is None else source.get(f.name)
+        if value is None or int(np.size(value)) != f.size:
+            got = "missing" if value is None else f"{np.size(value)} values"
+            raise FedlabSecaggError(
+                f"the round's secure aggregation layout expects {f.group or 'parameter'} {f.name} with {f.size} "
+                f"values; this node's result has it {got}. Every node must run the same plan with the same model_args")
+        if n_samples > 0:
+            clipped += encode_into(vector[offset:offset + f.size], np.asarray(value),
+                                   scale=scale if f.weighted else 1.0, clip=f.clip, frac_bits=f.frac_bits)
+        offset += f.size
+    contributed = 1 if n_samples > 0 else 0
+    vector[offset:] = [encode_int(n_samples), encode_int(contributed), encode_int(clipped)]
+    return vector
+
+
+@dataclass
+class TrainingSums:
+    """The unmasked sum of a round: what FedAvg and Scaffold need, and nothing per node."""
+
+    weighted: dict[str, np.ndarray]  # sum_k (n_k / W) x_k, float64
+    aux: dict[str, dict[str, np.ndarray]]  # sum_k x_k per aux group, float64
+    n_samples: int
+    contributors: int
+    clipped: int
+    weight_bound: int
+
+    def weighted_mean(self, name: str) -> np.ndarray:
+        return self.weighted[name] * (self.weight_bound / self.n_samples)
+
+
+def decode(fields: list[SecaggField], total: np.ndarray, weight_bound: int,
+           shapes: Mapping[tuple[str, str], tuple[int, ...]]) -> TrainingSums:
+    """The sums in ``total`` (the unmasked uint64 sum), each array shaped as in ``shapes[(group, name)]``."""
+    if total.size != vector_length(fields):
+        raise FedlabSecaggError(f"the unmasked sum has {total.size} values, the layout {vector_length(fields)}")
+    weighted: dict[str, np.ndarray] = {}
+    aux: dict[str, dict[str, np.ndarray]] = {}
+    offset = 0
+    for f in fields:
+        array = decode_sum(total[offset:offset + f.size], f.frac_bits).reshape(shapes[(f.group, f.name)])
+        if f.group == "":
+            weighted[f.name] = array
+        else:
+            aux.setdefault(f.group, {})[f.name] = array
+        offset += f.size
+    n_samples, contributors, clipped = (decode_int(int(v)) for v in total[offset:offset + TAIL])
+    return TrainingSums(weighted, aux, n_samples, contributors, clipped, weight_bound)
