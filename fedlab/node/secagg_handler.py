@@ -90,16 +90,16 @@ class SecaggHandler:
     def share_request(self, envelope: Envelope) -> SecaggShareReply:
         request = envelope.content
         assert isinstance(request, SecaggShareRequest)
-        purpose = self._purpose(request.session_id)
-        with self.store.session(self.peer, request.session_id, purpose) as session:
+        self.require(True, "secure aggregation")
+        with self.store.session(self.peer, request.session_id) as session:
             blobs = session.share({n: (k.c_pk, k.s_pk) for n, k in request.keys.items()})
         return SecaggShareReply(session_id=request.session_id, blobs=blobs)
 
     def unmask_request(self, envelope: Envelope) -> SecaggUnmaskReply:
         request = envelope.content
         assert isinstance(request, SecaggUnmaskRequest)
-        purpose = self._purpose(request.session_id)
-        with self.store.session(self.peer, request.session_id, purpose) as session:
+        self.require(True, "secure aggregation")
+        with self.store.session(self.peer, request.session_id) as session:
             answer = session.unmask_shares(list(request.survivors), list(request.dropped))
         log.info("secure aggregation session %s unmasked: %d survivors, %d dropped %s", request.session_id,
                  len(request.survivors), len(request.dropped), sorted(request.dropped))
@@ -114,8 +114,3 @@ class SecaggHandler:
         with self.store.session(self.peer, secagg.session_id, purpose) as session:
             session.receive(dict(secagg.blobs))
             session.mask(vector)
-
-    def _purpose(self, session_id: str) -> str:
-        """The purpose a session was started for (steps 2 and 4 do not say it)."""
-        self.require(True, "secure aggregation")
-        return self.store.purpose(self.peer, session_id)

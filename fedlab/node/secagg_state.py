@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from fedlab.errors import FedlabSecaggError
-from fedlab.node.registry import _connect
+from fedlab.node.registry import _BUSY_TIMEOUT_S, _connect, _translate
 from fedlab.secagg.session import NodeSession
 
 __all__ = ["MAX_AGE_S", "MAX_OPEN", "SecaggStore"]
@@ -45,13 +46,37 @@ class SecaggStore:
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
+        # One connection, kept: a session's steps are a few ms each, and opening and closing a connection
+        # per step was half of that. The lock makes one transaction at a time on it (steps of one node are
+        # serialised by BEGIN IMMEDIATE anyway); other processes still see every commit.
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = sqlite3.connect(self.db_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
+                                                 check_same_thread=False)
+                    self._conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+                conn = self._conn
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._conn = None  # a broken connection is not kept
+                raise _translate(exc, self.db_path) from exc
 
     def create(self, peer: str, session: NodeSession, purpose: str) -> None:
         """Record a new session; an id that this researcher used before is refused (never new keys
         under an old session: shares of the old keys may already be out)."""
         now = time.time()
-        with _connect(self.db_path) as conn, conn:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._transaction() as conn:
             conn.execute("DELETE FROM secagg_sessions WHERE created < ?", (now - MAX_AGE_S,))
             if conn.execute("SELECT 1 FROM secagg_sessions WHERE peer = ? AND session_id = ?",
                             (peer, session.session_id)).fetchone() is not None:
@@ -66,33 +91,24 @@ class SecaggStore:
             conn.execute("INSERT INTO secagg_sessions (peer, session_id, purpose, created, state)"
                          " VALUES (?, ?, ?, ?, ?)", (peer, session.session_id, purpose, now, session.to_bytes()))
 
-    def purpose(self, peer: str, session_id: str) -> str:
-        """What session ``session_id`` was started for ("training" or "analytics")."""
-        with _connect(self.db_path) as conn:
-            row = conn.execute("SELECT purpose FROM secagg_sessions WHERE peer = ? AND session_id = ?",
-                               (peer, session_id)).fetchone()
-        if row is None:
-            raise _unknown(session_id)
-        return str(row[0])
-
     @contextmanager
-    def session(self, peer: str, session_id: str, purpose: str) -> Iterator[NodeSession]:
-        """A transaction over one session: the block changes it, the change is saved when the block ends
-        without an exception (and only then may its answer leave), rolled back otherwise."""
-        with _connect(self.db_path) as conn, conn:
-            conn.execute("BEGIN IMMEDIATE")
+    def session(self, peer: str, session_id: str, purpose: str | None = None) -> Iterator[NodeSession]:
+        """A transaction over one session (started for ``purpose``, or any when None): the block changes
+        it, the change is saved when the block ends without an exception (and only then may its answer
+        leave), rolled back otherwise."""
+        with self._transaction() as conn:
             session = _load(conn, peer, session_id, purpose)
             yield session
             conn.execute("UPDATE secagg_sessions SET state = ? WHERE peer = ? AND session_id = ?",
                          (session.to_bytes(), peer, session_id))
 
 
-def _load(conn: sqlite3.Connection, peer: str, session_id: str, purpose: str) -> NodeSession:
+def _load(conn: sqlite3.Connection, peer: str, session_id: str, purpose: str | None) -> NodeSession:
     row = conn.execute("SELECT purpose, state FROM secagg_sessions WHERE peer = ? AND session_id = ?",
                        (peer, session_id)).fetchone()
     if row is None:
         raise _unknown(session_id)
-    if row[0] != purpose:
+    if purpose is not None and row[0] != purpose:
         raise FedlabSecaggError(f"secure aggregation session {session_id} was started for {row[0]}, not {purpose}")
     return NodeSession.from_bytes(bytes(row[1]))
 

@@ -93,6 +93,7 @@ class TrainingHandler:
         self._cancel: dict[str, threading.Event] = {}
         self._warm = False
         self.secagg: SecaggHandler | None = None  # set by the dispatcher: secure aggregation of rounds
+        self._vectors: list[Any] = []  # masked vectors, reused once nothing (a queued frame) holds them
 
     # -- approval ------------------------------------------------------------------------------
     def approve_request(self, envelope: Envelope) -> HandlerResult:
@@ -259,7 +260,8 @@ class TrainingHandler:
         assert secagg is not None and self.secagg is not None
         params = unpack_named(result.params, buffers)
         aux = {group: unpack_named(specs, buffers) for group, specs in result.aux_vars.items()}
-        vector = train_vector.encode(list(secagg.fields), params, aux, result.n_samples, secagg.weight_bound)
+        vector = train_vector.encode(list(secagg.fields), params, aux, result.n_samples, secagg.weight_bound,
+                                     out=self._free_vector(train_vector.vector_length(list(secagg.fields))))
         del params, aux
         self.secagg.mask(secagg, vector, "training")
         reply = TrainReply(
@@ -269,6 +271,22 @@ class TrainingHandler:
             metrics_after=dict(result.metrics_after), compute_seconds=result.compute_seconds, state_id=state_id,
             masked=ArraySpec(buffer=0, dtype="uint64", shape=[int(vector.size)]), secagg_session=secagg.session_id)
         return reply, [memoryview(vector.data).cast("B")]
+
+    def _free_vector(self, length: int) -> Any:
+        """A uint64 array of ``length`` that no frame still being sent holds, kept from round to round:
+        a fresh 200 MB array costs more page faults than encoding into it. Two are kept (one may still be
+        on the wire while the next round is encoded)."""
+        import sys
+
+        import numpy as np
+
+        self._vectors = [v for v in self._vectors if v.size == length]
+        for vector in self._vectors:
+            if sys.getrefcount(vector) <= 3:  # this list, the loop variable, getrefcount's argument
+                return vector
+        vector = np.empty(length, np.uint64)
+        self._vectors = [*self._vectors[-1:], vector]
+        return vector
 
     def _send_event(self, request: Envelope, content: Message) -> None:
         if self.emit is None:

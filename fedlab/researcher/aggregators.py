@@ -315,8 +315,9 @@ class Aggregator:
         self._require_open("add_secure")
         if sums.n_samples <= 0:
             return
-        for name, value in sums.weighted.items():  # sum_k (n_k / W) x_k, times W: sum_k n_k x_k
-            self._sums.add(name, value, float(sums.weight_bound))
+        for name in sums.names():  # sum_k (n_k / W) x_k, times W: sum_k n_k x_k, decoded into the sum itself
+            sums.decode_into("", name, self._sums.buffers[name], weight=float(sums.weight_bound))
+            self._sums.written.add(name)
         self._weight += float(sums.n_samples)
         self.added.extend(node_ids)
 
@@ -445,8 +446,11 @@ class Scaffold(Aggregator):
 
     def add_secure(self, sums: Any, node_ids: list[str]) -> None:
         super().add_secure(sums, node_ids)
-        for name, value in sums.aux.get("scaffold", {}).items():
-            self._delta_c.add(name, value, 1.0)
+        if sums.n_samples <= 0:
+            return
+        for name in sums.names("scaffold"):
+            sums.decode_into("scaffold", name, self._delta_c.buffers[name])
+            self._delta_c.written.add(name)
 
     def end_round(self, n_nodes_total: int) -> Params:
         """``x + server_lr * (mean - x)`` in each parameter's dtype; ``c`` is updated in place."""

@@ -111,6 +111,7 @@ class Experiment:
         self.secagg = bool(secagg)
         self.secagg_arguments = check_secagg_arguments(secagg_arguments)
         self.secagg_rounds: list[dict[str, Any]] = []  # per secure round: session, nodes, dropped, totals
+        self._secagg_buffer: np.ndarray | None = None  # the masked sum's memory, kept from round to round
         self.fds = researcher.search(self.tags, nodes=self._nodes_filter, timeout=search_timeout)
         self.node_ids = self.fds.node_ids()
         self.state_ids: dict[str, str | None] = {n: None for n in self.node_ids}
@@ -262,6 +263,7 @@ class Experiment:
                 self.run_once()
         finally:
             self.aggregator.release()  # the sums it keeps from round to round: not needed between runs
+            self._secagg_buffer = None
         args = self.training_args
         final = self.round_current + 1
         if (self.round_current == self.rounds and args.get("test_on_global_updates")

@@ -75,7 +75,8 @@ def run_secure_round(exp: Experiment, round_: int) -> None:
     fields = train_vector.layout(exp._params, aux, len(ready), clip=args.get("clip"))
     bound = weight_bound(exp, ready)
     job = exp._job(round_, True, None, nodes=ready,
-                   secagg_arguments={"secure_sum": secure, "fields": fields, "weight_bound": bound})
+                   secagg_arguments={"secure_sum": secure, "fields": fields, "weight_bound": bound,
+                                     "sum_buffer": exp._secagg_buffer})
     results = job.execute()
     results = {**results, **_left_rows(secure, results)}
     record = {"round": round_, "session": secure.session_id, "threshold": secure.threshold, "nodes": list(ready),
@@ -93,19 +94,14 @@ def run_secure_round(exp: Experiment, round_: int) -> None:
         raise
     exp._record(round_, "training", results)
     assert total is not None
-    shapes = {(f.group, f.name): _shape(exp, aux, f.group, f.name) for f in fields}
-    sums = train_vector.decode(fields, total, bound, shapes)
+    sums = train_vector.decode(fields, total, bound)
     record.update(n_samples=sums.n_samples, contributors=sums.contributors, clipped=sums.clipped)
     if sums.clipped:
         log.warning("round %d: %d values were clipped to +-%g before secure aggregation; raise "
                     "secagg_arguments['clip'] if the model's values are larger", round_, sums.clipped,
                     max(f.clip for f in fields))
     exp.aggregator.add_secure(sums, list(job.masked_nodes))
-
-
-def _shape(exp: Experiment, aux: Mapping[str, Mapping[str, Any]], group: str, name: str) -> tuple[int, ...]:
-    source = exp._params if group == "" else aux[group]
-    return tuple(source[name].shape)
+    exp._secagg_buffer = total  # the sum's memory, decoded already: the next round adds into it
 
 
 def _left_rows(secure: SecureSum, results: Mapping[str, NodeRound]) -> dict[str, NodeRound]:

@@ -33,7 +33,8 @@ from fedlab.researcher.jobs import FARequestJob
 from fedlab.researcher.policies import DiscardOnTimeout
 from fedlab.researcher.requests import Requests
 from fedlab.researcher.secure_sum import SecureSum
-from fedlab.secagg.fa_layout import SECURE_SUM, check_secure_request, layout_of, rebuild_replies
+from fedlab.secagg.fa_layout import SECURE_SUM, check_secure_request, layout_of
+from fedlab.secagg.fa_rebuild import rebuild_replies
 from fedlab.secagg.fixed_point import decode_exact_sum
 
 __all__ = ["secure_stats"]

@@ -35,7 +35,7 @@ from fedlab.protocol.secagg_messages import (
 )
 from fedlab.researcher.policies import DiscardOnTimeout
 from fedlab.researcher.requests import MessagesByNode, Requests
-from fedlab.secagg.session import ServerSession
+from fedlab.secagg.server_session import ServerSession
 
 __all__ = ["SecureSum", "default_threshold"]
 

@@ -297,7 +297,12 @@ class TrainingJob(Job):
     def _fold_masked(self, node_id: str, masked: np.ndarray) -> None:
         """Add a masked vector into the round's sum (mod 2**64, in place): one vector kept, not one per node."""
         if self.masked_sum is None:
-            self.masked_sum = masked.copy()
+            reuse = self._secagg.get("sum_buffer") if self._secagg else None
+            if reuse is not None and reuse.shape == masked.shape:
+                np.copyto(reuse, masked)  # memory kept from the last round: no fresh pages to fault in
+                self.masked_sum = reuse
+            else:
+                self.masked_sum = masked.copy()
         else:
             np.add(self.masked_sum, masked, out=self.masked_sum)
         self.masked_nodes.append(node_id)

@@ -26,7 +26,8 @@ from fedlab.secagg.fixed_point import (
     frac_bits_for,
 )
 from fedlab.secagg.prg import add_mask, derive_seed, mask_stream
-from fedlab.secagg.session import NodeSession, ServerSession
+from fedlab.secagg.server_session import ServerSession
+from fedlab.secagg.session import NodeSession
 from fedlab.secagg.shamir import combine, split
 
 __all__ = [

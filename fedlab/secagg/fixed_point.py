@@ -94,6 +94,8 @@ def encode_into(out: np.ndarray, values: np.ndarray, *, scale: float, clip: floa
         raise FedlabSecaggError(
             f"{frac_bits!r} fraction bits do not fit values clipped to +-{clip:g} in 64 bits; use frac_bits_for")
     unit = math.ldexp(1.0, frac_bits)
+    bound = math.ldexp(clip, frac_bits)  # the clip range in units: exact (a power-of-two multiple)
+    factor = scale * unit
     size = values.size
     flat = values.reshape(-1) if values.flags.c_contiguous else None  # else: copy chunk by chunk (.flat)
     signed = out.view(np.int64)
@@ -103,13 +105,12 @@ def encode_into(out: np.ndarray, values: np.ndarray, *, scale: float, clip: floa
         stop = min(start + _CHUNK, size)
         x = scratch[: stop - start]
         chunk = flat[start:stop] if flat is not None else values.flat[start:stop]
-        np.copyto(x, chunk, casting="unsafe")
-        x *= scale
-        nan = np.isnan(x)
-        clipped += int(np.count_nonzero(nan)) + int(np.count_nonzero(np.abs(x) > clip))
-        np.clip(x, -clip, clip, out=x)
-        x[nan] = 0.0
-        x *= unit  # a power of two: exact
+        np.multiply(chunk, factor, out=x, dtype=np.float64, casting="unsafe")  # cast and scale in one pass
+        if not (x.min() >= -bound and x.max() <= bound):  # NaN fails both: the slow path counts it
+            outside = ~(np.abs(x) <= bound)
+            clipped += int(np.count_nonzero(outside))
+            np.clip(x, -bound, bound, out=x)
+            x[np.isnan(x)] = 0.0
         np.rint(x, out=x)
         np.copyto(signed[start:stop], x, casting="unsafe")  # |x| <= 2**62: exact
     return clipped

@@ -17,7 +17,10 @@ node with 10 peers masks a 200 MB model in under half a second.
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -26,7 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedlab.errors import FedlabSecaggError
 
-__all__ = ["CHUNK_BYTES", "DOMAIN", "SEED_BYTES", "add_mask", "bind", "derive_seed", "mask_stream"]
+__all__ = ["CHUNK_BYTES", "DOMAIN", "SEED_BYTES", "add_mask", "add_masks", "bind", "derive_seed", "mask_stream"]
 
 DOMAIN = "fedlab-secagg v1"
 SEED_BYTES = 32
@@ -59,25 +62,32 @@ def derive_seed(shared_secret: bytes, session_id: str, purpose: str, a: str, b: 
     return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=info).derive(bytes(shared_secret))
 
 
-def _encryptor(seed: bytes) -> CipherContext:
+def _encryptor(seed: bytes, first_block: int = 0) -> CipherContext:
+    """AES-256-CTR keyed by ``seed``, positioned at block ``first_block`` of the stream (CTR's counter is
+    the whole 16-byte block, big-endian, starting from zero): a slice of a vector is masked with the
+    same words as when the whole vector is."""
     if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
         raise FedlabSecaggError(f"a mask seed is {SEED_BYTES} bytes of key; got {type(seed).__name__} "
                                 f"of length {len(seed) if isinstance(seed, bytes | bytearray) else '?'}")
-    return Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_NONCE)).encryptor()
+    return Cipher(algorithms.AES(bytes(seed)), modes.CTR(first_block.to_bytes(16, "big"))).encryptor()
 
 
-def add_mask(target: np.ndarray, seed: bytes, sign: int) -> None:
+def add_mask(target: np.ndarray, seed: bytes, sign: int, *, first_word: int = 0) -> None:
     """Add (``sign`` +1) or subtract (-1) the mask of ``seed`` to ``target`` in place, modulo 2**64.
 
     ``target`` is a 1-D C-contiguous uint64 array; the mask is AES-256-CTR(seed, zero nonce)'s
-    keystream read as little-endian uint64. Extra memory: two :data:`CHUNK_BYTES` buffers."""
+    keystream read as little-endian uint64, from word ``first_word`` on (even: a whole AES block), so
+    that ``target`` may be a slice of the vector starting there. Extra memory: two :data:`CHUNK_BYTES`
+    buffers."""
     if not isinstance(target, np.ndarray) or target.dtype != np.uint64 or target.ndim != 1:
         raise FedlabSecaggError("a mask is added to a 1-D uint64 array; encode the values into one first")
     if not target.flags.c_contiguous or not target.flags.writeable:
         raise FedlabSecaggError("a mask is added in place to a writeable C-contiguous array; pass a copy")
     if sign not in (1, -1):
         raise FedlabSecaggError(f"a mask is added with sign +1 or -1, not {sign!r}")
-    encryptor = _encryptor(seed)
+    if first_word % 2:
+        raise FedlabSecaggError(f"a mask slice starts at an even word (a whole AES block), not {first_word}")
+    encryptor = _encryptor(seed, first_word * _WORD // 16)
     op = np.add if sign == 1 else np.subtract
     # block_size - 1 spare bytes: what update_into may ask for beyond the input's length
     buffer = bytearray(CHUNK_BYTES + 15)
@@ -89,6 +99,31 @@ def add_mask(target: np.ndarray, seed: bytes, sign: int) -> None:
         count = stop - start
         encryptor.update_into(zeros[: count * _WORD], buffer)
         op(target[start:stop], stream[:count], out=target[start:stop])
+
+
+#: below this many words one thread masks the whole vector (threads cost more than they save)
+PARALLEL_WORDS = 1 << 22
+
+
+def add_masks(target: np.ndarray, masks: Sequence[tuple[bytes, int]], *, workers: int | None = None) -> None:
+    """:func:`add_mask` for every ``(seed, sign)`` of ``masks``, the vector cut into ``workers`` slices
+    masked in parallel (AES and numpy release the GIL; default: one per core, at most 4, one for small
+    vectors). The result is the same as adding the masks one by one."""
+    if workers is None:
+        workers = 1 if target.size < PARALLEL_WORDS else max(1, min(4, os.cpu_count() or 1))
+    if workers <= 1:
+        for seed, sign in masks:
+            add_mask(target, seed, sign)
+        return
+    step = -(-target.size // workers)
+    step += step % 2  # slices start on whole AES blocks
+
+    def part(start: int) -> None:
+        for seed, sign in masks:
+            add_mask(target[start:start + step], seed, sign, first_word=start)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="secagg-mask") as pool:
+        list(pool.map(part, range(0, target.size, step)))
 
 
 def mask_stream(seed: bytes, n: int) -> np.ndarray:

@@ -20,6 +20,7 @@ own rounding, relative ``2**-53``), so the weighted mean ``sum(...) * W / sum(n_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from fedlab.errors import FedlabSecaggError
 from fedlab.protocol.secagg_messages import SecaggField
-from fedlab.secagg.fixed_point import decode_int, decode_sum, encode_int, encode_into, frac_bits_for
+from fedlab.secagg.fixed_point import decode_int, encode_int, encode_into, frac_bits_for
 
 __all__ = ["DEFAULT_CLIP", "TAIL", "TrainingSums", "decode", "encode", "layout", "vector_length"]
 
@@ -65,15 +66,22 @@ def vector_length(fields: list[SecaggField]) -> int:
 
 
 def encode(fields: list[SecaggField], params: Mapping[str, np.ndarray],
-           aux: Mapping[str, Mapping[str, np.ndarray]], n_samples: int, weight_bound: int) -> np.ndarray:
-    """The node's vector (new uint64 array). A node that trained on no sample contributes zeros (and 0
-    as "contributed"), as in plain FedAvg where it is left out of the mean."""
+           aux: Mapping[str, Mapping[str, np.ndarray]], n_samples: int, weight_bound: int,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """The node's vector, in ``out`` if given (a uint64 array of the layout's length, reused from round to
+    round: fresh memory of a model's size costs more than encoding into it) or a new array. A node that
+    trained on no sample contributes zeros (and 0 as "contributed"), as in plain FedAvg where it is left
+    out of the mean."""
     if n_samples > weight_bound:
         raise FedlabSecaggError(
             f"this node trained on {n_samples} samples, more than the round's weight bound {weight_bound} (the "
             "largest dataset the nodes advertised when the experiment searched them); run the search again "
             "(a new Experiment) so the bound is current")
-    vector = np.zeros(vector_length(fields), np.uint64)
+    length = vector_length(fields)
+    reuse = out is not None and out.shape == (length,) and out.dtype == np.uint64
+    vector = out if out is not None and reuse else np.empty(length, np.uint64)
+    if n_samples <= 0:
+        vector.fill(0)
     scale = n_samples / weight_bound if weight_bound else 0.0
     clipped = 0
     offset = 0
@@ -96,33 +104,46 @@ def encode(fields: list[SecaggField], params: Mapping[str, np.ndarray],
 
 @dataclass
 class TrainingSums:
-    """The unmasked sum of a round: what FedAvg and Scaffold need, and nothing per node."""
+    """The unmasked sum of a round: what FedAvg and Scaffold need, and nothing per node.
 
-    weighted: dict[str, np.ndarray]  # sum_k (n_k / W) x_k, float64
-    aux: dict[str, dict[str, np.ndarray]]  # sum_k x_k per aux group, float64
+    The arrays are decoded on demand, straight into the caller's float64 memory (``decode_into``):
+    the aggregator's running sums, with no model-sized temporary."""
+
+    fields: list[SecaggField]
+    total: np.ndarray  # the unmasked uint64 sum
+    offsets: dict[tuple[str, str], int]
     n_samples: int
     contributors: int
     clipped: int
     weight_bound: int
 
-    def weighted_mean(self, name: str) -> np.ndarray:
-        return self.weighted[name] * (self.weight_bound / self.n_samples)
+    def names(self, group: str = "") -> list[str]:
+        return [f.name for f in self.fields if f.group == group]
+
+    def decode_into(self, group: str, name: str, out: np.ndarray, *, weight: float = 1.0) -> None:
+        """``weight`` times the sum of ``name`` of ``group`` ("" for the parameters: sum_k (n_k / W) x_k;
+        an aux group: sum_k x_k), written into the float64 array ``out`` (any shape of the same size)."""
+        f = next(f for f in self.fields if (f.group, f.name) == (group, name))
+        start = self.offsets[(group, name)]
+        flat = out.reshape(-1)
+        signed = self.total[start:start + f.size].view(np.int64)
+        np.multiply(signed, math.ldexp(weight, -f.frac_bits), out=flat)
+
+    def array(self, group: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A new float64 array of the sum (for tests and custom aggregators)."""
+        out = np.empty(shape, np.float64)
+        self.decode_into(group, name, out)
+        return out
 
 
-def decode(fields: list[SecaggField], total: np.ndarray, weight_bound: int,
-           shapes: Mapping[tuple[str, str], tuple[int, ...]]) -> TrainingSums:
-    """The sums in ``total`` (the unmasked uint64 sum), each array shaped as in ``shapes[(group, name)]``."""
+def decode(fields: list[SecaggField], total: np.ndarray, weight_bound: int) -> TrainingSums:
+    """The sums in ``total`` (the unmasked uint64 sum), decoded when asked (``TrainingSums.decode_into``)."""
     if total.size != vector_length(fields):
         raise FedlabSecaggError(f"the unmasked sum has {total.size} values, the layout {vector_length(fields)}")
-    weighted: dict[str, np.ndarray] = {}
-    aux: dict[str, dict[str, np.ndarray]] = {}
+    offsets = {}
     offset = 0
     for f in fields:
-        array = decode_sum(total[offset:offset + f.size], f.frac_bits).reshape(shapes[(f.group, f.name)])
-        if f.group == "":
-            weighted[f.name] = array
-        else:
-            aux.setdefault(f.group, {})[f.name] = array
+        offsets[(f.group, f.name)] = offset
         offset += f.size
     n_samples, contributors, clipped = (decode_int(int(v)) for v in total[offset:offset + TAIL])
-    return TrainingSums(weighted, aux, n_samples, contributors, clipped, weight_bound)
+    return TrainingSums(list(fields), total, offsets, n_samples, contributors, clipped, weight_bound)

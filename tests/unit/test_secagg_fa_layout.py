@@ -29,11 +29,10 @@ from fedlab.secagg.fa_layout import (
     FALayout,
     check_secure_request,
     layout_of,
-    rebuild,
-    rebuild_replies,
     skeleton,
     vectorize,
 )
+from fedlab.secagg.fa_rebuild import rebuild, rebuild_replies
 from fedlab.secagg.fixed_point import decode_exact_sum, encode_exact
 
 EDGES = [999990.0, 999998.0, 999999.0, 1000000.0, 1000001.0, 1000002.0, 1000010.0]

@@ -33,7 +33,7 @@ from fedlab.protocol.secagg_messages import (
 )
 from fedlab.secagg.fa_layout import layout_of
 from fedlab.secagg.fixed_point import decode_exact_sum
-from fedlab.secagg.session import ServerSession
+from fedlab.secagg.server_session import ServerSession
 
 RESEARCHER = "researcher-1"
 

@@ -12,7 +12,8 @@ import pytest
 from fedlab.errors import FedlabSecaggError
 from fedlab.secagg.channel import open_sealed, seal
 from fedlab.secagg.fixed_point import decode_int, decode_sum, encode_int, encode_into, frac_bits_for
-from fedlab.secagg.session import NodeSession, ServerSession
+from fedlab.secagg.server_session import ServerSession
+from fedlab.secagg.session import NodeSession
 from fedlab.secagg.shamir import P, split
 
 NODES = ["alice", "bob", "carol", "dave", "erin"]
@@ -360,3 +361,17 @@ def test_channel_round_trip_and_refusals() -> None:
             open_sealed(*args)
     with pytest.raises(FedlabSecaggError, match="truncated"):
         open_sealed(key, "s1", "a", "b", blob[:20])
+
+
+def test_masks_added_in_parallel_slices_equal_the_whole_stream():
+    from fedlab.secagg.prg import add_mask, add_masks
+
+    rng = np.random.default_rng(4)
+    seeds = [(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), sign) for sign in (1, -1, 1)]
+    start = rng.integers(0, 2**63, 100_003, dtype=np.uint64)
+    one, many = start.copy(), start.copy()
+    for seed, sign in seeds:
+        add_mask(one, seed, sign)
+    add_masks(many, seeds, workers=3)
+    np.testing.assert_array_equal(one, many)
+    assert not np.array_equal(one, start)

@@ -46,8 +46,7 @@ def test_the_secure_sum_gives_the_plain_aggregate(cls):
     fields = train_vector.layout(_global(), aux_sent, len(nodes))
     for i, (params, aux, n) in enumerate(nodes):
         plain.add(f"n{i}", params, n, aux)
-    shapes = {(f.group, f.name): (_global() if f.group == "" else aux_sent[f.group])[f.name].shape for f in fields}
-    sums = train_vector.decode(fields, _summed(nodes, fields, bound), bound, shapes)
+    sums = train_vector.decode(fields, _summed(nodes, fields, bound), bound)
     assert (sums.n_samples, sums.contributors, sums.clipped) == (427, 3, 0)
     secure.add_secure(sums, ["n0", "n1", "n2"])
     a, b = plain.end_round(3), secure.end_round(3)
@@ -63,9 +62,9 @@ def test_values_past_the_clip_are_clipped_and_counted():
     params = {"w": np.array([1.0, 5000.0, -1e9, np.nan], np.float32)}
     fields = train_vector.layout(params, {}, 2, clip=4096.0)
     vector = train_vector.encode(fields, params, {}, 10, 10)
-    sums = train_vector.decode(fields, vector, 10, {("", "w"): (4,)})
+    sums = train_vector.decode(fields, vector, 10)
     assert sums.clipped == 3
-    np.testing.assert_allclose(sums.weighted["w"], [1.0, 4096.0, -4096.0, 0.0])
+    np.testing.assert_allclose(sums.array("", "w", (4,)), [1.0, 4096.0, -4096.0, 0.0])
 
 
 def test_a_node_over_the_weight_bound_or_off_the_layout_is_refused():
@@ -84,3 +83,13 @@ def test_a_node_with_no_samples_contributes_nothing():
     fields = train_vector.layout(params, {}, 2)
     vector = train_vector.encode(fields, params, {}, 0, 10)
     assert not vector.any()
+
+
+def test_a_reused_buffer_gives_the_same_vector():
+    params = {"w": np.arange(6, dtype=np.float32)}
+    fields = train_vector.layout(params, {}, 2)
+    fresh = train_vector.encode(fields, params, {}, 5, 10)
+    buffer = np.full(train_vector.vector_length(fields), 7, np.uint64)
+    assert train_vector.encode(fields, params, {}, 5, 10, out=buffer) is buffer
+    np.testing.assert_array_equal(buffer, fresh)
+    assert not train_vector.encode(fields, params, {}, 0, 10, out=buffer).any()
