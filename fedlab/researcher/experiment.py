@@ -112,6 +112,7 @@ class Experiment:
         self.secagg_arguments = check_secagg_arguments(secagg_arguments)
         self.secagg_rounds: list[dict[str, Any]] = []  # per secure round: session, nodes, dropped, totals
         self._secagg_buffer: np.ndarray | None = None  # the masked sum's memory, kept from round to round
+        self._secagg_next: Any = None  # the next round's session, being set up (secure_round._NextSession)
         self.fds = researcher.search(self.tags, nodes=self._nodes_filter, timeout=search_timeout)
         self.node_ids = self.fds.node_ids()
         self.state_ids: dict[str, str | None] = {n: None for n in self.node_ids}
@@ -264,6 +265,9 @@ class Experiment:
         finally:
             self.aggregator.release()  # the sums it keeps from round to round: not needed between runs
             self._secagg_buffer = None
+            if self._secagg_next is not None:  # a set-up for a round that will not run now: let it end
+                self._secagg_next.wait()
+                self._secagg_next = None
         args = self.training_args
         final = self.round_current + 1
         if (self.round_current == self.rounds and args.get("test_on_global_updates")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -63,14 +64,12 @@ def weight_bound(exp: Experiment, nodes: list[str]) -> int:
 def run_secure_round(exp: Experiment, round_: int) -> None:
     """Run round ``round_`` of ``exp`` under secure aggregation, folding its sum into ``exp.aggregator``."""
     args = exp.secagg_arguments
-    timeout = float(args.get("timeout", min(DEFAULT_STEP_TIMEOUT, exp.round_timeout)))
-    secure = SecureSum(exp.researcher.requests, exp.node_ids, purpose="training", threshold=args.get("threshold"),
-                       timeout=timeout)
-    try:
-        ready = secure.setup()
-    except FedlabSecaggError:
-        exp._record(round_, "training", _left_rows(secure, {}))
-        raise
+    prepared, exp._secagg_next = exp._secagg_next, None
+    secure = prepared.wait() if prepared is not None else _NextSession(exp).wait()
+    if isinstance(secure, FedlabSecaggError):
+        exp._record(round_, "training", _left_rows(secure.args[1], {}))
+        raise FedlabSecaggError(str(secure.args[0]))
+    ready = list(secure.ready)
     aux = exp.aggregator.node_args(ready[0])[1]
     fields = train_vector.layout(exp._params, aux, len(ready), clip=args.get("clip"))
     bound = weight_bound(exp, ready)
@@ -78,6 +77,8 @@ def run_secure_round(exp: Experiment, round_: int) -> None:
                    secagg_arguments={"secure_sum": secure, "fields": fields, "weight_bound": bound,
                                      "sum_buffer": exp._secagg_buffer})
     results = job.execute()
+    if exp.round_current + 1 < exp.rounds:  # the next round's set-up runs beside this one's unmasking
+        exp._secagg_next = _NextSession(exp, background=True)
     results = {**results, **_left_rows(secure, results)}
     record = {"round": round_, "session": secure.session_id, "threshold": secure.threshold, "nodes": list(ready),
               "survivors": list(job.masked_nodes), "dropped": [n for n in ready if n not in job.masked_nodes]}
@@ -102,6 +103,42 @@ def run_secure_round(exp: Experiment, round_: int) -> None:
                     max(f.clip for f in fields))
     exp.aggregator.add_secure(sums, list(job.masked_nodes))
     exp._secagg_buffer = total  # the sum's memory, decoded already: the next round adds into it
+
+
+class _NextSession:
+    """A session set up (keys and shares) for a round, now or in a background thread.
+
+    Sessions are independent of one another, so the next round's set-up needs nothing of this round:
+    it runs while this round is unmasked, and the next round starts at its data request. ``wait()``
+    gives the set-up session, or the ``FedlabSecaggError`` (with the session) that stopped it."""
+
+    def __init__(self, exp: Experiment, *, background: bool = False) -> None:
+        args = exp.secagg_arguments
+        timeout = float(args.get("timeout", min(DEFAULT_STEP_TIMEOUT, exp.round_timeout)))
+        self.secure = SecureSum(exp.researcher.requests, exp.node_ids, purpose="training",
+                                threshold=args.get("threshold"), timeout=timeout)
+        self._outcome: SecureSum | FedlabSecaggError | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="secagg-setup", daemon=True)
+            self._thread.start()
+        else:
+            self._run()
+
+    def _run(self) -> None:
+        try:
+            self.secure.setup()
+            self._outcome = self.secure
+        except FedlabSecaggError as exc:
+            self._outcome = FedlabSecaggError(str(exc), self.secure)
+        except Exception as exc:  # noqa: BLE001 - reported to the round that waits for it, not lost
+            self._outcome = FedlabSecaggError(f"the secure aggregation set-up failed: {exc!r}", self.secure)
+
+    def wait(self) -> SecureSum | FedlabSecaggError:
+        if self._thread is not None:
+            self._thread.join()  # bounded: each of the set-up's two steps waits at most its timeout
+        assert self._outcome is not None
+        return self._outcome
 
 
 def _left_rows(secure: SecureSum, results: Mapping[str, NodeRound]) -> dict[str, NodeRound]:
