@@ -123,6 +123,13 @@ def test_parse_train_line():
     assert (args.name, args.tags, args.rounds, args.aggregator) == ("cnn", ["a", "b"], 3, "fedavg")
     assert args.model_args == {"n": 30} and args.training_args == {"epochs": 1, "seed": 0}
     assert args.background and args.out == "job"
+    assert not args.secagg
+
+
+def test_secagg_flags_of_stats_and_train():
+    assert parse(["stats", "count", "mean", "--tags", "a", "--secagg"]).secagg
+    assert not parse(["stats", "count", "--tags", "a"]).secagg
+    assert parse(["train", "cnn", "--tags", "a", "--rounds", "2", "--secagg"]).secagg
 
 
 def test_json_object_takes_json_or_the_dict_ipython_expanded():
