@@ -87,6 +87,21 @@ def _plan(fds: FederatedDataset, stats: Sequence[str], columns: Sequence[str] | 
     return per_column, bin_counts
 
 
+def asked_statistics(stats: Sequence[str], stats_args: Mapping[str, Mapping[str, Any]] | None,
+                     crosstab: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Every statistic asked (``stats`` and those of ``stats_args``, plus "crosstab" when its columns are
+    given), checked, and the table statistics among them."""
+    names = list(stats) + [s for per in (stats_args or {}).values() for s in per]
+    unknown = sorted(set(names) - set(STATISTICS))
+    if unknown:
+        raise FedlabError(f"unknown statistics {unknown}; choose from {list(STATISTICS)}")
+    if crosstab and "crosstab" not in names:
+        names.append("crosstab")
+    if "crosstab" in names and len(crosstab) != 2:
+        raise FedlabError("a crosstab needs two columns: crosstab=['row column', 'column column']")
+    return names, [s for s in dict.fromkeys(names) if s in _TABLE]
+
+
 def federated_stats(
     fds: FederatedDataset,
     *,
@@ -101,15 +116,7 @@ def federated_stats(
     node_names: Mapping[str, str] | None = None,
     timeout: float = 60.0,
 ) -> FAResult:
-    names = list(stats) + [s for per in (stats_args or {}).values() for s in per]
-    unknown = sorted(set(names) - set(STATISTICS))
-    if unknown:
-        raise FedlabError(f"unknown statistics {unknown}; choose from {list(STATISTICS)}")
-    if crosstab and "crosstab" not in names:
-        names.append("crosstab")
-    if "crosstab" in names and len(crosstab) != 2:
-        raise FedlabError("a crosstab needs two columns: crosstab=['row column', 'column column']")
-    table = [s for s in dict.fromkeys(names) if s in _TABLE]
+    names, table = asked_statistics(stats, stats_args, crosstab)
     levels = sorted({*map(float, quantiles), *([0.5] if "median" in names else [])})
     if any(not 0 <= q <= 1 for q in levels):
         raise FedlabError(f"quantile levels must lie in [0, 1], got {levels}")

@@ -24,10 +24,10 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from fedlab.analytics.messages import STATISTICS, FAReply, FASecure
-from fedlab.errors import FedlabError, FedlabSecaggError
+from fedlab.analytics.messages import FAReply, FASecure
+from fedlab.errors import FedlabSecaggError
 from fedlab.researcher.fa_result import FAResult, contributors
-from fedlab.researcher.fa_stats import _TABLE, _merge, _note_allowances, _plan
+from fedlab.researcher.fa_stats import _merge, _note_allowances, _plan, asked_statistics
 from fedlab.researcher.federated_dataset import FederatedDataset
 from fedlab.researcher.jobs import FARequestJob
 from fedlab.researcher.policies import DiscardOnTimeout
@@ -57,20 +57,12 @@ def secure_stats(
     timeout: float = 60.0,
     threshold: int | None = None,
 ) -> FAResult:
-    names = list(stats) + [s for per in (stats_args or {}).values() for s in per]
-    unknown = sorted(set(names) - set(STATISTICS))
-    if unknown:
-        raise FedlabError(f"unknown statistics {unknown}; choose from {list(STATISTICS)}")
+    names, table = asked_statistics(stats, stats_args, crosstab)
     cannot = sorted(set(names) & set(_NOT_SUMMABLE))
     if cannot:
         raise FedlabSecaggError(
             f"{cannot} cannot be computed under secure aggregation (they are no sums); ask for them without "
             "secagg=True, or leave them out")
-    if crosstab and "crosstab" not in names:
-        names.append("crosstab")
-    if "crosstab" in names and len(crosstab) != 2:
-        raise FedlabError("a crosstab needs two columns: crosstab=['row column', 'column column']")
-    table = [s for s in dict.fromkeys(names) if s in _TABLE]
     per_column, bin_counts = _plan(fds, list(stats) + table, columns, stats_args, bins)
     if bin_counts:
         raise FedlabSecaggError(
