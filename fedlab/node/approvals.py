@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlab.errors import FedlabApprovalError, FedlabConfigError, FedlabTrainingError
-from fedlab.node.registry import _connect
+from fedlab.node.registry import _connect, create_tables
 from fedlab.training.messages import APPROVED, NOT_REGISTERED, PENDING, REJECTED
 
 __all__ = ["MAX_PENDING", "MIN_PREFIX", "ApprovalRegistry", "PlanRecord", "check_plan_source"]
@@ -112,9 +112,7 @@ class ApprovalRegistry:
 
     def __init__(self, db_path: str | os.PathLike[str]) -> None:
         self.db_path = Path(db_path).expanduser().resolve()
-        with _connect(self.db_path) as conn, conn:  # existing node directories gain the table here
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(_SCHEMA)
+        create_tables(self.db_path, _SCHEMA)  # existing node directories gain the table here
 
     @property
     def node_dir(self) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlab.errors import FedlabConfigError, FedlabDatasetError
-from fedlab.node.registry import _connect
+from fedlab.node.registry import _connect, create_tables
 
 __all__ = ["PreprocState", "PreprocStateStore"]
 
@@ -47,9 +47,7 @@ class PreprocStateStore:
 
     def __init__(self, db_path: str | os.PathLike[str]) -> None:
         self.db_path = Path(db_path).expanduser().resolve()
-        with _connect(self.db_path) as conn, conn:  # existing node directories gain the table here
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(_SCHEMA)
+        create_tables(self.db_path, _SCHEMA)  # existing node directories gain the table here
 
     def new(self, preproc_id: str, dataset_id: str, chain: Sequence[Mapping[str, Any]]) -> str:
         """Store a state (one transaction) and return its new id."""

@@ -150,6 +150,15 @@ def _connect(db_path: Path, *, create: bool = False) -> Iterator[sqlite3.Connect
         raise _translate(exc, db_path) from exc
 
 
+def create_tables(db_path: Path, *statements: str) -> None:
+    """Run ``CREATE TABLE IF NOT EXISTS`` statements in one transaction: how each part of the node (approvals,
+    preprocessing states, privacy state, secure aggregation) adds its tables to an existing ``node.db``."""
+    with _connect(db_path) as conn, conn:
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in statements:
+            conn.execute(statement)
+
+
 def create_schema(db_path: str | os.PathLike[str]) -> None:
     """Create the registry's tables in ``db_path`` (idempotent; the file is created if needed)."""
     path = Path(db_path)

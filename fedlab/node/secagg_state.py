@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedlab.errors import FedlabSecaggError
-from fedlab.node.registry import _BUSY_TIMEOUT_S, _connect, _translate
+from fedlab.node.registry import _BUSY_TIMEOUT_S, _translate, create_tables
 from fedlab.secagg.session import NodeSession
 
 __all__ = ["MAX_AGE_S", "MAX_OPEN", "SecaggStore"]
@@ -42,10 +42,7 @@ class SecaggStore:
 
     def __init__(self, db_path: str | os.PathLike[str]) -> None:
         self.db_path = Path(db_path).expanduser().resolve()
-        with _connect(self.db_path) as conn, conn:
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                conn.execute(statement)
+        create_tables(self.db_path, *_SCHEMA)
         # One connection, kept: a session's steps are a few ms each, and opening and closing a connection
         # per step was half of that. The lock makes one transaction at a time on it (steps of one node are
         # serialised by BEGIN IMMEDIATE anyway); other processes still see every commit.
