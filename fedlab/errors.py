@@ -27,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "FedlabApprovalError",
+    "FedlabBudgetError",
     "FedlabConfigError",
     "FedlabDataQualityError",
     "FedlabDatasetError",
@@ -108,6 +109,11 @@ class FedlabApprovalError(FedlabError):
 
 class FedlabDisclosureError(FedlabError):
     """A node's disclosure rules refused to release a result."""
+
+
+class FedlabBudgetError(FedlabDisclosureError):
+    """A node refused a differentially private answer because it would go over this researcher's
+    privacy budget on the dataset (the message names the ε and δ that remain)."""
 
 
 class FedlabTrainingError(FedlabError):

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from fedlab.protocol.dp_messages import DPQuery, DPSpent
 from fedlab.protocol.messages import Message, register
 from fedlab.protocol.secagg_messages import SecaggInput
 
@@ -62,7 +63,9 @@ class FARequest(Message, frozen=True):
     the node allows). ``stats_args``: per-column arguments, e.g.
     ``{"age": {"histogram": {"edges": [0, 40, 60, 100]}, "value_counts": {"dropna": False}}}``.
     ``crosstab``: the two columns of a two-way table. ``thresholds``: for a quantile round,
-    per column the values t for which the node returns how many values are <= t.
+    per column the values t for which the node returns how many values are <= t. ``dp``: answer
+    with differential privacy, spending ``dp.epsilon`` of this researcher's budget on the node
+    (see :mod:`fedlab.node.dp_analytics`).
     """
 
     dataset_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -72,6 +75,7 @@ class FARequest(Message, frozen=True):
     crosstab: Annotated[list[ColumnName], msgspec.Meta(max_length=2)] = []
     thresholds: dict[str, list[float]] = {}
     secagg: FASecure | None = None
+    dp: DPQuery | None = None
 
 
 class NumericPartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -141,7 +145,8 @@ class CovariancePartial(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
 class FAReply(Message, frozen=True):
     """A node's partials for one FARequest. ``refused``: column -> why the node would not answer.
     ``allowance``: column -> how many more distinct thresholds / histogram edges this researcher may
-    have answered on it (the node's ``disclosure.threshold_allowance``), for the columns asked."""
+    have answered on it (the node's ``disclosure.threshold_allowance``), for the columns asked.
+    ``dp``: for a DP answer, what it cost and the noise it carries; ``n_rows`` is then noisy too."""
 
     dataset_id: str
     n_rows: int
@@ -153,6 +158,7 @@ class FAReply(Message, frozen=True):
     allowance: dict[str, int] = {}
     masked: Annotated[bytes, msgspec.Meta(max_length=256 << 20)] | None = None
     secagg_session: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    dp: DPSpent | None = None
 
 
 register("fa_request", FARequest)

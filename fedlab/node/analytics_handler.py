@@ -48,6 +48,7 @@ from fedlab.node.preproc_state import PreprocStateStore
 from fedlab.node.privacy_state import CutSession, PrivacyState
 from fedlab.node.registry import DatasetRecord, DatasetRegistry
 from fedlab.privacy import cuts
+from fedlab.privacy.dp_rules import DPRules
 from fedlab.privacy.groups import group_refusal, level_counts, levels_refusal, moments_refusal, suppressed_levels
 from fedlab.privacy.noise import noise_fractions, noisy_range
 from fedlab.privacy.provenance import VALUE, initial
@@ -61,6 +62,9 @@ _COV = "cov"
 
 
 class AnalyticsHandler:
+    #: the operator's [privacy] rules (DP bounds and categories), set by the Dispatcher
+    dp_rules: DPRules = DPRules()
+
     def __init__(self, registry: DatasetRegistry, rules: DisclosureRules, *, node_id: str,
                  peer: str = INSECURE_PEER) -> None:
         self.registry = registry

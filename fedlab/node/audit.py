@@ -36,7 +36,7 @@ __all__ = ["AUDIT_FILE", "GENESIS", "AuditLog", "Verification", "outcome_of", "r
 AUDIT_FILE = "audit.log"
 GENESIS = "0" * 64
 # refused by a rule of the node's: disclosure, approval, or too many requests at once (busy)
-REFUSAL_CODES = frozenset({"disclosure_refused", "not_approved", "busy"})
+REFUSAL_CODES = frozenset({"disclosure_refused", "budget_exhausted", "not_approved", "busy"})
 log = logging.getLogger("fedlab.node.audit")
 
 # Request fields that describe the question and are copied as they are (ids, names, small lists).
@@ -81,6 +81,9 @@ def summarize(content: Message, n_buffers: int = 0) -> dict[str, Any]:
         asked["n_params"] = len(params)
     if n_buffers:
         asked["n_buffers"] = n_buffers
+    dp = getattr(content, "dp", None)  # a DP analytics request: what it offered to spend
+    if dp is not None and hasattr(dp, "epsilon"):
+        asked["dp"] = {"epsilon": dp.epsilon, "delta": dp.delta, "mechanism": dp.mechanism}
     return asked
 
 
@@ -97,6 +100,10 @@ def outcome_of(reply: Message) -> dict[str, Any]:
     status = getattr(reply, "status", None)  # a plan status or approval reply
     if isinstance(status, str):
         result["status"] = status
+    spent = getattr(reply, "dp", None)  # a DP answer: what it cost and what remains (fedlab.node.dp_ledger)
+    if spent is not None and hasattr(spent, "balance"):
+        result["dp_spent"] = {"epsilon": spent.epsilon, "delta": spent.delta, "mechanism": spent.mechanism,
+                              "epsilon_remaining": spent.balance.epsilon_remaining}
     return result
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from fedlab.analytics.disclosure import RULE_HELP, DisclosureRules
 from fedlab.errors import FedlabConfigError
+from fedlab.privacy.dp_rules import DP_RULE_HELP, DPRules
 from fedlab.transport.keys import KEYPAIR_SUFFIX, PUBLIC_SUFFIX, create_keypair, is_public_key, read_public_key
 
 __all__ = [
@@ -70,6 +71,7 @@ class NodeConfig:
     force_secure_aggregation: bool = False
     secure_aggregation_min_nodes: int = 2
     disclosure: DisclosureRules = field(default_factory=DisclosureRules)
+    privacy: DPRules = field(default_factory=DPRules)
     directory: Path = field(kw_only=True)
 
     @property
@@ -110,10 +112,11 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "force_secure_aggregation": (bool,),
     "secure_aggregation_min_nodes": (int,),
     "disclosure": (dict,),
+    "privacy": (dict,),
 }
 _REQUIRED = ("node_id", "name")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-               dict: "a table ([disclosure])"}
+               dict: "a table ([disclosure] or [privacy])"}
 _COMMENTS = {
     "require_approval": [
         "# Training plans are code sent by a researcher. With true (the default), a plan runs only",
@@ -187,7 +190,7 @@ def _toml_value(value: object) -> str:
 def _render_toml(config: NodeConfig) -> str:
     lines = ["# fedlab node configuration, written by `fedlab node init`."]
     for f in fields(config):
-        if f.name not in ("directory", "disclosure"):
+        if f.name not in ("directory", "disclosure", "privacy"):
             if f.name in ("researcher_public_key", "insecure") and not getattr(config, f.name):
                 continue  # only the mode in use is written
             lines += _COMMENTS.get(f.name, [])
@@ -201,7 +204,39 @@ def _render_toml(config: NodeConfig) -> str:
     for f in fields(config.disclosure):
         lines.append(f"# {RULE_HELP[f.name]}")
         lines.append(f"{f.name} = {_toml_value(getattr(config.disclosure, f.name))}")
+    lines += [
+        "",
+        "# Differential privacy: every DP answer (researcher.stats(..., epsilon=...), DP training) costs some",
+        "# epsilon, and this node refuses a researcher once its budget on a dataset is spent. Restart to apply.",
+        "[privacy]",
+    ]
+    for name in ("require_dp", "epsilon_budget", "delta"):
+        lines += _wrap_comment(DP_RULE_HELP[name])
+        lines.append(f"{name} = {_toml_value(getattr(config.privacy, name))}")
+    lines += [
+        "",
+        "# Clamp bounds for DP sums, means, variances and quantiles, per column: they win over the researcher's.",
+        "# Take them from what the column can hold (its units), never from the data. For example:",
+        "# age = [0, 120]",
+        "[privacy.bounds]",
+        *(f"{_toml_value(c)} = [{lo!r}, {hi!r}]" for c, (lo, hi) in config.privacy.bounds.items()),
+        "",
+        "# Public levels for DP value counts and crosstabs, per column (from the codebook). For example:",
+        '# sex = ["F", "M"]',
+        "[privacy.categories]",
+        *(f"{_toml_value(c)} = {_toml_value(list(v))}" for c, v in config.privacy.categories.items()),
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _wrap_comment(text: str, width: int = 100) -> list[str]:
+    lines, line = [], "#"
+    for word in text.split():
+        if len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = "#"
+        line += " " + word
+    return [*lines, line]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -312,6 +347,10 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
         disclosure = DisclosureRules.from_mapping(data.pop("disclosure", {}))
     except FedlabConfigError as exc:
         raise FedlabConfigError(f"{config_path}: {exc}") from None
+    try:
+        privacy = DPRules.from_mapping(data.pop("privacy", {}))
+    except FedlabConfigError as exc:
+        raise FedlabConfigError(f"{config_path}: {exc}") from None
     if not data["node_id"].strip():
         raise FedlabConfigError(f"{config_path}: node_id must not be empty")
     if not data["name"].strip():
@@ -362,5 +401,6 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
     return NodeConfig(
         directory=path,
         disclosure=disclosure,
+        privacy=privacy,
         **{**data, "heartbeat_interval": heartbeat, "training_timeout": training_timeout, "log_level": log_level},
     )

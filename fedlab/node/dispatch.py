@@ -21,6 +21,7 @@ from fedlab.analytics.disclosure import DisclosureRules
 from fedlab.analytics.messages import FARequest
 from fedlab.errors import (
     FedlabApprovalError,
+    FedlabBudgetError,
     FedlabConfigError,
     FedlabDatasetError,
     FedlabDisclosureError,
@@ -36,7 +37,11 @@ from fedlab.node.registry import DatasetRegistry
 from fedlab.node.safe_errors import new_reference, path_forms, redact
 from fedlab.node.secagg_handler import SecaggHandler
 from fedlab.node.secagg_state import SecaggStore
+from fedlab.node.dp_analytics import answer_dp
+from fedlab.node.dp_ledger import DPLedger, root_record, source_key
 from fedlab.node.secure_analytics import answer_secure
+from fedlab.privacy.dp_rules import DPRules
+from fedlab.protocol.dp_messages import PrivacyBudgetReply, PrivacyBudgetRequest
 from fedlab.node.training_handler import DEFAULT_TIMEOUT, Emit, TrainingHandler
 from fedlab.preprocessing.messages import PreprocRequest
 from fedlab.protocol import (
@@ -62,6 +67,7 @@ _ABSOLUTE = re.compile(r"(?<![\w.:/])/[^\s/'\"]+/|\b[A-Za-z]:\\")
 _CODES: list[tuple[type[FedlabError], str]] = [
     (FedlabDatasetError, "dataset_error"),
     (FedlabApprovalError, "not_approved"),
+    (FedlabBudgetError, "budget_exhausted"),
     (FedlabDisclosureError, "disclosure_refused"),
     (FedlabConfigError, "config_error"),
     (FedlabProtocolError, "invalid_request"),
@@ -86,7 +92,8 @@ class Dispatcher:
                  require_approval: bool = True, training_threads: int = 0,
                  training_timeout: float = DEFAULT_TIMEOUT, emit: Emit | None = None,
                  peer: str = INSECURE_PEER, secure_aggregation: bool = True,
-                 force_secure_aggregation: bool = False, secure_aggregation_min_nodes: int = 2) -> None:
+                 force_secure_aggregation: bool = False, secure_aggregation_min_nodes: int = 2,
+                 privacy: DPRules | None = None) -> None:
         self.node_id = node_id
         self.name = name
         self.registry = registry
@@ -109,6 +116,13 @@ class Dispatcher:
                                     enabled=secure_aggregation, forced=force_secure_aggregation,
                                     min_nodes=secure_aggregation_min_nodes)
         self.training.secagg = self.secagg
+        # Differential privacy: the operator's [privacy] rules and the ledger of what each researcher
+        # spent, in node.db (fedlab.node.dp_ledger); analytics and training spend from one budget.
+        self.privacy = privacy or DPRules()
+        self.dp_ledger = DPLedger(registry.db_path, self.privacy)
+        self.analytics.dp_rules = self.privacy
+        self.peer = peer or INSECURE_PEER
+        self.training.privacy, self.training.dp_ledger, self.training.peer = self.privacy, self.dp_ledger, self.peer
         self.table: dict[str, Handler] = {
             "ping_request": self._ping,
             "dataset_search_request": self._search,
@@ -122,6 +136,7 @@ class Dispatcher:
             "secagg_keys_request": self.secagg.keys_request,
             "secagg_share_request": self.secagg.share_request,
             "secagg_unmask_request": self.secagg.unmask_request,
+            "privacy_budget_request": self._budget,
         }
 
     def handle(self, envelope: Envelope) -> Envelope:
@@ -203,10 +218,29 @@ class Dispatcher:
     def _analytics(self, envelope: Envelope) -> HandlerResult:
         request = envelope.content
         assert isinstance(request, FARequest)
+        if request.dp is not None:
+            if request.secagg is not None:
+                raise FedlabDisclosureError(
+                    "a request cannot ask for both differential privacy and secure aggregation yet; "
+                    "ask with epsilon=... or with secagg=True")
+            self.secagg.require(False, "analytics requests")
+            return answer_dp(request, self.analytics, self.dp_ledger, peer=self.peer, msg_id=envelope.msg_id)
+        if self.privacy.require_dp:
+            raise FedlabDisclosureError(
+                "require_dp: this node answers analytics only with differential privacy (privacy.require_dp); "
+                "ask with an epsilon, e.g. researcher.stats(fds, ['mean'], epsilon=1.0, bounds={'age': (0, 120)}) "
+                "or `%fed stats ... --epsilon 1`")
         if request.secagg is not None:
             return answer_secure(request, self.analytics, self.secagg)
         self.secagg.require(False, "analytics requests")
         return self.analytics(request)
+
+    def _budget(self, envelope: Envelope) -> HandlerResult:
+        request = envelope.content
+        assert isinstance(request, PrivacyBudgetRequest)
+        root = root_record(self.registry, self.registry.get(request.dataset_id))
+        return PrivacyBudgetReply(dataset_id=request.dataset_id,
+                                  balance=self.dp_ledger.balance(self.peer, source_key(root)))
 
     def _preprocess(self, envelope: Envelope) -> HandlerResult:
         assert isinstance(envelope.content, PreprocRequest)
@@ -214,7 +248,14 @@ class Dispatcher:
             raise FedlabConfigError(
                 f"node {self.name} was started without a node directory, so it cannot write derived "
                 "datasets; start it with `fedlab node start DIR` to use preprocessing")
-        return self.preproc(envelope.content)
+        reply = self.preproc(envelope.content)
+        if self.privacy.require_dp and getattr(reply, "partials", None) is not None:
+            # a fitting step's partials are exact statistics of the data: not under require_dp
+            raise FedlabDisclosureError(
+                "require_dp: this node releases statistics only with differential privacy (privacy.require_dp), "
+                f"and the preprocessing step {envelope.content.preproc_step!r} would send exact statistics "
+                "of its data; fit its parameters from DP statistics (researcher.stats(..., epsilon=...)) instead")
+        return reply
 
     def _list(self, envelope: Envelope) -> HandlerResult:
         return DatasetListReply(datasets=[r.to_info() for r in self.registry.list()])

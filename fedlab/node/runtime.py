@@ -82,7 +82,8 @@ class Node:
                                      peer=config.researcher_public_key or INSECURE_PEER,
                                      secure_aggregation=config.secure_aggregation,
                                      force_secure_aggregation=config.force_secure_aggregation,
-                                     secure_aggregation_min_nodes=config.secure_aggregation_min_nodes)
+                                     secure_aggregation_min_nodes=config.secure_aggregation_min_nodes,
+                                     privacy=config.privacy)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedlab-worker")
         self._train_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlab-train")
         self._busy = 0

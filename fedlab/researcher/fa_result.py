@@ -24,6 +24,7 @@ import pandas as pd
 
 from fedlab.analytics.merge import MergedCategorical, MergedNumeric
 from fedlab.analytics.messages import FAReply
+from fedlab.protocol.dp_messages import DPSpent
 
 __all__ = ["FAResult"]
 
@@ -61,6 +62,8 @@ class FAResult:
     resolutions: dict[str, float] = field(default_factory=dict)
     # under secure aggregation (stats(..., secagg=True)): the session, its threshold, survivors, dropped
     secure: dict[str, Any] | None = None
+    # under differential privacy (stats(..., epsilon=...)): per node, what the answer cost and its noise
+    dp: dict[str, DPSpent] = field(default_factory=dict)
 
     # -- who took part -----------------------------------------------------------------------
     @property
@@ -120,7 +123,7 @@ class FAResult:
                 half = errors.get(q, 0.0 if value == value else math.inf)
                 rows.append({"column": column, "q": q, "value": value, "half_width": half,
                              "low": value - half, "high": value + half,
-                             "approximate": q in approx or value != value,
+                             "approximate": q in approx or value != value or bool(self.dp),
                              "nodes": len(self.quantile_nodes.get(column, self.contributors.get(column, []))),
                              "resolution": self.resolutions.get(column, math.nan)})
         columns = ["column", "q", "value", "half_width", "low", "high", "approximate", "nodes", "resolution"]
@@ -226,9 +229,37 @@ class FAResult:
             raise KeyError("no correlation was computed")
         return self.correlation
 
+    def privacy(self) -> pd.DataFrame:
+        """Per node, under differential privacy: the ε and δ this answer spent, what remains of this
+        researcher's budget there, the mechanism and the largest noise scale of its figures."""
+        rows = [{"node": self.node_names.get(n, n), "epsilon_spent": s.epsilon, "delta_spent": s.delta,
+                 "epsilon_remaining": s.balance.epsilon_remaining, "delta_remaining": s.balance.delta_remaining,
+                 "epsilon_budget": s.balance.epsilon_budget, "mechanism": s.mechanism,
+                 "max_noise_scale": max(s.noise.values(), default=math.nan)} for n, s in self.dp.items()]
+        columns = ["node", "epsilon_spent", "delta_spent", "epsilon_remaining", "delta_remaining", "epsilon_budget",
+                   "mechanism", "max_noise_scale"]
+        return pd.DataFrame(rows, columns=columns).set_index("node")
+
+    def noise(self) -> pd.DataFrame:
+        """Node x released figure ("age.sum", "sex.value_counts", ...): the noise scale each node added (the
+        Laplace scale b, std b·√2; or the Gaussian σ), from which the error of every figure follows."""
+        figures = list(dict.fromkeys(f for s in self.dp.values() for f in s.noise))
+        frame = pd.DataFrame([[s.noise.get(f, math.nan) for f in figures] for s in self.dp.values()],
+                             index=pd.Index([self.node_names.get(n, n) for n in self.dp], name="node"),
+                             columns=figures)
+        frame.columns.name = "figure"
+        return frame
+
     def notes(self) -> list[str]:
         """One line per thing the reader must know: refusals, failures, silences, withheld columns."""
         lines = []
+        if self.dp:
+            costs = sorted({s.epsilon for s in self.dp.values()})
+            mechanism = ", ".join(sorted({s.mechanism for s in self.dp.values()}))
+            left = min(s.balance.epsilon_remaining for s in self.dp.values())
+            lines.append(f"differentially private ({mechanism}): each node spent epsilon "
+                         f"{'/'.join(f'{e:.3g}' for e in costs)}; the least left on a node is {left:.3g}. Every "
+                         "figure carries noise (privacy() and noise() give its scale per node)")
         if self.secure is not None:
             dropped = self.secure["dropped"]
             lines.append(f"securely aggregated over {len(self.secure['survivors'])} nodes (threshold "
@@ -265,7 +296,7 @@ class FAResult:
             else:
                 lines.append(f"quantiles of {column!r} are NaN: every node holding values refused them ({who})")
         for column, levels in self.quantile_approximate.items():
-            if not levels:
+            if not levels or self.dp:
                 continue
             values, errors = self.quantiles.get(column, {}), self.quantile_errors.get(column, {})
             unknown = "unknown (the counts the nodes may release cannot bracket it)"

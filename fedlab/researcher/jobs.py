@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from fedlab.analytics.messages import STATISTICS, FAReply, FARequest, FASecure
 from fedlab.errors import FedlabError, FedlabNodeError
 from fedlab.protocol import ErrorReply
+from fedlab.protocol.dp_messages import DPQuery
 from fedlab.researcher.federated_dataset import FederatedDataset
 from fedlab.researcher.policies import RequestPolicy
 from fedlab.researcher.requests import FederatedRequest, MessagesByNode, MissingNode, Requests
@@ -122,12 +123,14 @@ class FARequestJob(Job):
         table_stats: Sequence[str] = (),
         raise_on_error: bool = True,
         secagg: Mapping[str, FASecure] | None = None,
+        dp: DPQuery | None = None,
     ) -> None:
         """``crosstab``, ``thresholds``, ``table_stats`` and ``raise_on_error`` go past the seed:
         the two crosstab columns, quantile-round thresholds per column, table statistics (cov,
         corr, crosstab) to add beside ``stats_args``, and whether node errors raise or are kept
         in ``.errors`` for the caller to report. ``secagg`` gives each node's part of a secure aggregation
-        (``FASecure``, see :mod:`fedlab.researcher.secure_stats`)."""
+        (``FASecure``, see :mod:`fedlab.researcher.secure_stats`). ``dp`` asks every node for a differentially
+        private answer (see :mod:`fedlab.researcher.dp_stats`)."""
         super().__init__(researcher_id=researcher_id, requests=requests,
                          nodes=nodes if nodes is not None else federated_dataset.node_ids(), policies=policies)
         if not stats and not stats_args:
@@ -153,11 +156,12 @@ class FARequestJob(Job):
         self._thresholds = {c: [float(t) for t in ts] for c, ts in (thresholds or {}).items()}
         self._raise_on_error = raise_on_error
         self._secagg = dict(secagg or {})
+        self._dp = dp
 
     def _message_for(self, node_id: str) -> FARequest:
         return FARequest(dataset_id=self._fds.dataset(node_id).dataset_id, stats=self._stats,
                          columns=self._columns, stats_args=self._stats_args, crosstab=self._crosstab,
-                         thresholds=self._thresholds, secagg=self._secagg.get(node_id))
+                         thresholds=self._thresholds, secagg=self._secagg.get(node_id), dp=self._dp)
 
     def execute(self) -> dict[str, FAReply]:
         messages = MessagesByNode({n: self._message_for(n) for n in self.nodes or []})

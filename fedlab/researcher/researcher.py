@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 import fedlab.training.messages  # noqa: F401 -- registers the training message types for decoding
-from fedlab.errors import FedlabConfigError, FedlabDatasetError, FedlabNodeError, FedlabTimeoutError
+from fedlab.errors import FedlabConfigError, FedlabDatasetError, FedlabError, FedlabNodeError, FedlabTimeoutError
 from fedlab.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DatasetInfo,
@@ -244,6 +244,12 @@ class Researcher:
         timeout: float = 60.0,
         secagg: bool = False,
         secagg_threshold: int | None = None,
+        epsilon: float | None = None,
+        delta: float = 0.0,
+        mechanism: str = "laplace",
+        bounds: Mapping[str, Sequence[float]] | None = None,
+        categories: Mapping[str, Sequence[Any]] | None = None,
+        quantile_bins: int = 32,
     ) -> FAResult:
         """Federated statistics over ``federated_dataset``, equal to those of the pooled rows.
 
@@ -252,8 +258,27 @@ class Researcher:
         ``bins`` is the default histogram (a bin count over the federated range, or edges).
         ``secagg=True``: securely aggregated, the researcher receives only the sum of the nodes'
         figures (``secagg_threshold`` nodes must remain, default a majority; see ``secure_stats``).
+
+        ``epsilon``: differentially private, in one round; each node spends ``epsilon`` (and ``delta``, with
+        ``mechanism="gaussian"``) of this researcher's budget on its dataset. Sums, means, variances and
+        quantiles need clamp ``bounds`` per column (``{"age": (0, 120)}``) unless the node's operator declared
+        them; value counts and crosstabs need the public ``categories`` of a column. ``quantile_bins`` is the
+        grid DP quantiles are read from. ``result.privacy()`` gives each node's spending and remaining budget,
+        ``result.noise()`` the noise scale of every figure (see ``dp_stats``).
         """
         from fedlab.researcher.fa_stats import federated_stats
+
+        if epsilon is not None:
+            from fedlab.researcher.dp_stats import dp_query, dp_stats
+
+            if secagg:
+                raise FedlabError("a request cannot be both differentially private (epsilon=...) and securely "
+                                  "aggregated (secagg=True) yet: choose one")
+            query = dp_query(epsilon, delta=delta, mechanism=mechanism, bounds=bounds, categories=categories,
+                             quantile_bins=quantile_bins)
+            return dp_stats(federated_dataset, researcher_id=self.id, requests=self.requests, stats=stats,
+                            query=query, columns=columns, stats_args=stats_args, bins=bins, quantiles=quantiles,
+                            crosstab=crosstab, node_names=self._names(), timeout=timeout)
 
         if secagg:
             from fedlab.researcher.secure_stats import secure_stats
@@ -265,6 +290,14 @@ class Researcher:
         return federated_stats(federated_dataset, researcher_id=self.id, requests=self.requests, stats=stats,
                                columns=columns, stats_args=stats_args, bins=bins, quantiles=quantiles,
                                crosstab=crosstab, node_names=self._names(), timeout=timeout)
+
+    def privacy_budget(self, federated_dataset: FederatedDataset, *, timeout: float = 30.0) -> pd.DataFrame:
+        """Per node: this researcher's differential-privacy budget on the dataset's source, as the node's
+        own ledger says (spent, remaining, the operator's budget, whether the node requires DP)."""
+        from fedlab.researcher.dp_budget import privacy_budget
+
+        return privacy_budget(federated_dataset, researcher_id=self.id, requests=self.requests,
+                              node_names=self._names(), timeout=timeout)
 
     def preprocess(self, federated_dataset: FederatedDataset, *, timeout: float = 60.0) -> Pipeline:
         """A preprocessing pipeline over ``federated_dataset``: chain steps, then ``.apply(...)``."""
