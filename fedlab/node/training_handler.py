@@ -34,10 +34,12 @@ from fedlab.errors import (
     FedlabTrainingError,
 )
 from fedlab.node.approvals import ApprovalRegistry, check_plan_source
+from fedlab.node.dp_ledger import DPLedger
 from fedlab.node.plan_worker import PlanWorker, WorkerDied, WorkerTimeout
 from fedlab.node.registry import DatasetRegistry
 from fedlab.node.secagg_handler import SecaggHandler
 from fedlab.node.training_state import StateStore
+from fedlab.privacy.dp_rules import DPRules
 from fedlab.protocol import ArraySpec, Envelope, Message, make_envelope
 from fedlab.training.messages import (
     NOT_REGISTERED,
@@ -65,6 +67,12 @@ DEFAULT_TIMEOUT = 3600.0  # seconds a round may take (node config `training_time
 
 class TrainingHandler:
     """Training messages for the datasets of ``registry``, gated by ``approvals``."""
+
+    # differential privacy, set by the Dispatcher: the operator's [privacy] rules, the node's ledger, and
+    # who asks (the researcher's key; one shared identity on an insecure node)
+    privacy: DPRules = DPRules()
+    dp_ledger: DPLedger | None = None
+    peer: str = "insecure"
 
     def __init__(
         self,
