@@ -32,18 +32,17 @@ from fedlab.errors import (
     FedlabTrainingError,
 )
 from fedlab.node.analytics_handler import INSECURE_PEER, AnalyticsHandler
+from fedlab.node.dp_analytics import answer_dp
+from fedlab.node.dp_ledger import DPLedger, root_record, source_key
 from fedlab.node.preproc_handler import PreprocHandler
 from fedlab.node.registry import DatasetRegistry
 from fedlab.node.safe_errors import new_reference, path_forms, redact
 from fedlab.node.secagg_handler import SecaggHandler
 from fedlab.node.secagg_state import SecaggStore
-from fedlab.node.dp_analytics import answer_dp
-from fedlab.node.dp_ledger import DPLedger, root_record, source_key
 from fedlab.node.secure_analytics import answer_secure
-from fedlab.privacy.dp_rules import DPRules
-from fedlab.protocol.dp_messages import PrivacyBudgetReply, PrivacyBudgetRequest
 from fedlab.node.training_handler import DEFAULT_TIMEOUT, Emit, TrainingHandler
 from fedlab.preprocessing.messages import PreprocRequest
+from fedlab.privacy.dp_rules import DPRules
 from fedlab.protocol import (
     DatasetListReply,
     DatasetSearchReply,
@@ -55,6 +54,7 @@ from fedlab.protocol import (
     PingRequest,
     make_envelope,
 )
+from fedlab.protocol.dp_messages import PrivacyBudgetReply, PrivacyBudgetRequest
 
 __all__ = ["Dispatcher", "HandlerResult", "error_code"]
 
