@@ -97,7 +97,10 @@ def test_init_writes_valid_toml_without_directory_key(tmp_path: Path) -> None:
         "force_secure_aggregation",
         "secure_aggregation_min_nodes",
         "disclosure",
+        "privacy",
     }
+    assert data["privacy"] == {"require_dp": False, "epsilon_budget": 10.0, "delta": 1e-6, "bounds": {},
+                               "categories": {}}
     assert data["insecure"] is True  # no researcher key: the config says the node is insecure
     assert isinstance(data["heartbeat_interval"], float)
 
@@ -428,9 +431,33 @@ def test_disclosure_must_be_a_table(tmp_path: Path) -> None:
 
 
 def test_other_tables_are_still_unknown_keys(tmp_path: Path) -> None:
-    write_config(tmp_path, toml_of(VALID) + "[disclosure]\nmin_count = 5\n[privacy]\nx = 1\n")
-    with pytest.raises(FedlabConfigError, match="unknown key.*privacy"):
+    write_config(tmp_path, toml_of(VALID) + "[disclosure]\nmin_count = 5\n[extras]\nx = 1\n")
+    with pytest.raises(FedlabConfigError, match="unknown key.*extras"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("table, message", [
+    ("[privacy]\nx = 1\n", r"\[privacy\] has unknown key\(s\) x"),
+    ("[privacy]\nepsilon_budget = -1\n", "epsilon_budget must be a finite number >= 0"),
+    ("[privacy]\ndelta = 1.0\n", "delta must be >= 0 and < 1"),
+    ("[privacy]\nrequire_dp = 1\n", "require_dp must be true or false"),
+    ("[privacy.bounds]\nage = [10, 0]\n", "bounds.*age must be"),
+    ("[privacy.categories]\nsex = []\n", "categories.*sex must be a list"),
+])
+def test_privacy_table_is_checked(tmp_path: Path, table: str, message: str) -> None:
+    write_config(tmp_path, toml_of(VALID) + table)
+    with pytest.raises(FedlabConfigError, match=message):
+        load_config(tmp_path)
+
+
+def test_privacy_table_round_trips(tmp_path: Path) -> None:
+    init_node_dir(tmp_path, "site")
+    path = tmp_path / "config.toml"
+    text = path.read_text().replace("require_dp = false", "require_dp = true")
+    text = text.replace("[privacy.bounds]\n", "[privacy.bounds]\nage = [0, 120]\n")
+    path.write_text(text)
+    privacy = load_config(tmp_path).privacy
+    assert privacy.require_dp and privacy.bounds == {"age": (0.0, 120.0)} and privacy.epsilon_budget == 10.0
 
 
 def test_init_writes_names_outside_the_bmp_as_valid_toml(tmp_path: Path) -> None:
