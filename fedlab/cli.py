@@ -1,5 +1,6 @@
 """The ``fedlab`` command: make the researcher's key pair, set up a node, register its datasets,
-decide which training plans may run on it, start it, or run the demo.
+decide which training plans may run on it, see what its privacy budgets have left, start it, or
+run the demo.
 
 A data owner at a hospital uses this, not Python: every mistake they can make (a wrong
 directory, a file that is not a CSV, a name already taken) ends as one ``fedlab: error:``
@@ -302,6 +303,48 @@ def _cmd_node_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _short_peer(peer: str) -> str:
+    """A researcher as the ledger names it: its public key (first 12 characters) or ``insecure``."""
+    return peer if peer == "insecure" or len(peer) <= 13 else peer[:12] + "…"
+
+
+def _cmd_node_privacy(args: argparse.Namespace) -> int:
+    from fedlab.node.config import load_config
+    from fedlab.node.dp_ledger import DPLedger
+
+    config = load_config(args.dir)
+    rules = config.privacy
+    ledger = DPLedger(config.db_path, rules)  # before printing: a missing node.db is the only output
+    rows = ledger.rows()
+    print(f"privacy rules ([privacy] in {config.config_path}): require_dp = {str(rules.require_dp).lower()}, "
+          f"epsilon_budget = {rules.epsilon_budget:g}, delta = {rules.delta:g}")
+    if rules.require_dp:
+        print("  this node answers analytics and trains only with differential privacy")
+    print(f"  each researcher may spend epsilon {rules.epsilon_budget:g} and delta {rules.delta:g} on each source "
+          "dataset, over analytics and training together")
+    for label, declared in (("clamp bounds", list(rules.bounds)), ("public categories", list(rules.categories))):
+        if declared:
+            print(f"  {label} declared for: {', '.join(_visible(c)[0] for c in declared)}")
+    if not rows:
+        print("no differential-privacy spending recorded yet: no researcher has had a DP answer from this node")
+        return 0
+    header = ("RESEARCHER", "DATASET", "EPS SPENT", "EPS BUDGET", "EPS LEFT", "DELTA SPENT", "DELTA LEFT",
+              "SPENDS", "LAST SPEND")
+    table: list[tuple[str, ...]] = []
+    exhausted = 0
+    for r in rows:
+        balance = ledger.balance(r.peer, r.source)
+        exhausted += balance.epsilon_remaining <= 0
+        table.append((_visible(_short_peer(r.peer))[0], _visible(r.dataset)[0], f"{r.epsilon_spent:.4g}",
+                      f"{rules.epsilon_budget:g}", f"{balance.epsilon_remaining:.4g}", f"{r.delta_spent:.3g}",
+                      f"{balance.delta_remaining:.3g}", str(r.n_spends), r.last))
+    _print_table(header, table)
+    if exhausted:
+        print(f"{exhausted} budget{'s are' if exhausted != 1 else ' is'} spent: the node refuses further DP "
+              "requests there")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedlab.demo import run_demo
 
@@ -363,6 +406,11 @@ def _add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     audit.add_argument("--verify", action="store_true",
                        help="check the hash chain; report the first edited, inserted or removed line")
     audit.set_defaults(handler=_cmd_node_audit)
+
+    privacy = node_sub.add_parser(
+        "privacy", help="show the differential-privacy budget each researcher spent and has left, per dataset")
+    privacy.add_argument("dir", metavar="DIR", help="node directory")
+    privacy.set_defaults(handler=_cmd_node_privacy)
 
     _add_plan_commands(node_sub)
 

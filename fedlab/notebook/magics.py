@@ -108,10 +108,36 @@ class FedMagics(Magics):
 
     def _stats(self, args: Any, cell: str | None) -> pd.DataFrame:
         researcher = self.session.researcher
-        result = researcher.stats(researcher.search(args.tags), args.stats, args.columns, quantiles=args.quantiles,
-                                  secagg=args.secagg)
+        fds = researcher.search(args.tags)
+        dp: dict[str, Any] = {}
+        if args.epsilon is not None:  # parse() checked that the DP options fit together
+            dp = {"epsilon": args.epsilon, "delta": args.delta or 0.0, "mechanism": args.mechanism or "laplace",
+                  "bounds": args.bounds, "categories": args.categories, "quantile_bins": args.quantile_bins or 32}
+        result = researcher.stats(fds, args.stats, args.columns, quantiles=args.quantiles, secagg=args.secagg, **dp)
         _print_notes(result.notes())
+        if result.dp:
+            self._show_budget(result, fds)
         return self._store(args.out, result.global_stats())
+
+    def _budget(self, args: Any, cell: str | None) -> pd.DataFrame:
+        researcher = self.session.researcher
+        fds = researcher.search(args.tags)
+        frame = researcher.privacy_budget(fds)
+        self._show_budget(frame, fds)
+        return self._store(args.out, frame)
+
+    def _show_budget(self, source: Any, fds: Any) -> None:
+        """Update the session's budget panel from ``source`` and show it under this cell (the same widget: a
+        panel shown by an earlier cell changes with it). Without ipywidgets the tables are all there is."""
+        try:
+            from fedlab.notebook.budget import BudgetPanel
+        except ImportError:
+            return
+        if self.session.budget is None:
+            self.session.budget = BudgetPanel()
+        frame = fds.to_frame()
+        self.session.budget.update(source, dataset=dict(zip(frame["node"], frame["name"], strict=True)))
+        display(self.session.budget)
 
     def _hist(self, args: Any, cell: str | None) -> pd.DataFrame:
         researcher = self.session.researcher

@@ -13,6 +13,7 @@ import argparse
 import ast
 import json
 import keyword
+import math
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -25,8 +26,10 @@ SUBCOMMANDS = {
     "connect": "connect [ADDRESS] [--wait N] [--key FILE --allowlist FILE]: bind the socket the nodes dial into",
     "nodes": "nodes: the nodes seen so far, online or not",
     "datasets": "datasets [--tags T ...]: every dataset on the online nodes, or those carrying all tags",
-    "stats": "stats STAT ... --tags T ... [--columns C ...]: federated statistics, one row per column",
+    "stats": "stats STAT ... --tags T ... [--columns C ...] [--epsilon E --bounds C=LO:HI ...]: federated "
+             "statistics, one row per column (with --epsilon: differentially private)",
     "hist": "hist COLUMN --tags T ... [--bins N | --edges E ...]: a federated histogram and its plot",
+    "budget": "budget --tags T ...: each node's differential-privacy budget for this researcher, as a panel",
     "preprocess": "preprocess --tags T ... --name NAME --new-tags T ... --standardize C ... (steps in order)",
     "plan": "%%fed plan NAME: the cell below is a training plan (its class is defined here too)",
     "plans": "plans: the training plans defined with %%fed plan",
@@ -71,6 +74,52 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object, e.g. '{{\"epochs\": 1}}'")
     return value
+
+
+def positive_number(text: str) -> float:
+    """A finite number > 0 (an epsilon)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number, e.g. 1")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1) (a delta)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0 and below 1, e.g. 1e-7")
+    return value
+
+
+def column_bounds(text: str) -> tuple[str, tuple[float, float]]:
+    """``COL=LO:HI`` -> ``(COL, (LO, HI))``; a column with spaces is quoted: ``"mean radius=5:30"``."""
+    column, sep, pair = text.rpartition("=")
+    lo_text, colon, hi_text = pair.partition(":")
+    try:
+        if not (sep and column and colon):
+            raise ValueError
+        lo, hi = float(lo_text), float(hi_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not COLUMN=LO:HI, e.g. age=0:120") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise argparse.ArgumentTypeError(f"{text!r}: the bounds must be finite numbers with LO < HI")
+    return column, (lo, hi)
+
+
+def column_levels(text: str) -> tuple[str, list[str]]:
+    """``COL=a,b,c`` -> ``(COL, ["a", "b", "c"])``: the public levels of a column."""
+    column, sep, levels = text.partition("=")
+    values = [v.strip() for v in levels.split(",") if v.strip()]
+    if not (sep and column and values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not COLUMN=LEVEL,LEVEL,..., e.g. sex=F,M")
+    return column, values
 
 
 def variable(text: str) -> str:
@@ -122,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantiles", nargs="+", type=float, metavar="Q", default=[0.25, 0.5, 0.75])
     p.add_argument("--secagg", action="store_true",
                    help="secure aggregation: only the sum over the nodes is received (no min, max, quantiles)")
+    dp = p.add_argument_group("differential privacy", "each node adds calibrated noise and spends E of this "
+                              "researcher's budget on its dataset (its operator's epsilon_budget); the budget "
+                              "panel shows what is left")
+    dp.add_argument("--epsilon", type=positive_number, metavar="E",
+                    help="what the request spends on each node (split over its statistics and columns)")
+    dp.add_argument("--delta", type=probability, metavar="D", help="with --mechanism gaussian: the delta it spends")
+    dp.add_argument("--mechanism", choices=["laplace", "gaussian"], help="the noise (default laplace, no delta)")
+    dp.add_argument("--bounds", nargs="+", type=column_bounds, metavar="C=LO:HI",
+                    help="clamp bounds for sums, means, variances and quantiles, e.g. age=0:120 "
+                    "(the node's own bounds win)")
+    dp.add_argument("--categories", nargs="+", type=column_levels, metavar="C=A,B",
+                    help="public levels for value counts and crosstabs, e.g. sex=F,M")
+    dp.add_argument("--quantile-bins", type=positive_int, metavar="N",
+                    help="the grid DP quantiles are read from (default 32)")
     _out(p, "the DataFrame")
     p = add("hist")
     p.add_argument("column")
@@ -172,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     _out(p, "the DataFrame")
     p = add("cancel")
     p.add_argument("job")
+    p = add("budget")
+    _tags(p)
+    _out(p, "the DataFrame")
     p = add("form")
     p.add_argument("kind", choices=["stats", "train", "preprocess"])
     p = add("help")
@@ -206,4 +272,34 @@ def parse(tokens: Sequence[str], parser: argparse.ArgumentParser | None = None) 
     args = (parser or build_parser()).parse_args(list(tokens))
     if not hasattr(args, "steps"):
         args.steps = []
+    if args.command == "stats":
+        _check_dp(args)
     return args
+
+
+_DP_OPTIONS = {"delta": "--delta", "mechanism": "--mechanism", "bounds": "--bounds", "categories": "--categories",
+               "quantile_bins": "--quantile-bins"}
+
+
+def _check_dp(args: argparse.Namespace) -> None:
+    """The DP options of ``%fed stats`` fit together; ``bounds``/``categories`` become dicts."""
+    given = [flag for name, flag in _DP_OPTIONS.items() if getattr(args, name) is not None]
+    if args.epsilon is None:
+        if given:
+            raise FedArgumentError(f"%fed stats: {', '.join(given)} only apply to differentially private "
+                                   "statistics: add --epsilon E (what the request spends on each node)")
+        return
+    if args.secagg:
+        raise FedArgumentError("%fed stats: --epsilon and --secagg cannot be combined yet: choose one")
+    if args.mechanism == "gaussian" and not args.delta:
+        raise FedArgumentError("%fed stats: --mechanism gaussian needs --delta D > 0, e.g. --delta 1e-7")
+    if args.delta and args.mechanism != "gaussian":
+        raise FedArgumentError("%fed stats: the Laplace mechanism spends no delta: drop --delta, or add "
+                               "--mechanism gaussian")
+    for name in ("bounds", "categories"):
+        pairs = getattr(args, name) or []
+        columns = [column for column, _ in pairs]
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise FedArgumentError(f"%fed stats: --{name} gives {', '.join(map(repr, twice))} more than once")
+        setattr(args, name, dict(pairs))

@@ -48,6 +48,7 @@ class Session:
         self.experiments: dict[str, Experiment] = {}  # the last one trained per plan name
         self.panels: dict[str, Any] = {}  # approval panels per plan name, closed when replaced
         self.progress: dict[str, Any] = {}  # the last training progress panel per plan name
+        self.budget: Any = None  # the privacy budget panel, made by the first DP answer or `%fed budget`
         self._job_numbers = itertools.count(1)
 
     # -- the researcher ----------------------------------------------------------------------------
