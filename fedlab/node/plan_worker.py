@@ -37,9 +37,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from fedlab.errors import FedlabConfigError
+from fedlab.errors import FedlabConfigError, FedlabTrainingError
 from fedlab.training.worker_wire import (
     Cancel,
+    DPGo,
+    DPPlanned,
     Failed,
     Ready,
     RoundDone,
@@ -134,22 +136,26 @@ class PlanWorker:
             return message
 
     def run(self, job: RunRound, buffers: Sequence[bytes | memoryview], *, timeout: float,
-            cancelled: threading.Event, on_progress: Callable[[RoundProgress], None]
-            ) -> tuple[RoundDone | Failed, list[memoryview]]:
+            cancelled: threading.Event, on_progress: Callable[[RoundProgress], None],
+            on_dp_plan: Callable[[int], None] | None = None) -> tuple[RoundDone | Failed, list[memoryview]]:
         """One round in the worker: its result or failure. ``WorkerTimeout`` past ``timeout`` seconds and
         ``WorkerDied`` if the worker ends meanwhile (killed then; the next ``run`` starts a fresh one).
-        A cancel the plan has not honoured within ``cancel_grace`` kills the worker and returns a ``Failed``."""
+        A cancel the plan has not honoured within ``cancel_grace`` kills the worker and returns a ``Failed``.
+
+        A DP round asks, before its first step, whether the node's budget pays for it (``DPPlanned``):
+        ``on_dp_plan(n_train)`` answers by returning, or refuses by raising; the refusal is what this
+        method raises once the worker has given the round up."""
         self.start()
         arena = self._free_arena()
         try:
-            return self._run(job, buffers, arena, timeout, cancelled, on_progress)
+            return self._run(job, buffers, arena, timeout, cancelled, on_progress, on_dp_plan)
         finally:
             if not arena.kept:
                 arena.close()  # frames of it still being sent keep their mapping until they go
 
     def _run(self, job: RunRound, buffers: Sequence[bytes | memoryview], arena: SharedArena, timeout: float,
-             cancelled: threading.Event, on_progress: Callable[[RoundProgress], None]
-             ) -> tuple[RoundDone | Failed, list[memoryview]]:
+             cancelled: threading.Event, on_progress: Callable[[RoundProgress], None],
+             on_dp_plan: Callable[[int], None] | None) -> tuple[RoundDone | Failed, list[memoryview]]:
         assert self._sock is not None and self._proc is not None
         deadline = time.monotonic() + timeout
         try:
@@ -157,6 +163,7 @@ class PlanWorker:
         except OSError as exc:
             raise WorkerDied(self._kill()) from exc
         kill_at: float | None = None
+        refusal: Exception | None = None  # why the node refused the DP round the worker asked about
         while True:
             if cancelled.is_set() and kill_at is None:
                 kill_at = time.monotonic() + self.cancel_grace
@@ -181,11 +188,32 @@ class PlanWorker:
                 continue
             if isinstance(message, RoundProgress):
                 on_progress(message)
+            elif isinstance(message, DPPlanned) and message.job_id == job.job_id:
+                refusal = self._dp_answer(job, message, on_dp_plan)
             elif isinstance(message, RoundDone | Failed) and message.job_id == job.job_id:
+                if refusal is not None:
+                    raise refusal
                 if isinstance(message, RoundDone):
                     for what in message.loaded:
                         self.loads[what] = self.loads.get(what, 0) + 1
                 return message, frames  # views of the arena, when large: it stays busy until they are gone
+
+    def _dp_answer(self, job: RunRound, planned: DPPlanned, on_dp_plan: Callable[[int], None] | None
+                   ) -> Exception | None:
+        """Run the node's budget check for a DP round and tell the worker to go on or give up; the refusal."""
+        refusal: Exception | None = None
+        try:
+            if on_dp_plan is None:
+                raise FedlabTrainingError(f"node {self.node_name} did not expect a DP round here")
+            on_dp_plan(planned.n_train)
+        except Exception as exc:  # the worker must hear back whatever happened, or it waits for nothing
+            refusal = exc
+        assert self._sock is not None
+        try:
+            send_message(self._sock, DPGo(job_id=job.job_id, go=refusal is None))
+        except OSError:
+            pass  # the worker is gone: the next receive says so
+        return refusal
 
     def close(self) -> None:
         """Stop the worker (the node is shutting down), without waiting for a start in progress."""

@@ -15,6 +15,11 @@ Scaffold state between rounds (in node.db), the deadline (``training_timeout``),
 progress events, which go to the researcher as ``TrainProgress`` whose parent is the request.
 A ``TrainCancelRequest`` sets a flag that stops the round at its next iteration, or kills a
 worker whose plan does not stop.
+
+Differential privacy (``training_args["dp_args"]``): the worker trains privately (DP-SGD, or a clipped
+and noised update); the node's budget is checked before the first step and spent before the reply
+leaves (:mod:`fedlab.node.dp_rounds`). On a node with ``require_dp``, training rounds without
+``dp_args`` and validation-only rounds (their metrics are exact) are refused.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
 import fedlab.errors as errors
 from fedlab.errors import (
     FedlabConfigError,
+    FedlabDisclosureError,
     FedlabError,
     FedlabProtocolError,
     FedlabRequestStopped,
@@ -35,12 +43,15 @@ from fedlab.errors import (
 )
 from fedlab.node.approvals import ApprovalRegistry, check_plan_source
 from fedlab.node.dp_ledger import DPLedger
+from fedlab.node.dp_rounds import DPRoundAccount
 from fedlab.node.plan_worker import PlanWorker, WorkerDied, WorkerTimeout
 from fedlab.node.registry import DatasetRegistry
 from fedlab.node.secagg_handler import SecaggHandler
 from fedlab.node.training_state import StateStore
 from fedlab.privacy.dp_rules import DPRules
+from fedlab.privacy.dp_training import parse_dp_args
 from fedlab.protocol import ArraySpec, Envelope, Message, make_envelope
+from fedlab.training.args import TrainingArgs
 from fedlab.training.messages import (
     NOT_REGISTERED,
     PENDING,
@@ -195,11 +206,14 @@ class TrainingHandler:
                 self._cancel.pop(envelope.msg_id, None)
 
     def _train(self, envelope: Envelope, request: TrainRequest, flag: threading.Event) -> HandlerResult:
+        self._require_dp(request, request.training_args.get("dp_args") is not None)
         if self.secagg is not None and request.do_training:
             self.secagg.require(request.secagg is not None, "training rounds")
         plan_id = self.approvals.check_allowed(request.plan_source, request.plan_class, node=self.name,
                                                require_approval=self.require_approval,
                                                researcher_id=envelope.sender)
+        args = TrainingArgs.from_dict(request.training_args)
+        dp = parse_dp_args(args.dp_args) if request.do_training else None
         _require_torch(self.name)
         record = self.registry.get(request.dataset_id)
         state = None
@@ -208,6 +222,12 @@ class TrainingHandler:
                                     dataset_id=record.dataset_id)
         if flag.is_set():
             raise FedlabRequestStopped(f"training cancelled on node {self.name} before it started")
+        account = None
+        if dp is not None:
+            if self.dp_ledger is None:
+                raise FedlabConfigError(f"node {self.name} keeps no privacy ledger, so it cannot train with DP")
+            account = DPRoundAccount(self.dp_ledger, self.registry, record, peer=self.peer,
+                                     experiment_id=request.experiment_id, round_=request.round, dp=dp, args=args)
         job = RunRound(
             job_id=envelope.msg_id, n_buffers=len(envelope.buffers), plan_id=plan_id,
             plan_source=request.plan_source, plan_class=request.plan_class, dataset_id=record.dataset_id,
@@ -226,7 +246,8 @@ class TrainingHandler:
                  record.name, plan_id[:12], request.plan_class)
         try:
             result, buffers = self.worker.run(job, envelope.buffers, timeout=self.timeout, cancelled=flag,
-                                              on_progress=progress)
+                                              on_progress=progress,
+                                              on_dp_plan=account.check if account is not None else None)
         except WorkerTimeout:
             raise FedlabTrainingError(
                 f"training plan {plan_id[:12]} ({request.plan_class}) ran past node {self.name}'s "
@@ -248,17 +269,36 @@ class TrainingHandler:
                  result.n_samples, result.n_updates, result.compute_seconds,
                  f" ({' and '.join(result.loaded)} loaded)" if result.loaded else "")
         if request.secagg is not None and request.do_training:
-            return self._masked_reply(request, record.dataset_id, result, buffers, state_id)
-        reply = TrainReply(
-            experiment_id=request.experiment_id, round=request.round, dataset_id=record.dataset_id,
-            params=list(result.params), n_samples=result.n_samples, n_test_samples=result.n_test_samples,
-            n_updates=result.n_updates, train_loss=result.train_loss, metrics_before=dict(result.metrics_before),
-            metrics_after=dict(result.metrics_after), aux_vars={k: list(v) for k, v in result.aux_vars.items()},
-            compute_seconds=result.compute_seconds, state_id=state_id)
-        return reply, buffers
+            reply, out = self._masked_reply(request, record.dataset_id, result, buffers, state_id)
+        else:
+            reply, out = TrainReply(
+                experiment_id=request.experiment_id, round=request.round, dataset_id=record.dataset_id,
+                params=list(result.params), n_samples=result.n_samples, n_test_samples=result.n_test_samples,
+                n_updates=result.n_updates, train_loss=result.train_loss,
+                metrics_before=dict(result.metrics_before), metrics_after=dict(result.metrics_after),
+                aux_vars={k: list(v) for k, v in result.aux_vars.items()}, compute_seconds=result.compute_seconds,
+                state_id=state_id), buffers
+        if account is not None:  # the spend commits here, last: the reply leaves only once it is recorded
+            reply = msgspec.structs.replace(reply, dp=account.spend(result.n_updates, envelope.msg_id))
+        return reply, out
+
+    def _require_dp(self, request: TrainRequest, with_dp: bool) -> None:
+        """A node with ``require_dp`` trains only with dp_args, and sends no exact validation metrics."""
+        if not self.privacy.require_dp:
+            return
+        if not request.do_training:
+            raise FedlabDisclosureError(
+                f"require_dp: node {self.name} releases nothing computed from its data without differential "
+                "privacy (privacy.require_dp), and validation metrics are exact; evaluate the model on data of "
+                "your own")
+        if not with_dp:
+            raise FedlabDisclosureError(
+                f"require_dp: node {self.name} trains only with differential privacy (privacy.require_dp); ask "
+                "with training_args['dp_args'] = {'type': 'local', 'sigma': 1.0, 'clip': 1.0} (DP-SGD) or "
+                "{'type': 'central', ...}")
 
     def _masked_reply(self, request: TrainRequest, dataset_id: str, result: Any, buffers: Sequence[Any],
-                      state_id: str | None) -> HandlerResult:
+                      state_id: str | None) -> tuple[TrainReply, list[memoryview]]:
         """The round's parameters, aux vars and sample count as one masked vector (``request.secagg``).
 
         Metrics, the train loss and timings stay in the clear (see SECURITY.md); ``n_samples`` is 0."""

@@ -40,7 +40,7 @@ from fedlab.researcher.training_jobs import (
     TrainResult,
     check_plain,
 )
-from fedlab.researcher.training_tables import history_frame, history_row, status_frame
+from fedlab.researcher.training_tables import history_frame, history_row, privacy_frame, status_frame
 from fedlab.training.messages import TrainProgress
 from fedlab.training.source import load_plan_class, plan_id, plan_source
 
@@ -133,13 +133,22 @@ class Experiment:
     def history(self) -> pd.DataFrame:
         """One row per node and round: samples, train loss, validation metrics, timing, status.
 
-        ``status`` is ok, error or missing, with the ``reason``. ``global_<metric>`` is the
+        ``status`` is ok, refused (the node's privacy rules: its budget is spent, or it requires DP),
+        error or missing, with the ``reason``. A DP round (``training_args["dp_args"]``) adds
+        ``epsilon`` and ``delta`` (what the round spent on the node) and ``epsilon_spent`` and
+        ``epsilon_remaining`` (this researcher's balance there afterwards). ``global_<metric>`` is the
         node's validation of the global model it received (before local training),
         ``local_<metric>`` after local training; the final validation-only request is a row of
         ``kind`` validation labelled round N + 1. ``total_seconds`` is measured on the
         researcher's side (send to reply), ``compute_seconds`` on the node.
         """
         return history_frame(self._records)
+
+    def privacy(self) -> pd.DataFrame:
+        """Per node: this experiment's DP rounds there, the ε and δ they spent (the ε of the rounds
+        composed by the node's accountant), what remains of this researcher's budget on the node, and the
+        last round's status and reason (``refused`` with the node's reason once its budget is spent)."""
+        return privacy_frame(self._records, self.node_ids, self._names())
 
     def model(self) -> Any:
         """A torch module of the plan's model holding the global parameters."""
@@ -208,14 +217,20 @@ class Experiment:
             if row.status == "ok" and row.state_id is not None:
                 self.state_ids[node_id] = row.state_id
 
-    @staticmethod
-    def _raise_if_none_ok(results: Mapping[str, Any], what: str) -> None:
+    def _raise_if_none_ok(self, results: Mapping[str, Any], what: str) -> None:
         if any(r.status == "ok" for r in results.values()):
             return
-        detail = "; ".join(f"{n}: {r.status} ({r.reason})" for n, r in results.items()) or "no node was asked"
+        names = self._names()
+        detail = "; ".join(f"{names.get(n, n)}: {r.status} ({r.reason})" for n, r in results.items()) \
+            or "no node was asked"
+        errors = {n: (r.code or r.status, r.reason) for n, r in results.items()}
+        if results and all(r.status == "refused" for r in results.values()):
+            raise FedlabNodeError(
+                f"every node refused {what} under its privacy rules: {detail}. A spent privacy budget stays spent: "
+                "ask the nodes' operators for a larger epsilon_budget, or start a new experiment that spends less "
+                "(a larger sigma, fewer rounds or steps); see Experiment.history", errors)
         raise FedlabNodeError(f"every node failed {what}: {detail}. See Experiment.history; fix the cause "
-                              "and call run() again to retry the round.",
-                              {n: (r.status, r.reason) for n, r in results.items()})
+                              "and call run() again to retry the round.", errors)
 
     def run_once(self) -> pd.DataFrame:
         """Run one round; return its rows of the history."""

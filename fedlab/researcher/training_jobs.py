@@ -45,12 +45,14 @@ from fedlab.training.messages import (
 )
 from fedlab.training.tensors import pack_named, unpack_named
 
-__all__ = ["NodeRound", "TrainResult", "TrainingJob", "TrainingPlanApproveJob",
+__all__ = ["REFUSALS", "NodeRound", "TrainResult", "TrainingJob", "TrainingPlanApproveJob",
            "TrainingPlanCheckJob", "check_plain"]
 
 log = logging.getLogger("fedlab.researcher")
 Arrays = Mapping[str, np.ndarray]
 CANCEL_TIMEOUT = 2.0
+# a node's error codes for a round its own rules refused (its privacy budget, require_dp): status "refused"
+REFUSALS = ("budget_exhausted", "disclosure_refused")
 
 
 def check_plain(**args: Mapping[str, Any]) -> None:
@@ -119,7 +121,7 @@ class NodeRound:
     """What happened on one node in one round (no arrays): a row of the experiment's history."""
 
     node_id: str
-    status: str  # "ok", "error" or "missing"
+    status: str  # "ok", "refused" (by the node's privacy rules or budget), "error" or "missing"
     reason: str = ""
     n_samples: int | None = 0  # None: hidden (secure aggregation)
     n_test_samples: int = 0
@@ -130,6 +132,12 @@ class NodeRound:
     total_seconds: float | None = None
     compute_seconds: float | None = None
     state_id: str | None = None
+    # a DP round: the ε and δ it spent on the node, and this researcher's balance there afterwards
+    epsilon: float | None = None
+    delta: float | None = None
+    epsilon_spent: float | None = None
+    epsilon_remaining: float | None = None
+    code: str = ""  # a node's error code ("budget_exhausted", "disclosure_refused", ...)
 
 
 class TrainingJob(Job):
@@ -238,6 +246,10 @@ class TrainingJob(Job):
         if reply.round != self.round or reply.experiment_id != self.experiment_id:
             raise FedlabProtocolError(f"the reply is for round {reply.round} of experiment {reply.experiment_id}, "
                                       f"not round {self.round} of {self.experiment_id}", code="unexpected_reply")
+        if self._do_training and self._training_args.get("dp_args") is not None and reply.dp is None:
+            raise FedlabProtocolError("the node answered a DP round without saying what it spent on its privacy "
+                                      "budget; is it running a fedlab version with DP training?",
+                                      code="unexpected_reply")
         if self._secagg is not None and self._do_training:
             return TrainResult(node_id, {}, {}, reply, seconds, masked=self._masked(reply, envelope))
         params = unpack_named(reply.params, envelope.buffers)
@@ -265,7 +277,7 @@ class TrainingJob(Job):
         self.errors, self.missing = request.errors(), request.missing()
         self._cancel(request, [n for n, m in self.missing.items() if m.reason in ("timeout", "stopped")])
         for node_id, error in self.errors.items():
-            self._fail(node_id, f"[{error.code}] {error.message}", what)
+            self._fail(node_id, f"[{error.code}] {error.message}", what, error.code)
         for node_id, why in self.missing.items():
             log.warning("node %s did not answer %s: %s", node_id, what, why)
             self.results[node_id] = NodeRound(node_id, "missing", reason=f"{why.reason}: {why.detail}")
@@ -288,11 +300,15 @@ class TrainingJob(Job):
             self._fail(node_id, f"[rejected] {exc}", what)
             return
         r = result.reply
+        dp = r.dp
         self.results[node_id] = NodeRound(
             node_id, "ok", n_samples=None if result.masked is not None else r.n_samples,
             n_test_samples=r.n_test_samples, n_updates=r.n_updates,
             train_loss=r.train_loss, metrics_before=dict(r.metrics_before), metrics_after=dict(r.metrics_after),
-            compute_seconds=r.compute_seconds, state_id=r.state_id)
+            compute_seconds=r.compute_seconds, state_id=r.state_id,
+            epsilon=None if dp is None else dp.epsilon, delta=None if dp is None else dp.delta,
+            epsilon_spent=None if dp is None else dp.balance.epsilon_spent,
+            epsilon_remaining=None if dp is None else dp.balance.epsilon_remaining)
 
     def _fold_masked(self, node_id: str, masked: np.ndarray) -> None:
         """Add a masked vector into the round's sum (mod 2**64, in place): one vector kept, not one per node."""
@@ -307,9 +323,11 @@ class TrainingJob(Job):
             np.add(self.masked_sum, masked, out=self.masked_sum)
         self.masked_nodes.append(node_id)
 
-    def _fail(self, node_id: str, reason: str, what: str) -> None:
-        log.error("node %s failed %s: %s", node_id, what, reason)
-        self.results[node_id] = NodeRound(node_id, "error", reason=reason)
+    def _fail(self, node_id: str, reason: str, what: str, code: str = "") -> None:
+        refused = code in REFUSALS
+        (log.warning if refused else log.error)("node %s %s %s: %s", node_id, "refused" if refused else "failed",
+                                                what, reason)
+        self.results[node_id] = NodeRound(node_id, "refused" if refused else "error", reason=reason, code=code)
 
     def _cancel(self, request: FederatedRequest, nodes: list[str]) -> None:
         """Tell ``nodes``, which may still be computing this round, to stop; the wait is bounded."""

@@ -3,6 +3,13 @@
 Kept apart from the experiment so that its records stay plain JSON-able dicts (they go into
 breakpoints as they are) and the DataFrame layout is decided in one place. A node that did
 not answer is a row too, saying so: nothing is silently partial.
+
+A node that refused a round under its own privacy rules (its budget spent, ``require_dp``) is a row of
+status ``refused`` whose ``reason`` is the node's. When a round was trained with differential
+privacy, the history has four more columns per node and round: ``epsilon`` and ``delta`` (what the
+round spent on the node's budget), ``epsilon_spent`` and ``epsilon_remaining`` (this researcher's
+balance on that dataset afterwards, over everything it asked there). The ε of an experiment's rounds
+on one node add up to their composed ε (the node's RDP accountant spends only the increase).
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ from fedlab.researcher.jobs import Job
 from fedlab.researcher.training_jobs import NodeRound
 from fedlab.training.messages import TrainingPlanStatusReply
 
-__all__ = ["HISTORY_COLUMNS", "STATUS_COLUMNS", "history_frame", "history_row", "status_frame"]
+__all__ = ["DP_COLUMNS", "HISTORY_COLUMNS", "PRIVACY_COLUMNS", "STATUS_COLUMNS", "history_frame", "history_row",
+           "privacy_frame", "status_frame"]
 
 STATUS_COLUMNS = ["node_id", "node", "status", "approval_required", "plan_id", "message"]
 HISTORY_COLUMNS = ["round", "kind", "node_id", "node", "status", "reason", "n_samples", "n_test_samples",
                    "n_updates", "train_loss"]
 TIMING_COLUMNS = ["total_seconds", "compute_seconds"]
+DP_COLUMNS = ["epsilon", "delta", "epsilon_spent", "epsilon_remaining"]
 
 
 def status_frame(replies: Mapping[str, TrainingPlanStatusReply], job: Job, node_ids: Iterable[str],
@@ -53,23 +62,52 @@ def history_row(round_: int, kind: str, node_id: str, node: str, result: NodeRou
         "n_updates": result.n_updates, "train_loss": result.train_loss,
         "metrics_before": dict(result.metrics_before), "metrics_after": dict(result.metrics_after),
         "total_seconds": result.total_seconds, "compute_seconds": result.compute_seconds,
+        "epsilon": result.epsilon, "delta": result.delta, "epsilon_spent": result.epsilon_spent,
+        "epsilon_remaining": result.epsilon_remaining,
     }
 
 
 def history_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """The records as a DataFrame, metrics spread into ``global_<name>`` and ``local_<name>`` columns."""
+    """The records as a DataFrame, metrics spread into ``global_<name>`` and ``local_<name>`` columns, and
+    the DP columns when some round spent ε."""
     rows: list[dict[str, Any]] = []
     metric_columns: dict[str, None] = {}
+    records = list(records)
+    dp = DP_COLUMNS if any(r.get("epsilon") is not None for r in records) else []
     for record in records:
-        row = {k: record.get(k) for k in HISTORY_COLUMNS + TIMING_COLUMNS}
+        row = {k: record.get(k) for k in HISTORY_COLUMNS + dp + TIMING_COLUMNS}
         for prefix, key in (("global_", "metrics_before"), ("local_", "metrics_after")):
             for name, value in (record.get(key) or {}).items():
                 row[prefix + name] = value
                 metric_columns[prefix + name] = None
         rows.append(row)
     ordered = sorted(metric_columns, key=lambda c: (not c.startswith("global_"), c))
-    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS + ordered + TIMING_COLUMNS)
+    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS + dp + ordered + TIMING_COLUMNS)
     for column in ("round", "n_samples", "n_test_samples", "n_updates"):
         # n_samples is None where secure aggregation hid it: shown as <NA>
         frame[column] = frame[column].astype("Int64" if frame[column].isna().any() else "int64")
     return frame
+
+
+PRIVACY_COLUMNS = ["node", "dp_rounds", "epsilon", "delta", "epsilon_spent", "epsilon_remaining", "last_status",
+                   "last_reason"]
+
+
+def privacy_frame(records: Iterable[Mapping[str, Any]], node_ids: Iterable[str], names: Mapping[str, str]
+                  ) -> pd.DataFrame:
+    """Per node: the DP rounds it trained in this experiment, the ε and δ they spent together (their
+    composed ε, as the node's accountant spends only its increase), this researcher's balance on the node
+    after the last of them, and its last training round's status and reason (a refusal says why)."""
+    records = [r for r in records if r.get("kind") == "training"]
+    rows = []
+    for node_id in node_ids:
+        mine = [r for r in records if r.get("node_id") == node_id]
+        paid = [r for r in mine if r.get("epsilon") is not None]
+        last = mine[-1] if mine else {}
+        rows.append({"node": names.get(node_id, node_id), "dp_rounds": len(paid),
+                     "epsilon": sum(float(r["epsilon"]) for r in paid),
+                     "delta": sum(float(r.get("delta") or 0.0) for r in paid),
+                     "epsilon_spent": paid[-1].get("epsilon_spent") if paid else None,
+                     "epsilon_remaining": paid[-1].get("epsilon_remaining") if paid else None,
+                     "last_status": last.get("status"), "last_reason": last.get("reason", "")})
+    return pd.DataFrame(rows, columns=PRIVACY_COLUMNS).set_index("node")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedlab.errors import FedlabTrainingError
+from fedlab.privacy.dp_training import check_dp_args
 
 __all__ = ["Progress", "RoundResult", "TrainingArgs"]
 
@@ -43,6 +44,7 @@ class TrainingArgs:
     fedprox_mu: float | None = None
     progress_interval: float = 0.25
     shuffle: bool = True
+    dp_args: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> TrainingArgs:
@@ -56,6 +58,13 @@ class TrainingArgs:
                 f"valid keys are {', '.join(sorted(valid))}"
             )
         checked = {key: _check(key, value) for key, value in values.items()}
+        if checked.get("dp_args") is not None:
+            exact = [k for k in ("test_on_global_updates", "test_on_local_updates") if checked.get(k)]
+            if exact:
+                raise FedlabTrainingError(
+                    f"{' and '.join(exact)} cannot be used with dp_args: validation metrics are exact statistics "
+                    "of a node's rows and would leave without the noise; set them to False and evaluate the "
+                    "model on data of your own")
         return cls(**checked)
 
 
@@ -93,6 +102,8 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, bool | np.bool_):
             raise bad("True or False")
         return bool(value)
+    if key == "dp_args":
+        return check_dp_args(value)
     if key == "optimizer_args":
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise bad("a dict of keyword arguments for the optimizer")

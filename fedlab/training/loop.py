@@ -13,6 +13,7 @@ iterations themselves (training steps, validation) are in ``fedlab.training.step
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from fedlab.errors import FedlabError, FedlabTrainingError
+from fedlab.privacy.dp_training import LOCAL, DPArgs, parse_dp_args
 from fedlab.training.args import Progress, RoundResult, TrainingArgs
 from fedlab.training.convert import PlanData, load_params, model_params, shared_param_names, torch_dtype
 from fedlab.training.source import call_plan, plan_error
@@ -155,6 +157,7 @@ def run_round(
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     adopt_params: bool = False,
+    dp_gate: Callable[[int], None] | None = None,
 ) -> RoundResult:
     """Train (or only validate) ``plan_cls`` on ``dataset`` for one round, starting from ``params``.
 
@@ -167,9 +170,16 @@ def run_round(
     the round trains in them and the parameters returned are views of them. Only for a caller that
     owns those arrays and reads them no more (the training worker, whose frames they are); the
     default copies, leaving the caller's arrays untouched.
+
+    ``training_args["dp_args"]`` trains with differential privacy (:mod:`fedlab.training.dp_sgd`): the
+    round then releases no loss (``train_loss`` and the progress events' loss are None), its noise is
+    drawn from a secret seed (not reproducible), and ``dp_gate(n_train)`` is called before any training
+    step: the node checks its privacy budget there, and refuses the round by raising.
     """
     started = time.perf_counter()
     args = TrainingArgs.from_dict(training_args)
+    if args.dp_args is not None and progress is not None:
+        progress = _without_loss(progress)
     try:
         with torch.random.fork_rng(devices=[]):
             result = _run(
@@ -182,6 +192,7 @@ def run_round(
                 report=Reporter(progress, args.progress_interval, round),
                 should_stop=should_stop,
                 adopt=adopt_params,
+                dp_gate=dp_gate,
             )
     except FedlabError:
         raise
@@ -196,6 +207,7 @@ def _run(
     params: Mapping[str, np.ndarray] | None, *, scaffold: bool, aux_vars: Mapping[str, Mapping[str, np.ndarray]],
     state: tuple[dict[str, np.ndarray], dict[str, Any]], do_training: bool, share_persistent_buffers: bool,
     report: Reporter, should_stop: Callable[[], bool] | None, adopt: bool,
+    dp_gate: Callable[[int], None] | None,
 ) -> RoundResult:
     seed = args.seed * _SEED_STRIDE + round_
     torch.default_generator.manual_seed(seed)
@@ -225,7 +237,13 @@ def _run(
         raise FedlabTrainingError(f"Scaffold needs a positive learning rate, the optimizer has lr={lr}")
     x = {name: p.detach().clone() for name, p in trainable} if scaffold else {}
     c, c_i = _scaffold_tensors(ctx, aux_vars, state[0], adopt) if scaffold else ({}, {})
-    n_updates, train_loss = train(ctx, train_idx, args.fedprox_mu, {n: c[n] - c_i[n] for n in c} if scaffold else None)
+    correction = {n: c[n] - c_i[n] for n in c} if scaffold else None
+    dp = parse_dp_args(args.dp_args)
+    if dp is None:
+        n_updates, train_loss = train(ctx, train_idx, args.fedprox_mu, correction)
+    else:
+        n_updates = _train_dp(ctx, train_idx, names, dp, scaffold, correction, dp_gate)
+        train_loss = None  # an exact statistic of the rows: not released with DP
     after = validate(ctx, test_idx, "validation after") if len(test_idx) and args.test_on_local_updates else {}
 
     opt_arrays, opt_meta = optimizer_state(optimizer)
@@ -240,6 +258,33 @@ def _run(
     shared = model_params(plan.model, names, copy=False)  # the model is dropped after the round: no copy
     return RoundResult(shared, len(train_idx), len(test_idx), n_updates, train_loss,
                        before, after, aux, new_state, {"optimizer": opt_meta}, 0.0)
+
+
+def _train_dp(ctx: RoundContext, train_idx: np.ndarray, names: list[str], dp: DPArgs, scaffold: bool,
+              correction: dict[str, torch.Tensor] | None, dp_gate: Callable[[int], None] | None) -> int:
+    """The steps of a DP round: DP-SGD (local), or ordinary steps and then a clipped, noised update (central)."""
+    from fedlab.training import dp_sgd
+
+    if dp.type == LOCAL:
+        return dp_sgd.train_local(ctx, train_idx, dp, ctx.args.fedprox_mu, correction, dp_gate)
+    if scaffold:
+        raise FedlabTrainingError("central DP cannot be used with Scaffold: its control variates would leave the "
+                                  "node without noise; use dp_args type 'local', or FedAvg or FedProx")
+    if dp_gate is not None:
+        dp_gate(len(train_idx))
+    state = ctx.plan.model.state_dict()
+    before = {name: state[name].detach().clone() for name in names}
+    n_updates, _ = train(ctx, train_idx, ctx.args.fedprox_mu, correction)
+    dp_sgd.noise_update(ctx, names, before, dp)
+    return n_updates
+
+
+def _without_loss(progress: Callable[[Progress], None]) -> Callable[[Progress], None]:
+    """Progress events of a DP round: the batch loss is an exact statistic of the rows, so it stays here."""
+    def report(p: Progress) -> None:
+        progress(dataclasses.replace(p, loss=None))
+
+    return report
 
 
 def _new_optimizer(

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from fedlab.protocol.dp_messages import DPSpent
 from fedlab.protocol.messages import ArraySpec, Event, Message, register
 from fedlab.protocol.secagg_messages import SecaggInput
 
@@ -130,7 +131,11 @@ class TrainReply(Message, frozen=True):
     sample counts, metrics, timing and the handle of the state the node kept.
 
     Under secure aggregation ``params`` and ``aux_vars`` are empty and ``n_samples`` is 0: the
-    node's figures are in ``masked``, one uint64 buffer in the layout of ``SecaggInput.fields``."""
+    node's figures are in ``masked``, one uint64 buffer in the layout of ``SecaggInput.fields``.
+
+    ``dp``: a round trained with ``training_args["dp_args"]`` says what it cost on the node's privacy
+    budget (ε, δ, mechanism "dp-sgd" or "gaussian-update", the noise std) and what remains; such a
+    round sends no ``train_loss`` and no metrics."""
 
     experiment_id: Name
     round: Round
@@ -147,6 +152,7 @@ class TrainReply(Message, frozen=True):
     state_id: Name | None = None
     masked: ArraySpec | None = None
     secagg_session: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    dp: DPSpent | None = None
 
 
 class TrainProgress(Event, frozen=True):

@@ -14,6 +14,10 @@ node's database or config, its working directory is a scratch directory, and
 ``fedlab.training.import_guard`` refuses the node's own modules to the plan. A reader thread
 takes the node's messages while a round runs, so a ``Cancel`` for that round is seen by the
 training loop at its next iteration. The worker ends when the node closes its socket or dies.
+
+A DP round (``dp_args``) asks the node, before its first step, whether its privacy budget pays for the
+round on that many rows (``DPPlanned``), and trains only once the node said go (``DPGo``): the reader
+thread hands the answer over.
 """
 
 from __future__ import annotations
@@ -29,9 +33,18 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from fedlab.errors import FedlabDatasetError, FedlabError, FedlabProtocolError
+from fedlab.errors import (
+    FedlabDatasetError,
+    FedlabDisclosureError,
+    FedlabError,
+    FedlabProtocolError,
+    FedlabRequestStopped,
+    FedlabTrainingError,
+)
 from fedlab.training.worker_wire import (
     Cancel,
+    DPGo,
+    DPPlanned,
     Failed,
     LentFile,
     Ready,
@@ -48,6 +61,8 @@ __all__ = ["Worker", "main"]
 _PLAN_CACHE = 16  # plan classes kept loaded
 _DATA_CACHE = 4  # datasets kept in memory
 _PARENT_CHECK_S = 1.0
+_DP_ANSWER_S = 300.0  # the node answers a DP round's budget check at once; this is for a node gone astray
+_POLL_S = 0.1
 
 
 class Worker:
@@ -61,6 +76,8 @@ class Worker:
         self._params = SharedMapping()  # the node's arenas, each mapped once (the reader thread's alone)
         self._plans: OrderedDict[tuple[str, str], type] = OrderedDict()
         self._data: OrderedDict[str, tuple[tuple[int, int], Any]] = OrderedDict()
+        self._dp_answers: dict[str, bool] = {}  # job id -> the node's answer to its DP budget check
+        self._dp_answered = threading.Condition()
 
     def warm_up(self) -> Ready:
         """Import torch and the loop and take one tiny optimizer step, so the first round is as fast as the next."""
@@ -102,6 +119,8 @@ class Worker:
                 reply, out = self.run(job, buffers)
                 del buffers
                 self._cancelled.clear()
+                with self._dp_answered:
+                    self._dp_answers.clear()
                 send_message(self.sock, reply, out, into=lent)
                 del out, reply  # the model's memory (the node's file): let it go with the round
             finally:
@@ -121,6 +140,12 @@ class Worker:
                         lent.close()
                     if isinstance(message, Cancel):
                         self._cancelled.add(message.job_id)
+                        with self._dp_answered:
+                            self._dp_answered.notify_all()
+                    elif isinstance(message, DPGo):
+                        with self._dp_answered:
+                            self._dp_answers[message.job_id] = message.go
+                            self._dp_answered.notify_all()
         except (EOFError, OSError):
             jobs.put(None)
 
@@ -159,7 +184,8 @@ class Worker:
             training_args=dict(job.training_args), params=params, aggregator_args=dict(job.aggregator_args),
             aux_vars=aux_vars or None, state_arrays=state_arrays, state_meta=state_meta,
             do_training=job.do_training, share_persistent_buffers=job.share_persistent_buffers,
-            progress=progress, should_stop=lambda: job.job_id in self._cancelled, adopt_params=True)
+            progress=progress, should_stop=lambda: job.job_id in self._cancelled, adopt_params=True,
+            dp_gate=lambda n_train: self._dp_gate(job.job_id, n_train))
         state = None
         # Only arrays (moments, control variates) need keeping: the hyperparameters in the meta come
         # from the next request's optimizer_args anyway. Plain SGD keeps nothing.
@@ -179,6 +205,22 @@ class Worker:
             metrics_before={k: float(v) for k, v in result.metrics_before.items()},
             metrics_after={k: float(v) for k, v in result.metrics_after.items()},
             state=state, compute_seconds=float(result.compute_seconds), loaded=loaded), out
+
+    def _dp_gate(self, job_id: str, n_train: int) -> None:
+        """Ask the node whether its budget pays for this DP round on ``n_train`` rows; wait for its answer."""
+        send_message(self.sock, DPPlanned(job_id=job_id, n_train=n_train))
+        deadline = time.monotonic() + _DP_ANSWER_S
+        with self._dp_answered:
+            while job_id not in self._dp_answers:
+                if job_id in self._cancelled:
+                    raise FedlabRequestStopped("training cancelled before its first DP step")
+                if time.monotonic() > deadline:
+                    raise FedlabTrainingError(f"node {self.node_name} did not answer the privacy budget check of "
+                                              f"this DP round within {_DP_ANSWER_S:g} s")
+                self._dp_answered.wait(_POLL_S)
+            go = self._dp_answers.pop(job_id)
+        if not go:
+            raise FedlabDisclosureError(f"node {self.node_name} refused this DP round before it trained")
 
     def _plan_class(self, job: RunRound, loaded: list[str]) -> type:
         """The plan's class, compiled once per plan id (the node checked the id against its approvals)."""

@@ -64,6 +64,8 @@ from fedlab.training.shared_files import (
 
 __all__ = [
     "Cancel",
+    "DPGo",
+    "DPPlanned",
     "Failed",
     "LentFile",
     "Ready",
@@ -155,6 +157,22 @@ class RoundDone(_Base, tag="done"):
     loaded: list[str] = []
 
 
+class DPPlanned(_Base, tag="dp_planned"):
+    """Worker -> node, in a DP round, before its first training step: how many rows it trains on. The node
+    works out the round's cost from that and its own copy of the arguments, checks its budget, and
+    answers ``DPGo``; the worker waits for that answer before touching a row."""
+
+    job_id: str = ""
+    n_train: int = 0
+
+
+class DPGo(_Base, tag="dp_go"):
+    """Node -> worker: go on with the DP round ``job_id`` (``go``), or stop it (the node says why itself)."""
+
+    job_id: str = ""
+    go: bool = False
+
+
 class Failed(_Base, tag="failed"):
     """Worker -> node: the round failed. ``error`` is the ``fedlab.errors`` class name, ``code`` a
     protocol error's code; ``message`` is written for the researcher."""
@@ -165,7 +183,7 @@ class Failed(_Base, tag="failed"):
     message: str = ""
 
 
-WorkerMessage = RunRound | Cancel | Ready | RoundProgress | RoundDone | Failed
+WorkerMessage = RunRound | Cancel | Ready | RoundProgress | RoundDone | Failed | DPPlanned | DPGo
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(WorkerMessage)
 

@@ -17,7 +17,7 @@ ALLOWED = {
     "analytics": {"protocol", "analytics"},
     "preprocessing": {"protocol", "analytics", "preprocessing"},
     "transport": {"protocol", "transport"},
-    "training": {"protocol", "training"},
+    "training": {"protocol", "training", "privacy"},  # DP training: dp_args, its accounting (privacy.dp_training)
     "privacy": {"protocol", "analytics", "privacy"},
     "secagg": {"protocol", "analytics", "secagg"},
     "node": {"protocol", "transport", "node", "analytics", "preprocessing", "training", "privacy", "secagg"},

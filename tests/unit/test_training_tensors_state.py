@@ -235,7 +235,7 @@ def test_training_args_defaults_and_values() -> None:
 
 
 def test_unknown_training_args_are_named_with_the_valid_keys() -> None:
-    with pytest.raises(FedlabTrainingError, match=r"argument 'epoch'; valid keys are batch_size, epochs"):
+    with pytest.raises(FedlabTrainingError, match=r"argument 'epoch'; valid keys are batch_size, dp_args, epochs"):
         TrainingArgs.from_dict({"epoch": 3})
     with pytest.raises(FedlabTrainingError, match=r"arguments 'a', 'b'"):
         TrainingArgs.from_dict({"b": 1, "a": 2})
