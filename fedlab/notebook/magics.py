@@ -9,6 +9,7 @@ IPython print a traceback a notebook user cannot act on).
 
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 import time
@@ -31,6 +32,8 @@ from fedlab.notebook.parsing import (
     parse,
 )
 from fedlab.notebook.session import Session
+
+log = logging.getLogger("fedlab.notebook")
 
 __all__ = ["FedMagics", "current_session", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -126,7 +129,7 @@ class FedMagics(Magics):
         self._show_budget(frame, fds)
         return self._store(args.out, frame)
 
-    def _show_budget(self, source: Any, fds: Any) -> None:
+    def _show_budget(self, source: Any, fds: Any, *, show: bool = True) -> None:
         """Update the session's budget panel from ``source`` and show it under this cell (the same widget: a
         panel shown by an earlier cell changes with it). Without ipywidgets the tables are all there is."""
         try:
@@ -137,7 +140,24 @@ class FedMagics(Magics):
             self.session.budget = BudgetPanel()
         frame = fds.to_frame()
         self.session.budget.update(source, dataset=dict(zip(frame["node"], frame["name"], strict=True)))
-        display(self.session.budget)
+        if show:
+            display(self.session.budget)
+
+    def _budget_after_rounds(self, exp: Any, panel: Any) -> Any:
+        """For a DP experiment: a progress panel that, after each round, also refreshes the budget panel from
+        the nodes' ledgers (a small request per round; a node that does not answer keeps its last figures)."""
+        if not (exp.training_args or {}).get("dp_args"):
+            return panel
+        researcher = self.session.researcher
+
+        def refresh() -> None:
+            try:
+                self._show_budget(researcher.privacy_budget(exp.fds), exp.fds, show=False)
+            except FedlabError as exc:  # the round's outcome stands; the panel just stays as it was
+                log.warning("could not refresh the privacy budget panel: %s", one_line(exc))
+
+        self._show_budget(researcher.privacy_budget(exp.fds), exp.fds)
+        return _RefreshAfterRound(panel, refresh)
 
     def _hist(self, args: Any, cell: str | None) -> pd.DataFrame:
         researcher = self.session.researcher
@@ -219,6 +239,7 @@ class FedMagics(Magics):
             exp.on_progress = panel.on_event
             self.session.progress[args.name] = panel
             display(panel)
+        panel = self._budget_after_rounds(exp, panel)
         if args.background:
             name = self.session.new_job_name(args.name)
             job = BackgroundTraining(exp, panel, name=name, plan=args.name)
@@ -318,3 +339,18 @@ def unload_ipython_extension(shell: Any) -> None:
     existing = shell.magics_manager.registry.get("FedMagics")
     if existing is not None:
         existing.session.close()
+
+
+class _RefreshAfterRound:
+    """A progress panel (or None) that also calls ``refresh`` after each round it is told about."""
+
+    def __init__(self, panel: Any, refresh: Any) -> None:
+        self._panel, self._refresh = panel, refresh
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._panel, name)
+
+    def round_done(self, rows: Any) -> None:
+        if self._panel is not None:
+            self._panel.round_done(rows)
+        self._refresh()

@@ -79,3 +79,44 @@ def test_dp_stats_and_budget_magics_follow_the_nodes_ledgers(ip, make_nodes, add
     out = capsys.readouterr().out
     row = next(line.split() for line in out.splitlines() if line.startswith("insecure"))
     assert row[1:8] == ["bc", "1.7", "2", "0.3", "0", "1e-06", "1"]
+
+
+DP_PLAN = '''
+class CancerDP(TorchTrainingPlan):
+    def init_model(self, model_args):
+        return nn.Linear(30, 1)
+
+    def training_data(self, dataset):
+        x = torch.log1p(torch.tensor(dataset.drop(columns="target").to_numpy("float32")))
+        return x, dataset["target"].to_numpy("float32")
+
+    def training_step(self, data, target):
+        return F.binary_cross_entropy_with_logits(self.model(data).squeeze(1), target)
+'''
+DP_TRAIN = ("--training-args '{\"epochs\": 1, \"batch_size\": 32, \"optimizer_args\": {\"lr\": 0.5}, "
+            "\"dp_args\": {\"type\": \"local\", \"sigma\": 1.0, \"clip\": 1.0}}'")
+
+
+@pytest.mark.timeout(300)
+def test_dp_training_refreshes_the_budget_panel_after_every_round(ip, make_nodes, address, monkeypatch):
+    pytest.importorskip("opacus")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from fedlab.node.dp_ledger import DPLedger
+    from fedlab.privacy.dp_rules import DPRules
+
+    nodes = make_nodes(2)
+    for node in nodes:
+        path = node.directory / "config.toml"
+        path.write_text(path.read_text().replace("require_approval = true", "require_approval = false"))
+        node.start()
+    ip.run_line_magic("fed", f"connect {address} --wait 2")
+    ip.run_cell_magic("fed", "plan dplin", DP_PLAN)
+    history = ip.run_line_magic("fed", f"train dplin --rounds 2 --tags {TAGS} {DP_TRAIN}")
+    assert (history["status"] == "ok").all() and history["epsilon"].notna().all()
+    panel = current_session(ip).budget
+    assert panel is not None and panel.updates >= 3  # shown before the first round, refreshed after each
+    spent = {node.directory.name: sum(r.epsilon_spent for r in DPLedger(node.directory / "node.db",
+                                                                       DPRules()).rows()) for node in nodes}
+    assert all(value > 0 for value in spent.values())
+    for (name, _), row in panel.rows.items():
+        assert row.bar.value == pytest.approx(spent[name])  # after round 2: what each node's ledger says
