@@ -24,8 +24,8 @@ import pandas as pd
 
 from fedlab.notebook.display import append
 
-__all__ = ["Form", "StatsForm", "columns_for", "fed_line", "parse_bins", "preprocess_form", "stats_form",
-           "tag_options", "train_form"]
+__all__ = ["Form", "StatsForm", "columns_for", "default_tag", "fed_line", "parse_bins", "preprocess_form",
+           "stats_form", "tag_options", "train_form"]
 
 FORM_STATS = ("count", "missing", "sum", "mean", "var", "std", "min", "max", "median", "quantiles")
 DEFAULT_STATS = ("count", "mean", "std")
@@ -45,6 +45,19 @@ def tag_options(datasets: pd.DataFrame) -> list[str]:
         for tag in tags:
             counts[tag] = counts.get(tag, 0) + 1
     return sorted(counts, key=lambda t: (-counts[t], t))
+
+
+def default_tag(datasets: pd.DataFrame) -> str | None:
+    """The tag a form starts on: the most widely held one that names one dataset per node.
+
+    A tag such as ``csv`` that several datasets of one node carry would make the form's first
+    search fail ("holds 2 datasets tagged ..."), so such tags are passed over.
+    """
+    for tag in tag_options(datasets):
+        holders = [node for node, tags in zip(datasets["node_id"], datasets["tags"], strict=True) if tag in tags]
+        if len(holders) == len(set(holders)):
+            return tag
+    return None
 
 
 def columns_for(datasets: pd.DataFrame, tags: Sequence[str]) -> list[str]:
@@ -113,7 +126,8 @@ class Form(w.VBox):
         options = tag_options(self.datasets)
         keep = tuple(t for t in self.tags.value if t in options)
         self.tags.options = options
-        self.tags.value = keep or tuple(options[:1])
+        first = default_tag(self.datasets)
+        self.tags.value = keep or ((first,) if first is not None else ())
         self.status.value = f"{self.datasets['node_id'].nunique() if len(self.datasets) else 0} nodes, " \
                             f"{len(self.datasets)} datasets"
 

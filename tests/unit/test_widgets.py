@@ -15,6 +15,7 @@ pytest.importorskip("matplotlib")
 from fedlab.notebook.approval import ApprovalPanel, operator_command, ready  # noqa: E402
 from fedlab.notebook.forms import (  # noqa: E402
     columns_for,
+    default_tag,
     fed_line,
     parse_bins,
     stats_form,
@@ -295,6 +296,21 @@ def test_tag_options_and_columns_come_from_the_dataset_list():
     assert columns_for(DATASETS, ["cancer"]) == ["age", "bmi"]
     assert columns_for(DATASETS, ["images", "cancer"]) == []
     assert fed_line("train", "p", "--model-args", '{"a": 1}') == """%fed train p --model-args '{"a": 1}'"""
+
+
+def test_the_form_starts_on_a_tag_that_names_one_dataset_per_node():
+    # The demo's case: every site holds two csv datasets, so "csv" (held most widely) must not be
+    # preselected: its equivalent %fed line would be refused ("holds 2 datasets tagged ['csv']").
+    demo = pd.DataFrame([
+        {"node_id": node, "node": node, "name": name, "tags": [name, "csv"], "columns": ["x"]}
+        for node in ("a", "b", "c") for name in ("breast-cancer", "diabetes")
+    ])
+    assert tag_options(demo)[0] == "csv"
+    assert default_tag(demo) == "breast-cancer"
+    assert default_tag(DATASETS) == "cancer"
+    only_shared = pd.DataFrame([{"node_id": "a", "node": "a", "name": n, "tags": ["csv"], "columns": []}
+                                for n in ("x", "y")])
+    assert default_tag(only_shared) is None
 
 
 def test_stats_form_builds_the_same_line_as_the_magic():
