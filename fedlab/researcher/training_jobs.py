@@ -138,6 +138,8 @@ class NodeRound:
     epsilon_spent: float | None = None
     epsilon_remaining: float | None = None
     code: str = ""  # a node's error code ("budget_exhausted", "disclosure_refused", ...)
+    device: str = ""  # where the round trained ("cpu", "cuda:0"), and why when not where use_gpu asked
+    device_note: str = ""
 
 
 class TrainingJob(Job):
@@ -308,7 +310,8 @@ class TrainingJob(Job):
             compute_seconds=r.compute_seconds, state_id=r.state_id,
             epsilon=None if dp is None else dp.epsilon, delta=None if dp is None else dp.delta,
             epsilon_spent=None if dp is None else dp.balance.epsilon_spent,
-            epsilon_remaining=None if dp is None else dp.balance.epsilon_remaining)
+            epsilon_remaining=None if dp is None else dp.balance.epsilon_remaining,
+            device=r.device, device_note=r.device_note)
 
     def _fold_masked(self, node_id: str, masked: np.ndarray) -> None:
         """Add a masked vector into the round's sum (mod 2**64, in place): one vector kept, not one per node."""

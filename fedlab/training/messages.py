@@ -52,6 +52,9 @@ PlanSource = Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]
 ClassName = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 Round = Annotated[int, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
+# Where a round trained: "cpu", "cuda:0"... ("" from a node that does not say).
+DeviceName = Annotated[str, msgspec.Meta(max_length=32, pattern=r"^([a-z]{1,16}(:[0-9]{1,3})?)?$")]
+Note = Annotated[str, msgspec.Meta(max_length=1024)]
 # Arguments are plain JSON-like values (msgpack builtins): never objects.
 Args = dict[Annotated[str, msgspec.Meta(max_length=256)], Any]
 
@@ -135,7 +138,11 @@ class TrainReply(Message, frozen=True):
 
     ``dp``: a round trained with ``training_args["dp_args"]`` says what it cost on the node's privacy
     budget (ε, δ, mechanism "dp-sgd" or "gaussian-update", the noise std) and what remains; such a
-    round sends no ``train_loss`` and no metrics."""
+    round sends no ``train_loss`` and no metrics.
+
+    ``device``: where the round trained (``"cpu"``, ``"cuda:0"``); ``device_note``: why, when that is not
+    what ``training_args["use_gpu"]`` asked for (a node without a GPU, or one whose operator set its
+    device; see docs/gpu.md)."""
 
     experiment_id: Name
     round: Round
@@ -153,6 +160,8 @@ class TrainReply(Message, frozen=True):
     masked: ArraySpec | None = None
     secagg_session: Annotated[str, msgspec.Meta(max_length=256)] = ""
     dp: DPSpent | None = None
+    device: DeviceName = ""
+    device_note: Note = ""
 
 
 class TrainProgress(Event, frozen=True):
