@@ -1,4 +1,4 @@
-"""Jobs: the seed's unit of federated work, with its names and meanings kept.
+"""Jobs: Fed-BioMed's unit of federated work, with its names and meanings kept.
 
 A job builds the messages for its nodes, sends them through ``Requests`` and reduces the
 replies; it never touches a socket. ``Job.RequestTimer`` measures, per node, the time from

@@ -1,8 +1,9 @@
 """A real JupyterLab, driven by Playwright through Debian's Chromium, against three real nodes.
 
-What works on these machines is in ../shared/guides/browser-and-notebook-testing.md: the system
-Chromium at /usr/bin/chromium (never `playwright install`), a `jupyter lab` subprocess with its
-own config/data/runtime dirs and a token, and waiting for the kernel's websocket before Run All.
+What it takes (docs/testing.md says more): the system Chromium at /usr/bin/chromium, from
+Debian's packages (never `playwright install`, which downloads a browser of its own), a
+`jupyter lab` subprocess with its own config/data/runtime dirs and a token, and waiting for the
+kernel's websocket before Run All.
 Screenshots go to tests/browser/artifacts/ (gitignored) so a failure can be looked at.
 """
 

@@ -1,4 +1,4 @@
-"""The package's public surface and its layering rules (ARCHITECTURE.md), checked mechanically."""
+"""The package's public surface and its layering rules (docs/architecture.md), checked mechanically."""
 
 from __future__ import annotations
 
