@@ -30,7 +30,9 @@ class TrainingArgs:
     ``num_updates``, when set, is the number of optimizer steps and overrides ``epochs``.
     ``test_ratio`` of the rows (the same rows every round, drawn from ``seed``) are held out
     for validation, before local training (``test_on_global_updates``) and after it
-    (``test_on_local_updates``). ``fedprox_mu`` adds FedProx's proximal term.
+    (``test_on_local_updates``). ``fedprox_mu`` adds FedProx's proximal term. ``use_gpu`` asks to
+    train on the node's GPU, which the node's ``device`` setting allows or not (docs/gpu.md); the
+    reply says which device trained.
     """
 
     epochs: int = 1
@@ -45,6 +47,7 @@ class TrainingArgs:
     progress_interval: float = 0.25
     shuffle: bool = True
     dp_args: dict[str, Any] | None = None
+    use_gpu: bool = False
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> TrainingArgs:
@@ -98,7 +101,7 @@ def _check(key: str, value: Any) -> Any:
         if not _is_number(value) or not value >= 0:
             raise bad("a number >= 0" + (" or None" if key == "fedprox_mu" else ""))
         return float(value)
-    if key in ("test_on_global_updates", "test_on_local_updates", "shuffle"):
+    if key in ("test_on_global_updates", "test_on_local_updates", "shuffle", "use_gpu"):
         if not isinstance(value, bool | np.bool_):
             raise bad("True or False")
         return bool(value)
@@ -134,7 +137,8 @@ class RoundResult:
 
     ``params`` are the shared ``state_dict`` entries after training (``{}`` when only
     validating); ``aux_vars`` are the aggregators' auxiliary variables, e.g.
-    ``{"scaffold": {name: delta_c}}``.
+    ``{"scaffold": {name: delta_c}}``. ``device`` is where the round trained (``"cpu"``, ``"cuda:0"``)
+    and ``device_note`` why, when that is not what ``use_gpu`` asked for.
     """
 
     params: dict[str, np.ndarray]
@@ -148,3 +152,5 @@ class RoundResult:
     state_arrays: dict[str, np.ndarray]
     state_meta: dict[str, Any]
     compute_seconds: float
+    device: str = "cpu"
+    device_note: str = ""

@@ -12,7 +12,9 @@ A plan's ``training_data`` may return ``(X, y)`` (arrays, tensors or pandas obje
 torch ``Dataset``. Arrays are batched by indexing whole tensors, which is much faster than
 a ``DataLoader`` fetching and collating one row at a time; a ``Dataset`` goes through a
 ``DataLoader`` with ``num_workers=0``. Both shuffle with the generator the loop passes in,
-so the order of batches is a function of the seed and the round only.
+so the order of batches is a function of the seed and the round only. On a GPU (``PlanData.place``)
+the batches are on the device: ``(X, y)`` up to 1 GiB moved there whole once, larger ones and a
+``Dataset``'s batches moved one batch at a time.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from fedlab.errors import FedlabTrainingError
 
-__all__ = ["PlanData", "batch_size_of", "load_params", "model_params", "shared_param_names", "to_tensor",
-           "torch_dtype"]
+__all__ = ["PlanData", "batch_size_of", "load_params", "model_params", "shared_param_names", "to_device",
+           "to_tensor", "torch_dtype"]
+
+_RESIDENT_BYTES = 1 << 30  # a plan's (X, y) up to this size moves to the training device whole, once per round
 
 
 def shared_param_names(model: torch.nn.Module, share_persistent_buffers: bool) -> list[str]:
@@ -71,7 +75,8 @@ def load_params(model: torch.nn.Module, params: Mapping[str, np.ndarray], names:
     contiguous CPU tensor, becomes that tensor's memory instead of being copied (``tensor.data``
     is replaced; the Parameter object stays, so an optimizer made afterwards, and tied weights,
     see it). The model then reads and writes the caller's memory: only for a caller that owns
-    the arrays and leaves them to the model. Others (a cast, a non-contiguous tensor) are copied.
+    the arrays and leaves them to the model. Others (a cast, a non-contiguous tensor, a tensor on
+    a GPU) are copied; to a GPU straight from the array.
     """
     missing = [n for n in names if n not in params]
     expected = set(names)
@@ -99,6 +104,8 @@ def load_params(model: torch.nn.Module, params: Mapping[str, np.ndarray], names:
                 tensor.data = torch.from_numpy(array)
             elif tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:  # numpy has no bfloat16
                 np.copyto(tensor.detach().numpy(), array, casting="unsafe")
+            elif array.flags.writeable and torch_dtype(array.dtype) is not None:
+                tensor.copy_(torch.from_numpy(array))  # straight from the frame to the device (or a cast)
             else:
                 tensor.copy_(torch.tensor(array))
 
@@ -118,6 +125,20 @@ def _adoptable(array: np.ndarray, tensor: torch.Tensor) -> bool:
             and array.dtype.isnative and type(tensor) in (torch.Tensor, torch.nn.Parameter)
             and tensor.layout == torch.strided and tensor.device.type == "cpu" and tensor.is_contiguous()
             and torch_dtype(array.dtype) == tensor.dtype)
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with its tensors on ``device``: a tensor, or lists, tuples and dicts of them (as a
+    ``Dataset``'s batches may be); anything else is returned as it is. A no-op where they already are."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(to_device(v, device) for v in value))
+    if isinstance(value, list | tuple):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def to_tensor(value: Any, what: str) -> torch.Tensor:
@@ -156,6 +177,7 @@ class PlanData:
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
         self.dataset: Dataset[Any] | None = None
+        self.device: torch.device | None = None  # where batches go (None: where they are)
         if isinstance(returned, tuple) and len(returned) == 2:
             self.x, self.y = to_tensor(returned[0], "X"), to_tensor(returned[1], "y")
             if self.x.dim() == 0 or self.y.dim() == 0 or len(self.x) != len(self.y):
@@ -173,17 +195,36 @@ class PlanData:
                 f"not {type(returned).__name__}"
             )
 
+    def place(self, device: torch.device) -> None:
+        """Give batches on ``device`` from now on; ``(X, y)`` small enough move there whole, now."""
+        self.device = device
+        if self.x is not None and self.y is not None and (self.x.device != device or self.y.device != device):
+            size = self.x.element_size() * self.x.nelement() + self.y.element_size() * self.y.nelement()
+            if size <= _RESIDENT_BYTES:
+                self.x, self.y = self.x.to(device), self.y.to(device)
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows ``index`` (an int64 tensor) of ``(X, y)`` as one batch, on the device of ``place``."""
+        assert self.x is not None and self.y is not None
+        x, y = self.x, self.y
+        data = x[index if index.device == x.device else index.to(x.device)]
+        target = y[index if index.device == y.device else index.to(y.device)]
+        if self.device is None:
+            return data, target
+        return to_device(data, self.device), to_device(target, self.device)
+
     def batches(
         self, indices: np.ndarray, batch_size: int, shuffle: bool, generator: torch.Generator
     ) -> Iterator[tuple[Any, Any]]:
-        """``(data, target)`` batches over ``indices``, in an order drawn from ``generator``."""
+        """``(data, target)`` batches over ``indices``, in an order drawn from ``generator`` (a CPU one:
+        the order is the same on every device)."""
         if self.x is not None and self.y is not None:
             order = torch.from_numpy(np.array(indices, dtype=np.int64))
             if shuffle:
                 order = order[torch.randperm(len(order), generator=generator)]
+            order = order.to(self.x.device)  # (X, y) moved to a GPU whole: the rows are picked there
             for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                yield self.x[rows], self.y[rows]
+                yield self.rows(order[start : start + batch_size])
             return
         assert self.dataset is not None
         loader = DataLoader(
@@ -200,7 +241,10 @@ class PlanData:
                     f"got batches of type {type(batch).__name__}"
                     + (f" with {len(batch)} items" if isinstance(batch, list | tuple) else "")
                 )
-            yield batch[0], batch[1]
+            if self.device is None:
+                yield batch[0], batch[1]
+            else:
+                yield to_device(batch[0], self.device), to_device(batch[1], self.device)
 
 
 def batch_size_of(target: Any) -> int:

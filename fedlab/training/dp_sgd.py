@@ -24,6 +24,7 @@ from the round's seed: a researcher who knows ``seed`` (it is in the training ar
 otherwise regenerate the noise and subtract it. DP rounds are therefore not reproducible to the bit,
 unlike other rounds. The generators themselves are torch's and numpy's (not cryptographic), and
 Opacus' ``secure_mode`` (noise robust to floating-point attacks) needs torchcsprng and is not used.
+On a GPU the noise is drawn there (a generator on the device); the Poisson sampling stays on the CPU.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch.utils.data import default_collate
 
 from fedlab.errors import FedlabError, FedlabTrainingError
 from fedlab.privacy.dp_training import DPArgs, clip_and_noise, planned_steps, sample_rate
+from fedlab.training.convert import to_device
 from fedlab.training.source import call_plan, plan_error
 from fedlab.training.steps import RoundContext, _loss_of, _stop_check
 
@@ -48,8 +50,9 @@ __all__ = ["DPGate", "check_model", "noise_update", "train_local"]
 DPGate = Callable[[int], None]  # called with the number of training rows; raises to refuse the round
 
 
-def _secret_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def _secret_generator(device: torch.device | None = None) -> torch.Generator:
+    """A generator seeded from ``secrets``, on ``device`` (the noise is drawn where the gradients are)."""
+    return torch.Generator(device=device if device is not None else "cpu").manual_seed(secrets.randbits(63))
 
 
 def check_model(plan_cls: type, model: torch.nn.Module) -> None:
@@ -71,8 +74,7 @@ def _batch(ctx: RoundContext, rows: np.ndarray) -> tuple[Any, Any]:
     """The rows ``rows`` as one ``(data, target)`` batch."""
     data = ctx.data
     if data.x is not None and data.y is not None:
-        index = torch.from_numpy(rows.astype(np.int64))
-        return data.x[index], data.y[index]
+        return data.rows(torch.from_numpy(rows.astype(np.int64)))
     assert data.dataset is not None
     dataset = data.dataset
     try:
@@ -84,7 +86,7 @@ def _batch(ctx: RoundContext, rows: np.ndarray) -> tuple[Any, Any]:
     if not isinstance(batch, list | tuple) or len(batch) != 2:
         raise FedlabTrainingError("the Dataset returned by training_data must yield (data, target) pairs, "
                                   f"got batches of type {type(batch).__name__}")
-    return batch[0], batch[1]
+    return to_device(batch[0], ctx.device), to_device(batch[1], ctx.device)
 
 
 def train_local(ctx: RoundContext, train_idx: np.ndarray, dp: DPArgs, fedprox_mu: float | None,
@@ -110,7 +112,7 @@ def train_local(ctx: RoundContext, train_idx: np.ndarray, dp: DPArgs, fedprox_mu
                                   f"{exc}") from None
     optimizer = DPOptimizer(plan.optimizer, noise_multiplier=dp.sigma, max_grad_norm=dp.clip,
                             expected_batch_size=max(1, round(q * n)), loss_reduction="mean",
-                            generator=_secret_generator())
+                            generator=_secret_generator(ctx.device))
     names = {id(p): name for name, p in ctx.trainable}
     anchors = {id(p): p.detach().clone() for _, p in ctx.trainable} if fedprox_mu else {}
 
@@ -157,7 +159,7 @@ def _steps(ctx: RoundContext, train_idx: np.ndarray, q: float, total: int, optim
             call_plan(ctx.plan_cls, "training_step (in loss.backward())", loss.backward)
         else:
             for p in optimizer.params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         _step(ctx, optimizer)
         ctx.report("training", epoch, n_epochs, step, total, None, step % per_epoch == 0 or step == total)
 
@@ -195,4 +197,5 @@ def noise_update(ctx: RoundContext, names: list[str], before: Mapping[str, torch
     noisy, _ = clip_and_noise(update, sigma=dp.sigma, clip=dp.clip, rng=rng)
     with torch.no_grad():
         for name, delta in noisy.items():
-            state[name].copy_(before[name].to(torch.float64) + torch.from_numpy(delta))
+            start = before[name].to(torch.float64)
+            state[name].copy_(start + torch.from_numpy(delta).to(start.device))

@@ -9,6 +9,12 @@ The caller's torch random state is left as it was.
 A plan's exceptions never escape raw: each call into plan code is wrapped so that the
 error names the plan method, the exception and the plan line (``source.plan_error``). The
 iterations themselves (training steps, validation) are in ``fedlab.training.steps``.
+
+A round trains on the device the operator's setting and ``use_gpu`` choose
+(``fedlab.training.device``): the model, its optimizer state, Scaffold's control variates,
+FedProx's anchors and the batches are there, and the parameters come back as CPU arrays
+(``fedlab.training.placement``). Rounds on the CPU are reproducible to the bit; on a GPU they agree
+with them to rounding, not to the bit.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from fedlab.errors import FedlabError, FedlabTrainingError
 from fedlab.privacy.dp_training import LOCAL, DPArgs, parse_dp_args
 from fedlab.training.args import Progress, RoundResult, TrainingArgs
 from fedlab.training.convert import PlanData, load_params, model_params, shared_param_names, torch_dtype
+from fedlab.training.device import AUTO, CPU, DeviceChoice, check_device_setting, choose_device
+from fedlab.training.placement import is_host, params_to_host, seed_device, torch_device
 from fedlab.training.source import call_plan, plan_error
 from fedlab.training.state import load_optimizer_state, optimizer_state
 from fedlab.training.steps import Reporter, RoundContext, train, validate
@@ -56,14 +64,15 @@ def split_indices(n: int, test_ratio: float, seed: int) -> tuple[np.ndarray, np.
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
-def _new_model(plan_cls: type, model_args: Mapping[str, Any]) -> Any:
+def _new_model(plan_cls: type, model_args: Mapping[str, Any], device: torch.device | None = None) -> Any:
     plan = call_plan(plan_cls, "__init__", plan_cls)
+    plan.device = device if device is not None else torch.device("cpu")  # where the round trains, for the plan
     model = call_plan(plan_cls, "init_model", plan.init_model, dict(model_args))
     return _attach(plan_cls, plan, model)
 
 
 def _model_to_overwrite(plan_cls: type, model_args: Mapping[str, Any], params: Mapping[str, np.ndarray],
-                        share_persistent_buffers: bool) -> Any:
+                        share_persistent_buffers: bool, device: torch.device) -> Any:
     """A plan whose model will be overwritten entirely by ``params``: skip its random initialisation.
 
     Initialising a model draws every weight (a quarter of a second for 25M parameters), only
@@ -71,20 +80,41 @@ def _model_to_overwrite(plan_cls: type, model_args: Mapping[str, Any], params: M
     "meta" device (shapes, no data) and given uninitialised memory, which ``load_params``
     then fills. Only when every entry of the model is among ``params``; otherwise (entries
     that do not travel, or an ``init_model`` that cannot run on the meta device) the model
-    is built the ordinary way.
+    is built the ordinary way, on the CPU. The memory is on ``device``: a GPU's is filled
+    straight from ``params``.
     """
     try:
         with torch.device("meta"):
-            plan = _new_model(plan_cls, model_args)
+            plan = _new_model(plan_cls, model_args, device)
         model = plan.model
         entries = set(model.state_dict())
         covered = entries <= set(params) and all(n in entries for n, _ in model.named_buffers())
         if covered and set(shared_param_names(model, share_persistent_buffers)) == entries:
-            plan.model = model.to_empty(device="cpu")
+            plan.model = model.to_empty(device=device)
             return plan
     except FedlabError:
         pass
-    return _new_model(plan_cls, model_args)
+    return _new_model(plan_cls, model_args, device)
+
+
+def _placed_model(plan_cls: type, model_args: Mapping[str, Any], params: Mapping[str, np.ndarray] | None,
+                  share_persistent_buffers: bool, adopt: bool, device: torch.device) -> Any:
+    """The round's plan with its model on ``device``, holding ``params`` when given.
+
+    On the CPU, ``adopt`` makes the received arrays the model's memory; elsewhere they are copied
+    to the device (and the trained values copied back into them at the end, ``params_to_host``)."""
+    if params is None:
+        plan = _new_model(plan_cls, model_args, device)
+    else:
+        plan = _model_to_overwrite(plan_cls, model_args, params, share_persistent_buffers, device)
+        load_params(plan.model, params, shared_param_names(plan.model, share_persistent_buffers),
+                    adopt=adopt and is_host(device))
+    try:
+        plan.model.to(device)  # a no-op for what is there already
+    except RuntimeError as exc:
+        raise FedlabTrainingError(f"training plan {plan_cls.__name__}'s model cannot be moved to {device}: "
+                                  f"{exc}") from None
+    return plan
 
 
 def _attach(plan_cls: type, plan: Any, model: Any) -> Any:
@@ -158,6 +188,8 @@ def run_round(
     should_stop: Callable[[], bool] | None = None,
     adopt_params: bool = False,
     dp_gate: Callable[[int], None] | None = None,
+    device_setting: str = AUTO,
+    device_owner: str = "this machine",
 ) -> RoundResult:
     """Train (or only validate) ``plan_cls`` on ``dataset`` for one round, starting from ``params``.
 
@@ -175,13 +207,20 @@ def run_round(
     round then releases no loss (``train_loss`` and the progress events' loss are None), its noise is
     drawn from a secret seed (not reproducible), and ``dp_gate(n_train)`` is called before any training
     step: the node checks its privacy budget there, and refuses the round by raising.
+
+    ``device_setting`` is the rule of the machine's operator (``"auto"``, ``"cpu"``, ``"cuda[:N]"``),
+    within which ``training_args["use_gpu"]`` picks the device (``fedlab.training.device``; ``device_owner``
+    names the machine in its notes and errors). The result says which device trained, and why when that
+    is not the one asked for. On a GPU the parameters are copied back into ``params`` with ``adopt_params``.
     """
     started = time.perf_counter()
     args = TrainingArgs.from_dict(training_args)
     if args.dp_args is not None and progress is not None:
         progress = _without_loss(progress)
+    choice = _choose(device_setting, args.use_gpu, device_owner)
+    device = torch_device(choice.device)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             result = _run(
                 plan_cls, dataset, round, args, model_args, params,
                 scaffold=(aggregator_args or {}).get("name") == "scaffold",
@@ -193,13 +232,23 @@ def run_round(
                 should_stop=should_stop,
                 adopt=adopt_params,
                 dp_gate=dp_gate,
+                device=device,
             )
     except FedlabError:
         raise
     except (Exception, SystemExit) as exc:  # a plan bug surfacing in the loop is still the plan's error
         raise plan_error(plan_cls, None, exc) from exc
     result.compute_seconds = time.perf_counter() - started
+    result.device, result.device_note = str(device), choice.note
     return result
+
+
+def _choose(setting: str, use_gpu: bool, owner: str) -> DeviceChoice:
+    """The device of a round; torch counts the GPUs only where one may be used, so CUDA is not touched
+    otherwise (a torch without CUDA counts 0)."""
+    setting = check_device_setting(setting)
+    count = torch.cuda.device_count() if setting != CPU and (use_gpu or setting != AUTO) else 0
+    return choose_device(setting, use_gpu, count, owner=owner)
 
 
 def _run(
@@ -207,20 +256,17 @@ def _run(
     params: Mapping[str, np.ndarray] | None, *, scaffold: bool, aux_vars: Mapping[str, Mapping[str, np.ndarray]],
     state: tuple[dict[str, np.ndarray], dict[str, Any]], do_training: bool, share_persistent_buffers: bool,
     report: Reporter, should_stop: Callable[[], bool] | None, adopt: bool,
-    dp_gate: Callable[[int], None] | None,
+    dp_gate: Callable[[int], None] | None, device: torch.device,
 ) -> RoundResult:
     seed = args.seed * _SEED_STRIDE + round_
     torch.default_generator.manual_seed(seed)
-    if params is None:
-        plan = _new_model(plan_cls, model_args)
-    else:
-        plan = _model_to_overwrite(plan_cls, model_args, params, share_persistent_buffers)
+    seed_device(device, seed)
+    plan = _placed_model(plan_cls, model_args, params, share_persistent_buffers, adopt, device)
     names = shared_param_names(plan.model, share_persistent_buffers)
-    if params is not None:
-        load_params(plan.model, params, names, adopt=adopt)
     data = PlanData(call_plan(plan_cls, "training_data", plan.training_data, dataset))
+    data.place(device)
     trainable = [(n, p) for n, p in plan.model.named_parameters() if p.requires_grad]
-    ctx = RoundContext(plan_cls, plan, args, data, round_, seed, report, should_stop, trainable)
+    ctx = RoundContext(plan_cls, plan, args, data, round_, seed, report, should_stop, trainable, device)
     train_idx, test_idx = split_indices(data.n, args.test_ratio, args.seed)
     before: dict[str, float] = {}
     if len(test_idx) and (args.test_on_global_updates or not do_training):
@@ -255,7 +301,7 @@ def _run(
             c_new = c_i[name] - c[name] + (x[name] - param.detach()) / (n_updates * lr)
             aux["scaffold"][name] = (c_new - c_i[name]).cpu().numpy()  # fresh tensors: no copy needed
             new_state[_SCAFFOLD + name] = c_new.cpu().numpy()
-    shared = model_params(plan.model, names, copy=False)  # the model is dropped after the round: no copy
+    shared = params_to_host(plan.model, names, params, adopt)  # the model is dropped after the round: no copy
     return RoundResult(shared, len(train_idx), len(test_idx), n_updates, train_loss,
                        before, after, aux, new_state, {"optimizer": opt_meta}, 0.0)
 

@@ -8,6 +8,9 @@ and the same plan gives the same result on a node and in a ``LocalJob``.
 A plan travels to nodes as source text (``fedlab.training.source``), so everything it uses
 must be importable there: the module prelude imports ``numpy as np``, ``torch``, ``nn``,
 ``F`` and ``TorchTrainingPlan``; add other import lines to ``dependencies``.
+
+The loop moves the model and the batches to the round's device (a node's GPU with
+``use_gpu=True``, see docs/gpu.md); a plan never moves anything itself.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class TorchTrainingPlan:
     def __init__(self) -> None:
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        #: Where the round trains (set by the loop before ``init_model``): the model and the batches are
+        #: there. A plan that makes tensors of its own in ``training_step`` makes them here
+        #: (``torch.zeros(n, device=self.device)``), so that it runs on a node's GPU as on the CPU.
+        self.device: torch.device = torch.device("cpu")
 
     def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
         """Build the model from ``model_args`` (the same on every node). Required."""

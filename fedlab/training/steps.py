@@ -5,7 +5,9 @@ hands the iterations to ``train`` and ``validate``. Every batch polls ``should_s
 so a cancelled round stops within one batch, and reports progress through a throttled
 ``Reporter`` whose events are forced at the end of every epoch so a progress bar always
 completes. Calls into the plan go through ``call_plan``, so a plan's exception becomes a
-``FedlabTrainingError`` naming the plan method and line.
+``FedlabTrainingError`` naming the plan method and line. The batches, the model and the
+corrections are on ``RoundContext.device``; the batch order is drawn on the CPU, the same
+on every device.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from fedlab.errors import FedlabError, FedlabRequestStopped, FedlabTrainingError
 from fedlab.training.args import Progress, TrainingArgs
 from fedlab.training.convert import PlanData, batch_size_of
+from fedlab.training.placement import seed_device
 from fedlab.training.source import call_plan, plan_error
 
 __all__ = ["Reporter", "RoundContext", "train", "validate"]
@@ -33,12 +36,14 @@ class Reporter:
     def __init__(self, callback: Callable[[Progress], None] | None, interval: float, round_: int) -> None:
         self.callback, self.interval, self.round, self.last = callback, interval, round_, -math.inf
 
-    def __call__(self, phase: str, epoch: int, n_epochs: int, it: int, n_it: int, loss: float | None,
-                 force: bool) -> None:
+    def __call__(self, phase: str, epoch: int, n_epochs: int, it: int, n_it: int,
+                 loss: float | torch.Tensor | None, force: bool) -> None:
+        """``loss`` may be a tensor on a GPU: read (a wait for the GPU) only when an event goes out."""
         now = time.monotonic()
         if self.callback is not None and (force or now - self.last >= self.interval):
             self.last = now
-            self.callback(Progress(self.round, phase, epoch, n_epochs, it, n_it, loss))
+            value = float(loss) if isinstance(loss, torch.Tensor) else loss
+            self.callback(Progress(self.round, phase, epoch, n_epochs, it, n_it, value))
 
 
 @dataclass
@@ -54,6 +59,7 @@ class RoundContext:
     report: Reporter
     should_stop: Callable[[], bool] | None
     trainable: list[tuple[str, torch.nn.Parameter]] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the model and batches are
 
 
 def _stop_check(should_stop: Callable[[], bool] | None, where: str) -> None:
@@ -139,10 +145,14 @@ def train(
     anchors = [(p, p.detach().clone()) for _, p in ctx.trainable] if fedprox_mu else []
     generator = torch.Generator().manual_seed(ctx.seed)
     # dropout & co. do not depend on what init_model or training_data drew; the CPU generator only:
-    # torch.manual_seed would also queue CUDA seeding, which costs milliseconds per call
+    # torch.manual_seed would also queue CUDA seeding, which costs milliseconds per call; on a GPU its
+    # own generator (dropout there draws from it)
     torch.default_generator.manual_seed(ctx.seed)
+    seed_device(ctx.device, ctx.seed)
     plan.model.train()
-    step, loss_sum = 0, 0.0
+    lazy = ctx.device.type != "cpu"  # on a GPU the loss is summed there: reading it every step would wait for it
+    step = 0
+    loss_sum: float | torch.Tensor = 0.0
     for epoch in range(1, n_epochs + 1):
         batches = ctx.data.batches(train_idx, args.batch_size, args.shuffle, generator)
         for in_epoch in range(1, per_epoch + 1):
@@ -154,7 +164,7 @@ def train(
                 break
             plan.optimizer.zero_grad()
             loss = _loss_of(ctx, batch)
-            value = float(loss.item())
+            value: float | torch.Tensor = loss.detach().double() if lazy else float(loss.item())
             if fedprox_mu:
                 loss = loss + fedprox_mu / 2 * sum((p - g).pow(2).sum() for p, g in anchors)
             call_plan(plan_cls, "training_step (in loss.backward())", loss.backward)
@@ -168,4 +178,4 @@ def train(
             step += 1
             loss_sum += value
             ctx.report("training", epoch, n_epochs, step, total, value, in_epoch == per_epoch or step == total)
-    return step, (loss_sum / step if step else None)
+    return step, (float(loss_sum) / step if step else None)
