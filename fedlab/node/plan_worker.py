@@ -19,7 +19,10 @@ result's frames are views of the node's own mapping of the file, handed to the n
 are (no copy out, but for what the worker had to write there). The network holds those views
 until the reply is sent, so an arena is reused only once they are all gone: the node keeps two,
 used alternately when a reply is still queued as the next round starts, and a third, dropped
-after its round, when both are.
+after its round, when both are. A round on a GPU copies the frames to the device and the trained
+parameters back into the same frames (``fedlab.training.placement``): they stay in place all the same.
+The worker is started with the node's ``device`` setting, so that a GPU the node always trains on is
+set up with torch, before the first round.
 """
 
 from __future__ import annotations
@@ -83,9 +86,10 @@ class PlanWorker:
     """One warm training worker process, started on demand and replaced after it is killed."""
 
     def __init__(self, *, node_name: str, threads: int = 0, start_timeout: float = 300.0,
-                 cancel_grace: float = 5.0) -> None:
+                 cancel_grace: float = 5.0, device: str = "auto") -> None:
         self.node_name = node_name
         self.threads = threads
+        self.device = device  # the node's device setting; a GPU it names is warmed up with torch
         self.start_timeout = start_timeout
         self.cancel_grace = cancel_grace
         self.ready: Ready | None = None
@@ -109,7 +113,8 @@ class PlanWorker:
             ours, theirs = socket.socketpair()
             self._scratch = tempfile.mkdtemp(prefix="fedlab-plan-")
             command = [sys.executable, "-m", "fedlab.training.worker", "--fd", str(theirs.fileno()),
-                       "--parent", str(os.getpid()), "--name", self.node_name, "--threads", str(self.threads)]
+                       "--parent", str(os.getpid()), "--name", self.node_name, "--threads", str(self.threads),
+                       "--device", self.device]
             try:
                 self._proc = subprocess.Popen(command, pass_fds=(theirs.fileno(),), cwd=self._scratch,
                                               stdin=subprocess.DEVNULL, start_new_session=True)
@@ -131,8 +136,15 @@ class PlanWorker:
                     "node's Python environment") from exc
             assert isinstance(message, Ready), message
             self.ready = message
-            log.info("torch %s loaded for training in %.1f s, in training worker process %d (%d threads)",
-                     message.torch_version, message.seconds, self._proc.pid, message.threads)
+            gpus = "" if self.device == "cpu" else (
+                f", {message.cuda_devices} CUDA GPU{'' if message.cuda_devices == 1 else 's'} seen")
+            log.info("torch %s loaded for training in %.1f s, in training worker process %d (%d threads, device = "
+                     "%s%s)", message.torch_version, message.seconds, self._proc.pid, message.threads, self.device,
+                     gpus)
+            if self.device.startswith("cuda") and int(self.device.partition(":")[2] or 0) >= message.cuda_devices:
+                log.warning("config.toml sets device = %r, but torch sees %d CUDA GPU%s: training rounds will fail "
+                            "until device is \"auto\" or \"cpu\", or the GPU is usable", self.device,
+                            message.cuda_devices, "" if message.cuda_devices == 1 else "s")
             return message
 
     def run(self, job: RunRound, buffers: Sequence[bytes | memoryview], *, timeout: float,

@@ -20,6 +20,10 @@ Differential privacy (``training_args["dp_args"]``): the worker trains privately
 and noised update); the node's budget is checked before the first step and spent before the reply
 leaves (:mod:`fedlab.node.dp_rounds`). On a node with ``require_dp``, training rounds without
 ``dp_args`` and validation-only rounds (their metrics are exact) are refused.
+
+Devices: the node's ``device`` setting (config.toml) goes with every round, and the worker trains where
+it and ``training_args["use_gpu"]`` say (``fedlab.training.device``); the reply names the device, with
+a note when it is not the one asked for (no GPU here, or the operator's rule), and the node logs it.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ log = logging.getLogger("fedlab.node")
 Emit = Callable[[Envelope], None]
 HandlerResult = Message | tuple[Message, Sequence[bytes | memoryview]]
 DEFAULT_TIMEOUT = 3600.0  # seconds a round may take (node config `training_timeout`)
+_NOTE_CHARS = 1024  # TrainReply.device_note's bound
 
 
 class TrainingHandler:
@@ -84,6 +89,7 @@ class TrainingHandler:
     privacy: DPRules = DPRules()
     dp_ledger: DPLedger | None = None
     peer: str = "insecure"
+    _device: str = "auto"
 
     def __init__(
         self,
@@ -97,6 +103,7 @@ class TrainingHandler:
         emit: Emit | None = None,
         approvals: ApprovalRegistry | None = None,
         states: StateStore | None = None,
+        device: str = "auto",
     ) -> None:
         self.registry = registry
         self.approvals = approvals or ApprovalRegistry(registry.db_path)
@@ -108,11 +115,24 @@ class TrainingHandler:
         self.timeout = timeout  # seconds a round may take before its worker is killed
         self.emit = emit
         self.worker = PlanWorker(node_name=name, threads=threads)
+        self.device = device  # the node's device setting (config.toml), sent with every round
         self._lock = threading.Lock()
         self._cancel: dict[str, threading.Event] = {}
         self._warm = False
         self.secagg: SecaggHandler | None = None  # set by the dispatcher: secure aggregation of rounds
         self._vectors: list[Any] = []  # masked vectors, reused once nothing (a queued frame) holds them
+
+    @property
+    def device(self) -> str:
+        """The node's device setting (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; see docs/gpu.md)."""
+        return self._device
+
+    @device.setter
+    def device(self, setting: str) -> None:
+        from fedlab.training.device import check_device_setting
+
+        self._device = check_device_setting(setting)
+        self.worker.device = self._device  # a worker started from now on warms that GPU up
 
     # -- approval ------------------------------------------------------------------------------
     def approve_request(self, envelope: Envelope) -> HandlerResult:
@@ -235,7 +255,8 @@ class TrainingHandler:
             model_args=dict(request.model_args), training_args=dict(request.training_args),
             aggregator_args=dict(request.aggregator_args), params=list(request.params),
             aux_vars={k: list(v) for k, v in request.aux_vars.items()}, state=state,
-            do_training=request.do_training, share_persistent_buffers=request.share_persistent_buffers)
+            do_training=request.do_training, share_persistent_buffers=request.share_persistent_buffers,
+            device=self.device)
 
         def progress(p: RoundProgress) -> None:
             self._send_event(envelope, TrainProgress(
@@ -265,9 +286,11 @@ class TrainingHandler:
         state_id = request.state_id
         if result.state is not None:
             state_id = self.states.put(result.state, request.experiment_id, record.dataset_id)
-        log.info("round %d of %s done: %d samples, %d updates in %.2f s%s", request.round, request.experiment_id,
-                 result.n_samples, result.n_updates, result.compute_seconds,
+        log.info("round %d of %s done on %s: %d samples, %d updates in %.2f s%s", request.round,
+                 request.experiment_id, result.device, result.n_samples, result.n_updates, result.compute_seconds,
                  f" ({' and '.join(result.loaded)} loaded)" if result.loaded else "")
+        if result.device_note:
+            log.warning("round %d of %s: %s", request.round, request.experiment_id, result.device_note)
         if request.secagg is not None and request.do_training:
             reply, out = self._masked_reply(request, record.dataset_id, result, buffers, state_id)
         else:
@@ -277,7 +300,7 @@ class TrainingHandler:
                 n_updates=result.n_updates, train_loss=result.train_loss,
                 metrics_before=dict(result.metrics_before), metrics_after=dict(result.metrics_after),
                 aux_vars={k: list(v) for k, v in result.aux_vars.items()}, compute_seconds=result.compute_seconds,
-                state_id=state_id), buffers
+                state_id=state_id, device=result.device, device_note=result.device_note[:_NOTE_CHARS]), buffers
         if account is not None:  # the spend commits here, last: the reply leaves only once it is recorded
             reply = msgspec.structs.replace(reply, dp=account.spend(result.n_updates, envelope.msg_id))
         return reply, out
@@ -317,7 +340,8 @@ class TrainingHandler:
             n_samples=0, n_test_samples=result.n_test_samples, n_updates=result.n_updates,
             train_loss=result.train_loss, metrics_before=dict(result.metrics_before),
             metrics_after=dict(result.metrics_after), compute_seconds=result.compute_seconds, state_id=state_id,
-            masked=ArraySpec(buffer=0, dtype="uint64", shape=[int(vector.size)]), secagg_session=secagg.session_id)
+            masked=ArraySpec(buffer=0, dtype="uint64", shape=[int(vector.size)]), secagg_session=secagg.session_id,
+            device=result.device, device_note=result.device_note[:_NOTE_CHARS])
         return reply, [memoryview(vector.data).cast("B")]
 
     def _free_vector(self, length: int) -> Any:

@@ -18,6 +18,10 @@ training loop at its next iteration. The worker ends when the node closes its so
 A DP round (``dp_args``) asks the node, before its first step, whether its privacy budget pays for the
 round on that many rows (``DPPlanned``), and trains only once the node said go (``DPGo``): the reader
 thread hands the answer over.
+
+A round trains on the device the node's ``device`` setting (sent with every round) and its ``use_gpu``
+choose (``fedlab.training.device``); a GPU the setting names is set up at warm-up, so that its first
+round does not pay for CUDA's start.
 """
 
 from __future__ import annotations
@@ -68,10 +72,11 @@ _POLL_S = 0.1
 class Worker:
     """Runs ``RunRound`` messages from ``sock`` and answers each with ``RoundDone`` or ``Failed``."""
 
-    def __init__(self, sock: socket.socket, *, node_name: str, threads: int = 0) -> None:
+    def __init__(self, sock: socket.socket, *, node_name: str, threads: int = 0, device: str = "auto") -> None:
         self.sock = sock
         self.node_name = node_name
         self.threads = threads
+        self.device = device  # the node's device setting: a GPU it names is warmed up with the rest
         self._cancelled: set[str] = set()  # job ids; cleared after every round, so a late cancel stays harmless
         self._params = SharedMapping()  # the node's arenas, each mapped once (the reader thread's alone)
         self._plans: OrderedDict[tuple[str, str], type] = OrderedDict()
@@ -99,8 +104,22 @@ class Worker:
                                               shuffle=True, generator=torch.Generator().manual_seed(0))
         for _ in batches:
             pass
+        cuda_devices = torch.cuda.device_count() if self.device != "cpu" else 0
+        if self.device.startswith("cuda") and int(self.device.partition(":")[2] or 0) < cuda_devices:
+            self._warm_gpu(torch.device(self.device))
         return Ready(torch_version=str(torch.__version__), threads=torch.get_num_threads(),
-                     seconds=time.monotonic() - started)
+                     seconds=time.monotonic() - started, cuda_devices=cuda_devices)
+
+    @staticmethod
+    def _warm_gpu(device: Any) -> None:
+        """Set up CUDA on the GPU every round of this node trains on (its context costs a second or more)."""
+        import torch
+
+        weight = torch.zeros(2, device=device, requires_grad=True)
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        (weight * weight).sum().backward()
+        optimizer.step()
+        torch.cuda.synchronize(device)
 
     def serve(self) -> None:
         """Answer rounds until the node closes the socket.
@@ -185,7 +204,8 @@ class Worker:
             aux_vars=aux_vars or None, state_arrays=state_arrays, state_meta=state_meta,
             do_training=job.do_training, share_persistent_buffers=job.share_persistent_buffers,
             progress=progress, should_stop=lambda: job.job_id in self._cancelled, adopt_params=True,
-            dp_gate=lambda n_train: self._dp_gate(job.job_id, n_train))
+            dp_gate=lambda n_train: self._dp_gate(job.job_id, n_train), device_setting=job.device,
+            device_owner=f"node {self.node_name}")
         state = None
         # Only arrays (moments, control variates) need keeping: the hyperparameters in the meta come
         # from the next request's optimizer_args anyway. Plain SGD keeps nothing.
@@ -204,7 +224,8 @@ class Worker:
             train_loss=None if result.train_loss is None else float(result.train_loss),
             metrics_before={k: float(v) for k, v in result.metrics_before.items()},
             metrics_after={k: float(v) for k, v in result.metrics_after.items()},
-            state=state, compute_seconds=float(result.compute_seconds), loaded=loaded), out
+            state=state, compute_seconds=float(result.compute_seconds), loaded=loaded, device=result.device,
+            device_note=result.device_note), out
 
     def _dp_gate(self, job_id: str, n_train: int) -> None:
         """Ask the node whether its budget pays for this DP round on ``n_train`` rows; wait for its answer."""
@@ -279,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True, help="the node's process id")
     parser.add_argument("--name", default="node", help="the node's name, for messages")
     parser.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (0: torch's default)")
+    parser.add_argument("--device", default="auto", help="the node's device setting (auto, cpu, cuda, cuda:N)")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     threading.Thread(target=_exit_with_parent, args=(args.parent,), name="parent-watch", daemon=True).start()
-    worker = Worker(sock, node_name=args.name, threads=args.threads)
+    worker = Worker(sock, node_name=args.name, threads=args.threads, device=args.device)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the node's terminal is the node's to handle
     ready = worker.warm_up()
     from fedlab.training import import_guard

@@ -113,6 +113,7 @@ class RunRound(_Base, tag="run_round"):
     state: bytes | None = None
     do_training: bool = True
     share_persistent_buffers: bool = True
+    device: str = "auto"  # the node's device setting (fedlab.training.device), within which use_gpu chooses
 
 
 class Cancel(_Base, tag="cancel"):
@@ -127,6 +128,7 @@ class Ready(_Base, tag="ready"):
     torch_version: str = ""
     threads: int = 0
     seconds: float = 0.0
+    cuda_devices: int = 0  # the CUDA GPUs the worker's torch sees
 
 
 class RoundProgress(_Base, tag="progress"):
@@ -155,6 +157,8 @@ class RoundDone(_Base, tag="done"):
     state: bytes | None = None
     compute_seconds: float = 0.0
     loaded: list[str] = []
+    device: str = "cpu"  # where the round trained
+    device_note: str = ""  # why, when not where use_gpu asked (fedlab.training.device)
 
 
 class DPPlanned(_Base, tag="dp_planned"):
