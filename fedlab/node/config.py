@@ -28,6 +28,7 @@ from typing import Any
 from fedlab.analytics.disclosure import RULE_HELP, DisclosureRules
 from fedlab.errors import FedlabConfigError
 from fedlab.privacy.dp_rules import DP_RULE_HELP, DPRules
+from fedlab.training.device import check_device_setting
 from fedlab.transport.keys import KEYPAIR_SUFFIX, PUBLIC_SUFFIX, create_keypair, is_public_key, read_public_key
 
 __all__ = [
@@ -64,6 +65,7 @@ class NodeConfig:
     log_level: str = "INFO"
     require_approval: bool = True
     training_threads: int = 0
+    device: str = "auto"
     researcher_public_key: str = ""
     insecure: bool = False
     training_timeout: float = 3600.0
@@ -105,6 +107,7 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "log_level": (str,),
     "require_approval": (bool,),
     "training_threads": (int,),
+    "device": (str,),
     "researcher_public_key": (str,),
     "insecure": (bool,),
     "training_timeout": (int, float),
@@ -126,6 +129,13 @@ _COMMENTS = {
     "training_threads": [
         "# CPU threads torch may use for training (0: torch's default, one per core). Set it when",
         "# several nodes or other services share this machine: each would otherwise take every core.",
+    ],
+    "device": [
+        "# Where training rounds run: \"auto\" (the default) trains on this machine's first CUDA GPU when the",
+        "# researcher asks for one (training_args use_gpu=True) and torch sees one, else on the CPU; \"cpu\"",
+        "# always trains on the CPU; \"cuda\" or \"cuda:N\" (N: 0 for the first GPU) always trains on that GPU,",
+        "# asked or not, and fails rounds while torch sees no such GPU. A round that did not get the device it",
+        "# asked for says why in its reply. See docs/gpu.md.",
     ],
     "researcher_public_key": [
         "# The researcher this node talks to, and only it: the node checks the researcher's CURVE public key",
@@ -366,6 +376,10 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
         )
     if data.get("max_message_bytes", 1) <= 0:
         raise FedlabConfigError(f"{config_path}: max_message_bytes must be > 0")
+    try:
+        device = check_device_setting(data.get("device", "auto"))
+    except FedlabConfigError as exc:
+        raise FedlabConfigError(f"{config_path}: {exc}; set it to one of those (see docs/gpu.md)") from None
     if data.get("training_threads", 0) < 0:
         raise FedlabConfigError(
             f"{config_path}: training_threads must be 0 (torch's default) or a number of threads >= 1"
@@ -402,5 +416,6 @@ def load_config(directory: str | os.PathLike[str]) -> NodeConfig:
         directory=path,
         disclosure=disclosure,
         privacy=privacy,
-        **{**data, "heartbeat_interval": heartbeat, "training_timeout": training_timeout, "log_level": log_level},
+        **{**data, "heartbeat_interval": heartbeat, "training_timeout": training_timeout, "log_level": log_level,
+           "device": device},
     )

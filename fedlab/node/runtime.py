@@ -84,6 +84,7 @@ class Node:
                                      force_secure_aggregation=config.force_secure_aggregation,
                                      secure_aggregation_min_nodes=config.secure_aggregation_min_nodes,
                                      privacy=config.privacy)
+        self.dispatcher.training.device = config.device  # where its rounds train (docs/gpu.md)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedlab-worker")
         self._train_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlab-train")
         self._busy = 0

@@ -91,6 +91,7 @@ def test_init_writes_valid_toml_without_directory_key(tmp_path: Path) -> None:
         "log_level",
         "require_approval",
         "training_threads",
+        "device",
         "insecure",
         "training_timeout",
         "secure_aggregation",
