@@ -10,6 +10,11 @@ privacy, the history has four more columns per node and round: ``epsilon`` and `
 round spent on the node's budget), ``epsilon_spent`` and ``epsilon_remaining`` (this researcher's
 balance on that dataset afterwards, over everything it asked there). The ε of an experiment's rounds
 on one node add up to their composed ε (the node's RDP accountant spends only the increase).
+
+``device`` says where each round trained (``"cpu"``, ``"cuda:0"``; empty for a node that did not answer,
+or an older one that does not say). When a round did not train where ``use_gpu`` asked (a node without a
+GPU, or one whose operator set its device, see docs/gpu.md), the node's note is in a ``device_note``
+column, there only when some round has one.
 """
 
 from __future__ import annotations
@@ -23,14 +28,15 @@ from fedlab.researcher.jobs import Job
 from fedlab.researcher.training_jobs import NodeRound
 from fedlab.training.messages import TrainingPlanStatusReply
 
-__all__ = ["DP_COLUMNS", "HISTORY_COLUMNS", "PRIVACY_COLUMNS", "STATUS_COLUMNS", "history_frame", "history_row",
-           "privacy_frame", "status_frame"]
+__all__ = ["DEVICE_NOTE_COLUMNS", "DP_COLUMNS", "HISTORY_COLUMNS", "PRIVACY_COLUMNS", "STATUS_COLUMNS",
+           "history_frame", "history_row", "privacy_frame", "status_frame"]
 
 STATUS_COLUMNS = ["node_id", "node", "status", "approval_required", "plan_id", "message"]
 HISTORY_COLUMNS = ["round", "kind", "node_id", "node", "status", "reason", "n_samples", "n_test_samples",
-                   "n_updates", "train_loss"]
+                   "n_updates", "train_loss", "device"]
 TIMING_COLUMNS = ["total_seconds", "compute_seconds"]
 DP_COLUMNS = ["epsilon", "delta", "epsilon_spent", "epsilon_remaining"]
+DEVICE_NOTE_COLUMNS = ["device_note"]
 
 
 def status_frame(replies: Mapping[str, TrainingPlanStatusReply], job: Job, node_ids: Iterable[str],
@@ -63,26 +69,30 @@ def history_row(round_: int, kind: str, node_id: str, node: str, result: NodeRou
         "metrics_before": dict(result.metrics_before), "metrics_after": dict(result.metrics_after),
         "total_seconds": result.total_seconds, "compute_seconds": result.compute_seconds,
         "epsilon": result.epsilon, "delta": result.delta, "epsilon_spent": result.epsilon_spent,
-        "epsilon_remaining": result.epsilon_remaining,
+        "epsilon_remaining": result.epsilon_remaining, "device": result.device, "device_note": result.device_note,
     }
 
 
 def history_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """The records as a DataFrame, metrics spread into ``global_<name>`` and ``local_<name>`` columns, and
-    the DP columns when some round spent ε."""
+    """The records as a DataFrame, metrics spread into ``global_<name>`` and ``local_<name>`` columns, the
+    DP columns when some round spent ε, and ``device_note`` when some round has one."""
     rows: list[dict[str, Any]] = []
     metric_columns: dict[str, None] = {}
     records = list(records)
     dp = DP_COLUMNS if any(r.get("epsilon") is not None for r in records) else []
+    notes = DEVICE_NOTE_COLUMNS if any(r.get("device_note") for r in records) else []
     for record in records:
-        row = {k: record.get(k) for k in HISTORY_COLUMNS + dp + TIMING_COLUMNS}
+        row = {k: record.get(k) for k in HISTORY_COLUMNS + notes + dp + TIMING_COLUMNS}
+        row["device"] = row["device"] or ""  # records kept before devices were reported
+        if notes:
+            row["device_note"] = row["device_note"] or ""
         for prefix, key in (("global_", "metrics_before"), ("local_", "metrics_after")):
             for name, value in (record.get(key) or {}).items():
                 row[prefix + name] = value
                 metric_columns[prefix + name] = None
         rows.append(row)
     ordered = sorted(metric_columns, key=lambda c: (not c.startswith("global_"), c))
-    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS + dp + ordered + TIMING_COLUMNS)
+    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS + notes + dp + ordered + TIMING_COLUMNS)
     for column in ("round", "n_samples", "n_test_samples", "n_updates"):
         # n_samples is None where secure aggregation hid it: shown as <NA>
         frame[column] = frame[column].astype("Int64" if frame[column].isna().any() else "int64")
