@@ -108,7 +108,8 @@ class LocalJob:
         row = NodeRound(LOCAL, "ok", n_samples=result.n_samples, n_test_samples=result.n_test_samples,
                         n_updates=result.n_updates, train_loss=result.train_loss,
                         metrics_before=result.metrics_before, metrics_after=result.metrics_after,
-                        compute_seconds=result.compute_seconds)
+                        compute_seconds=result.compute_seconds, device=result.device,
+                        device_note=result.device_note)
         self._records.append(history_row(round_, "training" if do_training else "validation", LOCAL, LOCAL, row))
         return result
 
