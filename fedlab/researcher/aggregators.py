@@ -26,6 +26,10 @@ averaged and rounded.
   ``c`` goes to every node as ``aux_vars["scaffold"]``; nodes answer with their ``delta_c``;
   ``x <- x + server_lr * weighted_mean(y_i - x)`` and ``c <- c + sum(delta_c) / N`` where N
   is the number of nodes in the experiment, not only those that answered this round.
+
+Server optimizers (``fedavgm``, ``fedadagrad``, ``fedadam``, ``fedyogi``) live in
+``server_optimizers`` and robust rules (``median``, ``trimmed_mean``, ``krum``, ``multikrum``)
+in ``robust_aggregation``; both register their names in ``AGGREGATORS`` (docs/aggregation.md).
 """
 
 from __future__ import annotations
@@ -244,6 +248,9 @@ class Aggregator:
     """
 
     name: ClassVar[str] = "fedavg"
+    #: True for rules that need each node's own parameters (robust aggregation): secure
+    #: aggregation, which gives only their sum, refuses them.
+    needs_node_updates: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._global: Params = {}
@@ -477,7 +484,8 @@ AGGREGATORS: dict[str, type[Aggregator]] = {"fedavg": FedAvg, "fedprox": FedProx
 
 
 def make_aggregator(aggregator: str | Aggregator, args: Mapping[str, Any] | None = None) -> Aggregator:
-    """An aggregator from its name (``"fedavg"``, ``"fedprox"``, ``"scaffold"``) and arguments."""
+    """An aggregator from its name (a key of ``AGGREGATORS``: ``"fedavg"``, ``"fedadam"``, ``"median"``...)
+    and arguments."""
     if isinstance(aggregator, Aggregator):
         if args:
             raise FedlabTrainingError("aggregator_args only go with an aggregator given by name; "
@@ -498,3 +506,7 @@ def aggregator_name(aggregator: Aggregator) -> str:
     rebuilds a built-in one from its name and arguments, a custom one must be passed again."""
     builtin = AGGREGATORS.get(aggregator.name)
     return aggregator.name if type(aggregator) is builtin else type(aggregator).__qualname__
+
+
+# the other built-in aggregators add themselves to AGGREGATORS when imported (they import this module)
+from fedlab.researcher import robust_aggregation, server_optimizers  # noqa: E402, F401

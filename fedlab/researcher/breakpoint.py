@@ -7,7 +7,9 @@ so a crash leaves the previous breakpoint intact, never half of a new one)::
                       training and aggregator arguments, rounds, round done, each node's
                       state_id, node ids, the history so far
     params.npz        the global parameters
-    aggregator.npz    the aggregator's own arrays (Scaffold's control variate)
+    aggregator.npz    the aggregator's own arrays (Scaffold's control variate, a server
+                      optimizer's moments ``m`` and ``v``); its other state (a server
+                      optimizer's step count) is ``aggregator_meta`` in the JSON
 
 Arrays are stored under neutral keys (``a0``, ``a1``...) with their real names in the JSON,
 so no parameter name can clash with ``np.savez``'s own arguments, and they are read back

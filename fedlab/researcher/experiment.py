@@ -32,7 +32,7 @@ from fedlab.researcher.breakpoint import Breakpoint, read_breakpoint, write_brea
 from fedlab.researcher.local_job import build_model, training_loop
 from fedlab.researcher.policies import DiscardOnDisconnect, DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.researcher import Researcher
-from fedlab.researcher.secure_round import check_secagg_arguments, run_secure_round
+from fedlab.researcher.secure_round import check_secagg_aggregator, check_secagg_arguments, run_secure_round
 from fedlab.researcher.training_jobs import (
     TrainingJob,
     TrainingPlanApproveJob,
@@ -110,6 +110,8 @@ class Experiment:
         self.share_persistent_buffers = share_persistent_buffers
         self.secagg = bool(secagg)
         self.secagg_arguments = check_secagg_arguments(secagg_arguments)
+        if self.secagg:
+            check_secagg_aggregator(self.aggregator)
         self.secagg_rounds: list[dict[str, Any]] = []  # per secure round: session, nodes, dropped, totals
         self._secagg_buffer: np.ndarray | None = None  # the masked sum's memory, kept from round to round
         self._secagg_next: Any = None  # the next round's session, being set up (secure_round._NextSession)

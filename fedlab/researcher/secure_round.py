@@ -12,6 +12,10 @@ a node that drops out after set-up, before its masked vector arrives, is named i
 masks are removed with the others' shares, as long as ``threshold`` nodes remain. Below that the round
 fails with a ``FedlabSecaggError`` saying how many answered and how many were needed; the global model
 is unchanged.
+
+Robust aggregators (median, trimmed mean, Krum) need each node's own parameters, which a secure
+round never has: ``check_secagg_aggregator`` refuses them, when the experiment is made and again
+before a round's set-up.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from fedlab.secagg import train_vector
 if TYPE_CHECKING:
     from fedlab.researcher.experiment import Experiment
 
-__all__ = ["check_secagg_arguments", "run_secure_round", "weight_bound"]
+__all__ = ["check_secagg_aggregator", "check_secagg_arguments", "run_secure_round", "weight_bound"]
 
 log = logging.getLogger("fedlab.researcher")
 _ARGUMENTS = {"threshold", "clip", "timeout"}
@@ -55,6 +59,15 @@ def check_secagg_arguments(args: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def check_secagg_aggregator(aggregator: Any) -> None:
+    """Refuse an aggregator that needs each node's parameters (``needs_node_updates``): a secure round
+    gives only their sum. The error says why and what to use instead."""
+    if getattr(aggregator, "needs_node_updates", False):
+        from fedlab.researcher.robust_aggregation import refusal
+
+        raise FedlabSecaggError(refusal(aggregator))
+
+
 def weight_bound(exp: Experiment, nodes: list[str]) -> int:
     """The largest sample count any node can report: the largest dataset the nodes advertised (public)."""
     sizes = [exp.fds.dataset(n).n_samples for n in nodes]
@@ -63,6 +76,7 @@ def weight_bound(exp: Experiment, nodes: list[str]) -> int:
 
 def run_secure_round(exp: Experiment, round_: int) -> None:
     """Run round ``round_`` of ``exp`` under secure aggregation, folding its sum into ``exp.aggregator``."""
+    check_secagg_aggregator(exp.aggregator)  # before any node is asked for anything
     args = exp.secagg_arguments
     prepared, exp._secagg_next = exp._secagg_next, None
     secure = prepared.wait() if prepared is not None else _NextSession(exp).wait()
