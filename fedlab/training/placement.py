@@ -49,28 +49,33 @@ def params_to_host(model: torch.nn.Module, names: list[str], received: Mapping[s
                    adopt: bool) -> dict[str, np.ndarray]:
     """The shared entries ``names`` of a trained model as CPU arrays that nothing else uses.
 
-    A model in CPU memory gives views of its own memory (the received frames themselves, when they
-    were adopted). A model elsewhere is copied back: with ``adopt``, into the received array of each
-    entry where that array can hold it (writable, contiguous, of the entry's shape and dtype), which
-    is then the result; otherwise into a fresh array.
+    With ``adopt`` (the caller owns ``received`` and reads them no more), each entry ends in its
+    received array wherever that array can hold it (writable, contiguous, of the entry's shape and
+    dtype), which is then the result: for free where the model trained in it (the CPU), copied there
+    otherwise (a GPU). Other entries, and all without ``adopt``, are views of the model's memory on
+    the CPU and fresh copies from a GPU.
     """
     state = model.state_dict()
     out: dict[str, np.ndarray] = {}
     for name in names:
         tensor = state[name].detach()
-        if is_host(tensor.device):
-            out.update(model_params(model, [name], copy=False))  # the model is dropped after the round
-            continue
         target = received.get(name) if adopt and received is not None else None
         if target is not None and _holds(target, tensor):
-            torch.from_numpy(target).copy_(tensor)
+            if not _is_memory_of(tensor, target):
+                torch.from_numpy(target).copy_(tensor)
             out[name] = target
         else:
-            out.update(model_params(model, [name], copy=False))  # .cpu() made a fresh copy already
+            out.update(model_params(model, [name], copy=False))  # the model is dropped after the round
     return out
 
 
 def _holds(array: np.ndarray, tensor: torch.Tensor) -> bool:
     """Whether ``array`` can take ``tensor``'s values as they are (no cast, no reshape)."""
-    return (array.flags.writeable and array.flags.c_contiguous and array.flags.aligned and array.dtype.isnative
-            and tuple(array.shape) == tuple(tensor.shape) and torch_dtype(array.dtype) == tensor.dtype)
+    return (array.size > 0 and array.flags.writeable and array.flags.c_contiguous and array.flags.aligned
+            and array.dtype.isnative and tuple(array.shape) == tuple(tensor.shape)
+            and torch_dtype(array.dtype) == tensor.dtype)
+
+
+def _is_memory_of(tensor: torch.Tensor, array: np.ndarray) -> bool:
+    """Whether ``tensor`` is ``array``'s own bytes (an adopted frame the model trained in)."""
+    return (is_host(tensor.device) and tensor.is_contiguous() and tensor.data_ptr() == array.ctypes.data)

@@ -105,7 +105,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, np.ndar
     for index, per_param in state_dict["state"].items():
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                arrays[f"state.{index}.{key}"] = value.detach().cpu().numpy().copy()
+                host = value.detach().cpu().numpy()  # from a GPU, a copy already
+                arrays[f"state.{index}.{key}"] = host.copy() if value.device.type == "cpu" else host
             else:
                 plain_state.setdefault(str(index), {})[key] = _plain(value, f"state.{index}.{key}")
     groups = [_plain(group, f"param_groups[{i}]") for i, group in enumerate(state_dict["param_groups"])]
