@@ -57,7 +57,7 @@ class FedMagics(Magics):
         tokens: list[str] = []
         try:
             try:
-                tokens = shlex.split(line)
+                tokens = shlex.split(line, comments=True)  # `%fed nodes  # a comment`, as in Python
             except ValueError as exc:
                 raise FedArgumentError(f"%fed: cannot split the line ({exc}); check the quotes") from None
             args = parse(tokens, self.parser)

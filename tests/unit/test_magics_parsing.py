@@ -109,6 +109,14 @@ def test_help_lists_every_sub_command_and_each_ones_options(ip, capsys):
     assert "--columns" in capsys.readouterr().out
 
 
+def test_a_trailing_comment_is_not_an_argument(ip, capsys):
+    # as in Python, and as the README writes them: `%fed help train   # the options`
+    assert ip.run_line_magic("fed", "help train   # every option of train") is None
+    assert "--rounds" in capsys.readouterr().out
+    assert "--bogus" in usage(ip, "nodes --bogus")  # without the '#', the same word is refused
+    assert ip.run_line_magic("fed", "help  # nodes --bogus") is None
+
+
 def test_parse_keeps_preprocessing_steps_in_written_order():
     args = parse("preprocess --tags d --name clean --new-tags d2 --standardize a b --impute c "
                  "--onehot sex --standardize c --strategy median".split())
