@@ -10,6 +10,14 @@ A fit is an analytics request on the transformed data and goes through the very 
 disclosure rules (see :meth:`AnalyticsHandler.answer`); when analytics are switched off,
 preprocessing is too, since a fit reveals statistics. ComBat's node-local batch estimates
 are computed here, kept in the state and never sent back.
+
+A column of which the root source holds no measured value at all (a lab value a site never
+measured) is answered "no values" (``PreprocReply.no_values``) rather than refused, so that the
+researcher can fit the step on the sites that have values and apply it here too. The node decides
+it from its own root source (:func:`fedlab.privacy.provenance.no_measured_values`), never from the
+derived frame, and says nothing else about the column; a column with 1 to ``min_count - 1`` values
+is refused as before. A kept value step must leave every finite value finite
+(:func:`fedlab.privacy.spec_check.check_finite`), so no step can make values read as missing.
 """
 
 from __future__ import annotations
@@ -26,14 +34,15 @@ import msgspec
 import pandas as pd
 
 from fedlab.analytics.disclosure import DisclosureRules, check_enabled
-from fedlab.analytics.messages import FARequest
+from fedlab.analytics.messages import FAReply, FARequest
 from fedlab.errors import FedlabDatasetError, FedlabDisclosureError, FedlabError, FedlabProtocolError
 from fedlab.node.analytics_handler import AnalyticsHandler
 from fedlab.node.dataset_view import LoadedData, apply_tracked
 from fedlab.node.preproc_state import PreprocStateStore
 from fedlab.node.registry import DatasetRecord, DatasetRegistry
 from fedlab.preprocessing.messages import PREPROC_STEPS, PREPROC_TYPES, PreprocReply, PreprocRequest
-from fedlab.privacy.spec_check import check_spec
+from fedlab.privacy.provenance import no_measured_values
+from fedlab.privacy.spec_check import check_finite, check_spec
 
 __all__ = ["DERIVED_DIR", "PreprocHandler"]
 
@@ -93,9 +102,33 @@ class PreprocHandler:
                            "preproc_args") from exc
         self.analytics.check_stats(fa_request)
         self.analytics.check_caps(fa_request)
-        partials = self.analytics.answer(fa_request, data, record)
+        empty = self._no_values(fa_request, data)
+        if empty:
+            fa_request = _without(fa_request, empty)
+        if empty and not (fa_request.columns or fa_request.stats_args):
+            # nothing else was asked (an empty list would mean "every column" to the analytics)
+            partials = FAReply(dataset_id=record.dataset_id, n_rows=len(data.frame))
+        else:
+            partials = self.analytics.answer(fa_request, data, record)
         return PreprocReply(state_id=self.states.new(request.preproc_id, record.dataset_id, data.chain),
-                            partials=partials)
+                            partials=partials, no_values=empty or None)
+
+    def _no_values(self, request: FARequest, data: LoadedData) -> list[str]:
+        """The named columns of ``request`` of which the root source holds no measured value.
+
+        None on a dataset too small for any statistic (the analytics refuse it whole), and never an
+        excluded column (refused as such) or one that is not in the data (the analytics say so).
+        """
+        if len(data.frame) < self.rules.min_count:
+            return []
+        empty = []
+        for column in dict.fromkeys([*request.columns, *request.stats_args]):
+            origin = data.origins.get(column)
+            if origin is None or set(origin.sources) & set(self.rules.excluded_columns):
+                continue
+            if no_measured_values(origin, data.source):
+                empty.append(column)
+        return empty
 
     def _set(self, request: PreprocRequest, record: DatasetRecord, data: LoadedData) -> PreprocReply:
         spec = request.preproc_args.get("transform")
@@ -113,20 +146,26 @@ class PreprocHandler:
                 f"columns {absent} are not in this dataset after the pipeline's steps so far; "
                 f"it has {list(frame.columns)}")
         spec = check_spec(spec, frame, data.origins, self.rules)  # the node's rules decide what the spec holds
+        spec.pop("no_values", None)  # the node's own finding, never the researcher's
+        empty = [c for c in columns if no_measured_values(data.origins[c], data.source)]
+        if empty:
+            spec["no_values"] = empty  # in this node's lineage: the step was fitted on the other sites
         if spec["type"] == "combat":
-            spec = {**spec, **self._combat_local(frame, spec)}
-        apply_tracked(frame, data.origins, [spec])  # a spec that cannot be applied is refused now, not at apply
+            spec = {**spec, **self._combat_local(frame, spec, empty)}
+        after, _ = apply_tracked(frame, data.origins, [spec])  # a spec that cannot be applied is refused now
+        check_finite(spec, frame, after)
         return PreprocReply(state_id=self.states.new(request.preproc_id, record.dataset_id, [*data.chain, spec]))
 
     @staticmethod
-    def _combat_local(frame: pd.DataFrame, spec: Mapping[str, Any]) -> dict[str, Any]:
-        """This node's empirical Bayes batch estimates, from the global alpha and sigma."""
+    def _combat_local(frame: pd.DataFrame, spec: Mapping[str, Any], empty: list[str]) -> dict[str, Any]:
+        """This node's empirical Bayes batch estimates, from the global alpha and sigma; the columns
+        it holds no value of (``empty``) are left out of its priors and left as they are."""
         from fedlab.preprocessing.combat import combat_local_params
 
         if not isinstance(spec.get("alpha"), Mapping) or not isinstance(spec.get("sigma"), Mapping):
             raise _invalid("a combat transform needs the global 'alpha' and 'sigma' per column", "preproc_args")
         try:
-            gamma, delta = combat_local_params(frame, spec["columns"], spec["alpha"], spec["sigma"])
+            gamma, delta = combat_local_params(frame, spec["columns"], spec["alpha"], spec["sigma"], without=empty)
         except FedlabError:
             raise
         except (KeyError, ValueError, TypeError, ZeroDivisionError) as exc:
@@ -170,3 +209,12 @@ class PreprocHandler:
                 Path(leftover).unlink(missing_ok=True)
             raise
         return PreprocReply(state_id=state_id, derived=new.to_info())
+
+
+def _without(request: FARequest, columns: list[str]) -> FARequest:
+    """``request`` without ``columns`` (named, with their arguments and thresholds)."""
+    gone = set(columns)
+    return msgspec.structs.replace(
+        request, columns=[c for c in request.columns if c not in gone],
+        stats_args={c: a for c, a in request.stats_args.items() if c not in gone},
+        thresholds={c: t for c, t in request.thresholds.items() if c not in gone})

@@ -12,7 +12,9 @@ stay in its state and are used by the ``combat`` transform.
 :func:`combat_pooled` is the whole algorithm on pooled data, written independently from the
 published method (as neuroCombat implements it), as the reference the federated result must
 equal. Missing values are left out of every estimate (n counts the present values per column)
-and stay missing.
+and stay missing. A batch with no value at all of a column (a site that never measured it) has
+no estimate for it: that column is left out of the batch's priors and left as it is there
+(neuroCombat would make the whole batch NaN).
 """
 
 from __future__ import annotations
@@ -78,16 +80,23 @@ def combat_local_params(
     *,
     max_iter: int = 1000,
     tol: float = 1e-10,
+    without: Sequence[str] = (),
 ) -> tuple[dict[str, float], dict[str, float]]:
     """``(gamma_star, delta_star)`` per column for this node's batch, from the global alpha, sigma.
 
     The priors are estimated across the columns, so ComBat needs several of them (neuroCombat
     is meant for many features: brain regions, genes); each needs 2 present values here.
+    ``without``: columns of which this batch holds no value at all; they are left out of the
+    priors and get ``gamma_star = 0``, ``delta_star = 1``, which leaves them as they are.
     """
-    cols = list(columns)
-    if len(cols) < 2:
+    requested = list(columns)
+    if len(requested) < 2:
         raise FedlabConfigError("ComBat needs at least 2 columns: its empirical Bayes priors are estimated "
-                                f"across the features of a batch, and {cols} gives only {len(cols)}")
+                                f"across the features of a batch, and {requested} gives only {len(requested)}")
+    cols = [c for c in requested if c not in set(without)]
+    if len(cols) < 2:
+        raise FedlabDatasetError(f"ComBat needs at least 2 columns with values in each batch; this node holds no "
+                                 f"value of {sorted(set(without))}, which leaves {len(cols)}")
     z: list[np.ndarray] = []
     for c in cols:
         if not float(sigma[c]) > 0:
@@ -101,8 +110,9 @@ def combat_local_params(
     gamma_hat = np.array([np.mean(v) for v in z])
     delta_hat = np.array([np.var(v, ddof=1) for v in z])
     gamma_star, delta_star = _solve(z, gamma_hat, delta_hat, max_iter, tol)
-    return ({c: float(g) for c, g in zip(cols, gamma_star, strict=True)},
-            {c: float(d) for c, d in zip(cols, delta_star, strict=True)})
+    gamma = {c: float(g) for c, g in zip(cols, gamma_star, strict=True)}
+    delta = {c: float(d) for c, d in zip(cols, delta_star, strict=True)}
+    return ({c: gamma.get(c, 0.0) for c in requested}, {c: delta.get(c, 1.0) for c in requested})
 
 
 def combat_pooled(frame: pd.DataFrame, batch: pd.Series, columns: Sequence[str]) -> pd.DataFrame:
@@ -131,7 +141,9 @@ def combat_pooled(frame: pd.DataFrame, batch: pd.Series, columns: Sequence[str])
     out = frame.copy()
     adjusted = s.copy()
     for mask in masks:
-        sb = s[:, mask]
+        has = (~np.isnan(s[:, mask])).any(axis=1)  # the columns this batch holds values of
+        rows = np.flatnonzero(has)
+        sb = s[np.ix_(rows, np.flatnonzero(mask))]
         nb = (~np.isnan(sb)).sum(axis=1).astype(np.float64)
         g_hat = np.nanmean(sb, axis=1)
         d_hat = np.nanvar(sb, axis=1, ddof=1)
@@ -146,7 +158,7 @@ def combat_pooled(frame: pd.DataFrame, batch: pd.Series, columns: Sequence[str])
             g_old, d_old = g_new, d_new
             if change < 1e-13:
                 break
-        adjusted[:, mask] = (sb - g_old[:, None]) / np.sqrt(d_old[:, None])
+        adjusted[np.ix_(rows, np.flatnonzero(mask))] = (sb - g_old[:, None]) / np.sqrt(d_old[:, None])
     result = adjusted * sd[:, None] + grand_mean[:, None]
     for i, c in enumerate(cols):
         out[c] = pd.Series(result[i], index=frame.index)

@@ -13,6 +13,10 @@ Steps (``preproc_step``):
     "thresholds": {...}}`` (the same meaning as in an FARequest): the node applies its chain
     to the source data in memory and answers with partial statistics (``partials``), after
     its disclosure rules, from which the researcher computes the step's global parameters.
+    A column of which the node's root source holds no measured value at all (a site that never
+    measured it) is named in ``no_values`` instead, with no partial and no refusal: the
+    researcher fits the step on the other nodes, and this node takes the fitted step like every
+    node. Any other column under ``min_count`` is refused as in every statistic.
 ``"set"``
     ``preproc_args`` = ``{"transform": {...}}``, a transform spec (see
     ``fedlab.preprocessing.transforms``) with the global parameters; the node appends it to
@@ -40,6 +44,7 @@ PREPROC_TYPES = ("standardize", "minmax", "impute", "onehot", "combat")
 PREPROC_STEPS = ("fit", "set", "apply")
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+_Columns = Annotated[list[Annotated[str, msgspec.Meta(max_length=1024)]], msgspec.Meta(max_length=4096)]
 
 
 class PreprocRequest(Message, frozen=True):
@@ -55,6 +60,8 @@ class PreprocReply(Message, frozen=True):
     state_id: _Id
     partials: FAReply | None = None
     derived: DatasetInfo | None = None
+    # the fit's columns of which the node holds no measured value (None: there is no such column)
+    no_values: _Columns | None = None
 
 
 register("preproc_request", PreprocRequest)

@@ -37,7 +37,9 @@ _PARAMS: dict[str, tuple[str, ...]] = {
 
 
 def describe_spec(spec: Mapping[str, Any]) -> str:
-    """One line for a derived dataset's lineage, e.g. ``"standardize(age, bmi)"``.
+    """One line for a derived dataset's lineage, e.g. ``"standardize(age, bmi)"``; with the
+    columns of which this node holds no value (``no_values``, which the node adds to its own copy
+    of the spec), e.g. ``"standardize(age, chol; no values of chol here: fitted on the other sites)"``.
 
     Never raises: lineage is written after the spec was applied, and a description must not be
     what makes the derived dataset fail.
@@ -47,7 +49,10 @@ def describe_spec(spec: Mapping[str, Any]) -> str:
     names = ", ".join(str(c) for c in columns) if isinstance(columns, list | tuple) else ""
     if kind == "impute" and isinstance(spec.get("values"), Mapping):
         names = ", ".join(f"{c}={spec['values'].get(c)!r}" for c in columns) if names else ""
-    return f"{kind}({names})"
+    empty = spec.get("no_values") if isinstance(spec, Mapping) else None
+    note = f"; no values of {', '.join(str(c) for c in empty)} here: fitted on the other sites" if (
+        isinstance(empty, list | tuple) and empty) else ""
+    return f"{kind}({names}{note})"
 
 
 def apply_chain(frame: pd.DataFrame, specs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -127,7 +132,9 @@ def _apply_impute(out: pd.DataFrame, columns: list[str], spec: Mapping[str, Any]
 
     A numeric column takes a number: a value spelled as a string (a most-frequent value comes
     as a value-count key) is read back as a float, since a numeric column filled with a string
-    would silently turn into text. Other columns take the value as it is.
+    would silently turn into text. Other columns take the value as it is, and so does a column
+    without any value: pandas reads a column a site never measured as float, whatever the
+    other sites hold, so its type says nothing.
     """
     for c in columns:
         value = spec["values"][c]
@@ -137,7 +144,9 @@ def _apply_impute(out: pd.DataFrame, columns: list[str], spec: Mapping[str, Any]
         missing = series.isna()
         if not missing.any():
             continue
-        if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
+        if isinstance(value, str) and missing.all():
+            out[c] = pd.Series(value, index=out.index, dtype=object)
+        elif pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
             try:
                 number = float(value)
             except (TypeError, ValueError, OverflowError) as exc:

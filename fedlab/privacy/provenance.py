@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["INDICATOR", "VALUE", "Origin", "initial", "onehot_names", "sources_of", "track"]
+__all__ = ["INDICATOR", "VALUE", "Origin", "initial", "no_measured_values", "onehot_names", "sources_of", "track"]
 
 #: A column whose values are (an increasing affine map of) a source column's values.
 VALUE = "value"
@@ -61,6 +61,21 @@ class Origin:
 def initial(frame: pd.DataFrame) -> dict[str, Origin]:
     """Every column of a source dataset is its own source; its real rows are its present ones."""
     return {str(c): Origin(frozenset({str(c)}), VALUE, frame[c].notna().to_numpy(dtype=bool)) for c in frame.columns}
+
+
+def no_measured_values(origin: Origin, source: pd.DataFrame) -> bool:
+    """Whether the root ``source`` holds no measured value of the column(s) ``origin`` comes from,
+    in any of its rows: the one case in which a node answers "no values" instead of a
+    ``min_count`` refusal (a site that never measured a lab value).
+
+    It is judged on the root source, never on the derived frame: a researcher's own steps can fill
+    a column (imputed values are not measured ones, so they do not count) but must not be able to
+    make one *read* as empty, so a column with any measured value (a real row) is never "no
+    values", whatever the steps turned it into.
+    """
+    if origin.real.any():
+        return False
+    return all(s in source.columns and not bool(source[s].notna().any()) for s in origin.sources)
 
 
 def onehot_names(column: str, categories: Sequence[str], other: bool) -> list[str]:

@@ -15,7 +15,12 @@ A ``set`` step of a preprocessing pipeline carries a transform spec that the res
   one schema;
 * the derived frame stays under ``max_derived_cells`` (rows x columns).
 
-It returns the spec the node will keep; a refusal is a :class:`FedlabDisclosureError` naming the
+Once the node has applied a kept value spec, :func:`check_finite` makes sure that it turned no
+finite value into an infinity or a missing value (floating-point overflow, with parameters of
+extreme magnitude), since the count of what is left would then count the values in an interval the
+researcher chose, outside the cut rules.
+
+:func:`check_spec` returns the spec the node will keep; a refusal is a :class:`FedlabDisclosureError` naming the
 rule and never quoting a value from the data.
 """
 
@@ -25,6 +30,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fedlab.analytics.disclosure_rules import DisclosureRules
@@ -32,7 +38,7 @@ from fedlab.errors import FedlabConfigError, FedlabDisclosureError
 from fedlab.privacy.groups import level_counts, levels_refusal, suppressed_levels
 from fedlab.privacy.provenance import VALUE, Origin, sources_of
 
-__all__ = ["check_spec"]
+__all__ = ["check_finite", "check_spec"]
 
 _NUMERIC_PARAMS = {
     "standardize": ("mean", "scale"),
@@ -123,3 +129,25 @@ def _check_onehot(spec: Mapping[str, Any], frame: pd.DataFrame, origins: Mapping
         # rows of unlisted and folded levels go to <other>: always made, so every node has it
         new_other[c] = True
     return {**spec, "other": new_other, "folded": folded}
+
+
+def check_finite(spec: Mapping[str, Any], before: pd.DataFrame, after: pd.DataFrame) -> None:
+    """Refuse a standardize, min-max or ComBat step that turns a finite value of one of its columns
+    into an infinity or a missing value (``before``/``after``: the frame without and with the step).
+
+    With a scale of 1e-307 the values far from the mean overflow to infinity, and a min-max range
+    of +-1e308 then makes them NaN while the others stay finite: the column's non-missing count
+    would be the count of values within a researcher-chosen distance of a point, answered exactly
+    and without the cut rules. Parameters fitted on the data never come near this.
+    """
+    kind = spec.get("type")
+    if kind not in _NUMERIC_PARAMS:
+        return
+    for c in spec.get("columns", []):
+        x = pd.to_numeric(before[c], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        y = pd.to_numeric(after[c], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        if bool(np.any(np.isfinite(x) & ~np.isfinite(y))):
+            raise FedlabDisclosureError(
+                f"the {kind} step's parameters for {c!r} overflow: they turn some of its values into infinities "
+                "or missing values, so the count of what is left would count the values in an interval; this "
+                "node refuses such parameters. Use parameters on the scale of the data, as a fit gives")
