@@ -1,17 +1,25 @@
 """FederatedDataset: the datasets a tag search found, one per node, and the data-quality check.
 
-The check follows the seed's ``Job.check_data_quality``: CSV datasets must have the same
+The check follows Fed-BioMed's ``Job.check_data_quality``: CSV datasets must have the same
 columns and dtypes on every node, or later statistics and training would silently mix
 different things; image datasets whose shapes or channel counts differ only warrant a
-warning (training plans usually resize). One deliberate relaxation: integer and float
+warning (training plans usually resize). Two deliberate relaxations: integer and float
 columns count as the same numeric kind, because a single missing value makes pandas read an
-integer column as float on one site and not on another.
+integer column as float on one site and not on another; and a column that is float64 on some
+sites but of one non-numeric kind (text, bool) on all the others is only a
+:class:`DataQualityWarning` naming those sites, because pandas reads a column without any
+value (a measurement a site never made) as float64.
+
+What the check can know is what a node's ``DatasetInfo`` carries: columns, dtypes, row counts,
+never per-column missingness. So a *numeric* column that one site holds no value of looks like
+any float column here; the preprocessing pipeline names such a site when a step is fitted
+(``Pipeline.not_contributing``, with a DataQualityWarning), from the node's own "no values" answer.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -50,8 +58,35 @@ def check_data_quality(datasets: Mapping[str, DatasetInfo]) -> None:
         _check_images(datasets)
 
 
+def _maybe_without_values(datasets: Mapping[str, DatasetInfo]) -> dict[str, list[str]]:
+    """``{column: nodes}`` where the column is float64 on those nodes and of one non-numeric kind on
+    every other node that has it: those nodes may hold no value of it (pandas reads such a column as
+    float64), so the difference is not a structural one."""
+    found: dict[str, list[str]] = {}
+    columns = dict.fromkeys(c for info in datasets.values() for c in info.columns)
+    for column in columns:
+        holding = {n: info.dtypes.get(column, "") for n, info in datasets.items() if column in info.columns}
+        blank = [n for n, dtype in holding.items() if dtype == "float64"]
+        others = {_kind(dtype) for n, dtype in holding.items() if n not in blank}
+        if blank and len(others) == 1 and "numeric" not in others:
+            found[column] = blank
+    return found
+
+
 def _check_tabular(datasets: Mapping[str, DatasetInfo]) -> None:
     reference_node, reference = next(iter(datasets.items()))
+    blank = _maybe_without_values(datasets)
+    for column, nodes in blank.items():
+        kinds = sorted({d.dtypes.get(column, "") for n, d in datasets.items()
+                        if n not in nodes and column in d.columns})
+        warnings.warn(
+            f"column {column!r} is float64 on {', '.join(nodes)} but {', '.join(kinds)} on the other nodes: pandas "
+            f"reads a column without any value as float64, so {', '.join(nodes)} may hold no value of it (a "
+            "measurement never made there); preprocessing fits such a column on the nodes that have values. If "
+            "it does hold numbers there, the nodes disagree on its type: align them",
+            DataQualityWarning,
+            stacklevel=4,
+        )
     problems = []
     for node, info in datasets.items():
         if node == reference_node:
@@ -68,7 +103,8 @@ def _check_tabular(datasets: Mapping[str, DatasetInfo]) -> None:
         differing = [
             f"{c} ({info.dtypes.get(c)} vs {reference.dtypes.get(c)})"
             for c in reference.columns
-            if c in info.columns and _kind(info.dtypes.get(c, "")) != _kind(reference.dtypes.get(c, ""))
+            if c in info.columns and c not in blank
+            and _kind(info.dtypes.get(c, "")) != _kind(reference.dtypes.get(c, ""))
         ]
         if differing:
             problems.append(f"{node} has different dtypes than {reference_node} for " + ", ".join(differing))
@@ -93,7 +129,12 @@ def _check_images(datasets: Mapping[str, DatasetInfo]) -> None:
 
 
 class FederatedDataset:
-    """One dataset per node, as found by a search; knows which nodes did not take part and why."""
+    """One dataset per node, as found by a search; knows which nodes did not take part and why.
+
+    ``notes``: what a reader must know about how the datasets were made (for a preprocessing
+    pipeline's result: the steps fitted without a node that holds no value of a column, an
+    approximate median), in the pipeline's words.
+    """
 
     def __init__(
         self,
@@ -101,10 +142,12 @@ class FederatedDataset:
         *,
         node_names: Mapping[str, str] | None = None,
         missing: Mapping[str, str] | None = None,
+        notes: Sequence[str] = (),
     ) -> None:
         self._datasets = dict(datasets)
         self._names = dict(node_names or {})
         self.missing: dict[str, str] = dict(missing or {})
+        self.notes: list[str] = list(notes)
 
     def node_ids(self) -> list[str]:
         return list(self._datasets)
@@ -136,7 +179,8 @@ class FederatedDataset:
         return len(self._datasets)
 
     def __repr__(self) -> str:
-        return f"FederatedDataset({len(self)} nodes: {', '.join(self.node_ids())})"
+        notes = f"; {'; '.join(self.notes)}" if self.notes else ""
+        return f"FederatedDataset({len(self)} nodes: {', '.join(self.node_ids())}{notes})"
 
     def _repr_html_(self) -> str:
         return str(self.to_frame().to_html(index=False))

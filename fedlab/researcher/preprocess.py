@@ -1,11 +1,15 @@
-"""Federated preprocessing: PreprocRequestJob (the seed's job) and the researcher's pipeline.
+"""Federated preprocessing: PreprocRequestJob (named after Fed-BioMed's job) and the researcher's pipeline.
 
 Each step is fitted on the nodes' data as transformed by the steps before it: the nodes send
 partial statistics of their transformed data, the researcher merges them into the step's
 global parameters (the same ones a fit on the pooled rows would give), and sends them back
 for the nodes to add the step to their chain. ``apply`` writes the result on every node as a
 new dataset with its lineage; the source stays as it was. A node that fails a step is
-dropped from the pipeline, and the pipeline says which and why.
+dropped from the pipeline, and the pipeline says which and why. A node that holds no value of
+a column (a lab value it never measured) stays in: the step is fitted on the nodes that have
+values and applied on every node, and the pipeline names the node in ``not_contributing``, in its
+notes, in the derived ``FederatedDataset.notes`` and in a :class:`DataQualityWarning`
+(see :mod:`fedlab.preprocessing.contributions`).
 
     derived = (researcher.preprocess(fds)
                .impute(["bmi"], strategy="median")
@@ -16,16 +20,25 @@ dropped from the pipeline, and the pipeline says which and why.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 
-from fedlab.analytics.merge import merge_categorical, merge_numeric
+from fedlab.analytics.merge import MergedNumeric, merge_categorical, merge_numeric
 from fedlab.analytics.messages import NumericPartial
 from fedlab.analytics.quantiles import NodeAnswer, QuantileSearch
 from fedlab.errors import FedlabError
+from fedlab.preprocessing.contributions import (
+    NotContributing,
+    categorical_partials,
+    no_values_by_column,
+    numeric_partials,
+)
 from fedlab.preprocessing.fit import (
     combat_global_params,
     impute_params,
@@ -35,7 +48,7 @@ from fedlab.preprocessing.fit import (
 )
 from fedlab.preprocessing.messages import PREPROC_STEPS, PREPROC_TYPES, PreprocReply, PreprocRequest
 from fedlab.protocol import DatasetInfo
-from fedlab.researcher.federated_dataset import FederatedDataset
+from fedlab.researcher.federated_dataset import DataQualityWarning, FederatedDataset
 from fedlab.researcher.jobs import Job
 from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.requests import MessagesByNode, Requests
@@ -101,6 +114,7 @@ class Pipeline:
         self.steps: list[dict[str, Any]] = []
         self.dropped: dict[str, str] = {}
         self.notes: list[str] = []  # what the reader must know about a fitted step (an approximate median)
+        self.not_contributing: list[NotContributing] = []  # columns some nodes hold no value of, per step
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -132,10 +146,24 @@ class Pipeline:
         return self._run(preproc_type, "fit", {"columns": list(columns), "stats": list(stats),
                                                "stats_args": dict(stats_args or {})})
 
-    def _set(self, preproc_type: str, spec: dict[str, Any]) -> Pipeline:
+    def _set(self, preproc_type: str, spec: dict[str, Any],
+             empty: Mapping[str, Sequence[str]] | None = None) -> Pipeline:
+        """Send the fitted ``spec``; ``empty``: per column, the nodes it was fitted without."""
         self._run(preproc_type, "set", {"transform": spec})
         self.steps.append(spec)
+        for column, nodes in (empty or {}).items():
+            kept = tuple(n for n in nodes if n not in self.dropped)
+            if not kept:
+                continue
+            record = NotContributing(len(self.steps) - 1, preproc_type, column, kept)
+            self.not_contributing.append(record)
+            self.notes.append(record.describe(self._names))
+            warnings.warn(record.describe(self._names), DataQualityWarning, stacklevel=3)
         return self
+
+    def _no_values(self, preproc_type: str, replies: Mapping[str, PreprocReply],
+                   columns: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        return no_values_by_column(replies, columns, preproc_type, self._names)
 
     @staticmethod
     def _check_refusals(replies: Mapping[str, PreprocReply], columns: Sequence[str], what: str,
@@ -148,36 +176,43 @@ class Pipeline:
                 raise FedlabError(f"{what} cannot be fitted: node {node_id} withheld "
                                   + "; ".join(f"{k}: {v}" for k, v in refused.items()))
 
-    def _numeric(self, replies: Mapping[str, PreprocReply], column: str) -> Any:
-        return merge_numeric({n: r.partials.numeric[column] for n, r in replies.items()
-                              if r.partials is not None and column in r.partials.numeric})
+    @staticmethod
+    def _numeric(replies: Mapping[str, PreprocReply], column: str) -> MergedNumeric:
+        return merge_numeric(numeric_partials(replies, column))
 
     # -- steps -------------------------------------------------------------------------------
     def standardize(self, columns: Sequence[str]) -> Pipeline:
         """(x - mean) / std with the federated mean and population std (as scikit-learn's StandardScaler)."""
         replies = self._fit("standardize", columns, ["count", "mean", "var"])
         self._check_refusals(replies, columns, "standardize")
-        return self._set("standardize", standardize_params({c: self._numeric(replies, c) for c in columns}))
+        empty = self._no_values("standardize", replies, columns)
+        return self._set("standardize", standardize_params({c: self._numeric(replies, c) for c in columns}), empty)
 
     def minmax(self, columns: Sequence[str]) -> Pipeline:
         """(x - min) / (max - min); needs nodes that release exact min and max."""
         replies = self._fit("minmax", columns, ["min", "max"])
+        empty = self._no_values("minmax", replies, columns)
         withheld = [self._names.get(n, n) for n, r in replies.items()
-                    if r.partials is None or any(r.partials.numeric.get(c) is None
-                                                 or r.partials.numeric[c].min is None for c in columns)]
+                    if r.partials is None or any(c not in (r.no_values or ()) and (r.partials.numeric.get(c) is None
+                                                 or r.partials.numeric[c].min is None) for c in columns)]
         merged = {c: self._numeric(replies, c) for c in columns}
-        return self._set("minmax", minmax_params(merged, withheld=withheld))
+        return self._set("minmax", minmax_params(merged, withheld=withheld), empty)
 
-    def impute(self, columns: Sequence[str], strategy: str = "mean") -> Pipeline:
-        """Fill missing values with the federated mean, median or most frequent value."""
-        if strategy not in ("mean", "median", "most_frequent"):
-            raise FedlabError(f"impute strategy must be mean, median or most_frequent, not {strategy!r}")
+    def impute(self, columns: Sequence[str], strategy: str = "mean", fill_value: Any = None) -> Pipeline:
+        """Fill missing values with the federated mean, median or most frequent value, or with
+        ``fill_value`` (``strategy="constant"``, which needs no fit)."""
+        if strategy not in ("mean", "median", "most_frequent", "constant"):
+            raise FedlabError(f"impute strategy must be mean, median, most_frequent or constant, not {strategy!r}")
+        if strategy == "constant":
+            return self._set("impute", {"type": "impute", "columns": list(columns),
+                                        "values": dict.fromkeys(columns, _fill_value(fill_value))})
+        if fill_value is not None:
+            raise FedlabError(f'fill_value is for strategy="constant"; the {strategy} strategy fits its value')
         if strategy == "most_frequent":
             replies = self._fit("impute", columns, [], {c: {"value_counts": {}} for c in columns})
-            categorical = {c: merge_categorical({n: r.partials.categorical[c] for n, r in replies.items()
-                                                 if r.partials is not None and c in r.partials.categorical})
-                           for c in columns}
-            return self._set("impute", impute_params(strategy, {}, categorical, None))
+            empty = self._no_values("impute", replies, columns)
+            categorical = {c: merge_categorical(categorical_partials(replies, c)) for c in columns}
+            return self._set("impute", impute_params(strategy, {}, categorical, None), empty)
         if strategy == "median":
             # the median's level and one threshold below every value (it reveals none) come along, so
             # that each node says now whether it answers median thresholds, and to which grid it rounds them
@@ -188,15 +223,15 @@ class Pipeline:
         else:
             replies = self._fit("impute", columns, ["count", "mean", "var"])
             self._check_refusals(replies, columns, "impute")
+        empty = self._no_values("impute", replies, columns)
         numeric = {c: self._numeric(replies, c) for c in columns}
         medians = self._medians(replies, columns) if strategy == "median" else None
-        return self._set("impute", impute_params(strategy, numeric, {}, medians))
+        return self._set("impute", impute_params(strategy, numeric, {}, medians), empty)
 
     def _medians(self, first: Mapping[str, PreprocReply], columns: Sequence[str]) -> dict[str, float]:
         """The federated median of each column, by the quantile search over the nodes still in the
         pipeline (``first``: their replies to the fit, with their moments and threshold grids)."""
-        partials = {c: {n: p for n, r in first.items() if r.partials is not None
-                        and (p := r.partials.numeric.get(c)) is not None} for c in columns}
+        partials = {c: numeric_partials(first, c) for c in columns}
         searches: dict[str, QuantileSearch] = {}
         for c in columns:
             search = self._median_search(partials[c])
@@ -271,19 +306,21 @@ class Pipeline:
     def onehot(self, columns: Sequence[str]) -> Pipeline:
         """One 0/1 column per category of the union across nodes; suppressed ones go to <other>."""
         replies = self._fit("onehot", columns, [], {c: {"value_counts": {}} for c in columns})
-        categorical = {c: merge_categorical({n: r.partials.categorical[c] for n, r in replies.items()
-                                             if r.partials is not None and c in r.partials.categorical})
-                       for c in columns}
-        return self._set("onehot", onehot_params(categorical))
+        empty = self._no_values("onehot", replies, columns)
+        categorical = {c: merge_categorical(categorical_partials(replies, c)) for c in columns}
+        return self._set("onehot", onehot_params(categorical), empty)
 
     def combat(self, columns: Sequence[str]) -> Pipeline:
         """ComBat harmonisation of the site effect (location and scale, empirical Bayes), each node a batch."""
         replies = self._fit("combat", columns, ["count", "mean", "var"])
         self._check_refusals(replies, columns, "combat")
-        moments = {n: {c: (p.count, p.mean, p.m2) for c in columns if (p := r.partials.numeric.get(c)) is not None}
-                   for n, r in replies.items() if r.partials is not None}
+        empty = self._no_values("combat", replies, columns)
+        moments: dict[str, dict[str, tuple[int, float, float]]] = {n: {} for n in replies}
+        for c in columns:
+            for n, p in numeric_partials(replies, c).items():
+                moments[n][c] = (p.count, p.mean, p.m2)
         spec = combat_global_params(moments)
-        return self._set("combat", {"type": "combat", "columns": list(columns), **spec})
+        return self._set("combat", {"type": "combat", "columns": list(columns), **spec}, empty)
 
     def apply(self, *, name: str, tags: Sequence[str], description: str = "") -> FederatedDataset:
         """Write the transformed data as a new dataset on every node; return them as a FederatedDataset."""
@@ -292,10 +329,22 @@ class Pipeline:
         replies = self._run(self.steps[-1]["type"], "apply",
                             {"name": name, "tags": list(tags), "description": description})
         derived: dict[str, DatasetInfo] = {n: r.derived for n, r in replies.items() if r.derived is not None}
-        return FederatedDataset(derived, node_names=self._names, missing=dict(self.dropped))
+        return FederatedDataset(derived, node_names=self._names, missing=dict(self.dropped), notes=self.notes)
 
     def __repr__(self) -> str:
         steps = ", ".join(s["type"] for s in self.steps) or "no steps yet"
         dropped = f"; dropped: {self._why_dropped()}" if self.dropped else ""
         notes = f"; {'; '.join(self.notes)}" if self.notes else ""
         return f"Pipeline({self.preproc_id}: {steps} on {len(self.nodes)} nodes{dropped}{notes})"
+
+
+def _fill_value(value: Any) -> str | int | float | bool:
+    """A constant to impute: a number, a string or a bool, never missing itself."""
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(float(value)):
+        return float(value)
+    raise FedlabError('impute(strategy="constant") needs fill_value, a finite number, a string or a bool; '
+                      f"got {value!r}")

@@ -125,8 +125,8 @@ def test_quality_names_missing_and_extra_columns():
 
 
 def test_quality_names_dtype_differences():
-    with pytest.raises(FedlabDataQualityError, match=r"b \(float64 vs object\)"):
-        check_data_quality({"n1": info(), "n2": info(dtypes={"a": "int64", "b": "float64"})})
+    with pytest.raises(FedlabDataQualityError, match=r"b \(int64 vs object\)"):
+        check_data_quality({"n1": info(), "n2": info(dtypes={"a": "int64", "b": "int64"})})
 
 
 def test_quality_refuses_mixed_types():
