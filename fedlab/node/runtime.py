@@ -192,14 +192,13 @@ class Node:
             if log_it:
                 log.warning("%s %s from %s answered busy: %d requests already in flight (disclosure.max_concurrent)",
                             envelope.msg_type, envelope.msg_id, envelope.sender, limit)
+            try:
+                self.audit.record_reply(envelope, reply, peer=self._peer)  # before it leaves, as in _work
+            except Exception:  # pragma: no cover - a failed write only logs, but the io loop must not die
+                log.exception("could not audit a busy reply")
             self.transport.send(reply)
         except Exception:  # pragma: no cover - a refusal must never stop the transport
             log.exception("could not send a busy reply to %s", envelope.msg_id)
-            return
-        try:
-            self.audit.record_reply(envelope, reply, peer=self._peer)
-        except Exception:  # pragma: no cover - a failed write only logs, but the io loop must not die
-            log.exception("could not audit a busy reply")
 
     def _warm_up(self) -> None:
         """Load torch, first telling the researcher that heartbeats may pause meanwhile.
@@ -226,14 +225,18 @@ class Node:
             self._busy += 1
         try:
             reply = self.dispatcher.handle(envelope)
+            # The audit line is written before the answer leaves, like the ledgers in node.db: a
+            # node that dies between the two has logged an answer it may not have sent, never the
+            # reverse (and a reader of audit.log who got the reply finds its line there).
+            self.audit.record_reply(envelope, reply, peer=self._peer)
             try:
                 self.transport.send(reply)
             except FedlabProtocolError as exc:  # the reply itself is too large to send
                 reply = make_envelope(
                     ErrorReply(code=exc.code, message=str(exc), node=self.config.node_id),
                     self.config.node_id, parent_id=envelope.msg_id)
+                self.audit.record_reply(envelope, reply, peer=self._peer)  # what was sent instead
                 self.transport.send(reply)
-            self.audit.record_reply(envelope, reply, peer=self._peer)
         finally:
             with self._busy_lock:
                 self._busy -= 1
