@@ -134,7 +134,8 @@ def combat_pooled(frame: pd.DataFrame, batch: pd.Series, columns: Sequence[str])
     grand_mean = np.nansum(data, axis=1) / n_all
     resid2 = np.zeros(len(cols))
     for mask in masks:
-        batch_mean = np.nanmean(data[:, mask], axis=1)
+        n_batch = present[:, mask].sum(axis=1)
+        batch_mean = np.nansum(data[:, mask], axis=1) / np.maximum(n_batch, 1)  # 0 where the batch has none
         resid2 += np.nansum((data[:, mask] - batch_mean[:, None]) ** 2, axis=1)
     sd = np.sqrt(resid2 / n_all)
     s = (data - grand_mean[:, None]) / sd[:, None]
