@@ -123,7 +123,8 @@ def _decoded(reply: TrainReply) -> object:
 def test_the_reply_carries_the_device_and_its_note_and_bounds_them_at_decode() -> None:
     reply = _decoded(_reply(device="cuda:0", device_note="use_gpu: ..."))
     assert isinstance(reply, TrainReply) and (reply.device, reply.device_note) == ("cuda:0", "use_gpu: ...")
-    assert _decoded(_reply()).device == ""  # a node that does not say
+    silent = _decoded(_reply())
+    assert isinstance(silent, TrainReply) and silent.device == ""  # a node that does not say
     for bad in ({"device": "CUDA:0"}, {"device": "cuda:0; rm"}, {"device": "x" * 40}, {"device_note": "n" * 1025}):
         with pytest.raises(DecodeError, match=r"device"):
             _decoded(_reply(**bad))
