@@ -1,6 +1,6 @@
 """The ``fedlab`` command: make the researcher's key pair, set up a node, register its datasets,
-decide which training plans may run on it, see what its privacy budgets have left, start it, or
-run the demo.
+decide which training plans may run on it, see what its privacy budgets have left, start it, run
+the researcher service that notebooks share, or run the demo.
 
 A data owner at a hospital uses this, not Python: every mistake they can make (a wrong
 directory, a file that is not a CSV, a name already taken) ends as one ``fedlab: error:``
@@ -101,10 +101,12 @@ def _cmd_node_init(args: argparse.Namespace) -> int:
     from fedlab.node.config import init_node_dir
 
     if (args.researcher_key is None) == (not args.insecure):
+        command = f"fedlab node init {shlex.quote(args.dir)} --name {shlex.quote(args.name)}"
         raise FedlabConfigError(
             "node init needs exactly one of --researcher-key FILE_OR_KEY (the researcher's public key from "
             "`fedlab keygen`: the node then talks only to that researcher, encrypted) or --insecure (no "
-            "encryption or authentication, for local demos only)"
+            f"encryption or authentication, for local demos only): `{command} --researcher-key researcher.key` "
+            f"or `{command} --insecure`"
         )
     config = init_node_dir(args.dir, name=args.name, researcher=args.researcher, researcher_key=args.researcher_key)
     print(f"initialised node {config.name!r} with node id {config.node_id}")
@@ -345,6 +347,90 @@ def _cmd_node_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_researcher_start(args: argparse.Namespace) -> int:
+    from fedlab.node.config import validate_researcher_address
+
+    validate_researcher_address(args.address)
+    if args.detach:
+        from fedlab.researcher.service_process import start_detached
+
+        argv = ["researcher", "start", "--address", args.address]
+        for flag, value in (("--key", args.key), ("--allowlist", args.allowlist), ("--heartbeat", args.heartbeat),
+                            ("--log", args.log)):
+            if value is not None:
+                argv += [flag, str(value)]
+        info, log_file = start_detached(args.address, argv)
+        print(f"researcher service for {info.address} running in the background (pid {info.pid}, log {log_file})")
+        print(f"  notebooks attach with fedlab.Researcher({info.address!r}) or `%fed connect {info.address}`; "
+              f"`fedlab researcher stop --address {info.address}` stops it")
+        return 0
+    from fedlab.researcher.service_process import run_service
+
+    print(f"researcher service for {args.address}: notebooks of this user attach with "
+          f"fedlab.Researcher({args.address!r}); Ctrl-C stops it", flush=True)
+    return run_service(args.address, key=args.key, allowlist=args.allowlist,
+                       heartbeat_interval=args.heartbeat or 1.0, log_file=args.log)
+
+
+def _cmd_researcher_status(args: argparse.Namespace) -> int:
+    import time
+
+    from fedlab.researcher.service_process import format_status, service_status
+
+    deadline = time.monotonic() + (args.wait or 0.0)
+    while True:
+        replies = service_status(args.address)
+        if replies or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if not replies:
+        where = f"for {args.address}" if args.address else "for you on this machine"
+        waited = f" (waited {args.wait:g} s)" if args.wait else ""
+        print(f"no researcher service runs {where}{waited}; start one with `fedlab researcher start`")
+        return 1
+    for reply in replies:
+        print("\n".join(format_status(reply)))
+    return 0
+
+
+def _cmd_researcher_stop(args: argparse.Namespace) -> int:
+    from fedlab.researcher.service_process import stop_service
+
+    info = stop_service(args.address)
+    print(f"stopped the researcher service for {info.address} (pid {info.pid}); its nodes keep knocking until a "
+          "researcher binds the address again")
+    return 0
+
+
+def _add_researcher_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    researcher = sub.add_parser("researcher", help="run the researcher service that this user's notebooks share")
+    r_sub = researcher.add_subparsers(dest="researcher_command", required=True, metavar="COMMAND")
+    start = r_sub.add_parser(
+        "start", help="hold the nodes' socket, keys and connections for every notebook of this user",
+        description="Bind ADDRESS for the nodes and let the notebook kernels of this user on this machine attach "
+        "(fedlab.Researcher(ADDRESS) and %%fed connect do, when it runs). Runs in the foreground until Ctrl-C, "
+        "unless --detach.")
+    start.add_argument("--address", default="tcp://127.0.0.1:5555",
+                       help="the address the nodes dial (default tcp://127.0.0.1:5555, this machine only; "
+                       "tcp://0.0.0.0:5555 for nodes elsewhere, with --key and --allowlist)")
+    start.add_argument("--key", metavar="FILE", help="the researcher's NAME.key_secret from `fedlab keygen` "
+                       "(default $FEDLAB_KEY); without a key and an allowlist the service is insecure")
+    start.add_argument("--allowlist", metavar="FILE", help="the node public keys it accepts, one per line "
+                       "(default $FEDLAB_ALLOWLIST)")
+    start.add_argument("--heartbeat", type=seconds, metavar="SECONDS", help="heartbeat interval (default 1)")
+    start.add_argument("--log", metavar="FILE", help="also log to FILE")
+    start.add_argument("--detach", action="store_true",
+                       help="run in the background; return once it listens (log in the run directory)")
+    start.set_defaults(handler=_cmd_researcher_start)
+    status = r_sub.add_parser("status", help="the running service: attached kernels, nodes, requests in flight")
+    status.add_argument("--address", help="the service of this address's port (default: every running one)")
+    status.add_argument("--wait", type=seconds, metavar="SECONDS", help="wait this long for a service to run")
+    status.set_defaults(handler=_cmd_researcher_status)
+    stop = r_sub.add_parser("stop", help="stop the service (its kernels get an error; nodes keep knocking)")
+    stop.add_argument("--address", help="the service of this address's port (default: the only one running)")
+    stop.set_defaults(handler=_cmd_researcher_stop)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedlab.demo import run_demo
 
@@ -452,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--name", default="researcher", help="file name of the key pair (default researcher)")
     keygen.set_defaults(handler=_cmd_keygen)
     _add_node_commands(sub)
+    _add_researcher_commands(sub)
 
     demo = sub.add_parser(
         "demo", help="start local nodes holding public medical data and open JupyterLab on the quickstart",

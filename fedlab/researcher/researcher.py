@@ -8,6 +8,12 @@ nodes are online, and sends requests. Typical use in a notebook::
         r.nodes()                       # DataFrame: node_id, name, status, last_seen
         fds = r.search(["breast-cancer"])  # FederatedDataset, data-quality checked
 
+When a researcher service runs for the address (``fedlab researcher start``: it holds the socket,
+keys and node connections for every notebook of its user on this machine), the researcher attaches
+to it instead of binding, so several kernels share the nodes and a kernel restart keeps them
+connected; ``service="attach"`` insists on a service, ``service="own"`` binds in the kernel as
+before (default ``"auto"``, or ``$FEDLAB_SERVICE``; see ``fedlab.researcher.service``).
+
 With ``key=`` (the researcher's ``NAME.key_secret`` from ``fedlab keygen``) and ``allowlist=``
 (one ``NODE_PUBLIC_KEY name`` line per node it accepts) every connection is encrypted and only
 the listed nodes get in; ``$FEDLAB_KEY`` and ``$FEDLAB_ALLOWLIST`` supply them when the
@@ -26,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 import fedlab.training.messages  # noqa: F401 -- registers the training message types for decoding
-from fedlab.errors import FedlabConfigError, FedlabDatasetError, FedlabError, FedlabNodeError, FedlabTimeoutError
+from fedlab.errors import (
+    FedlabConfigError,
+    FedlabDatasetError,
+    FedlabError,
+    FedlabNodeError,
+    FedlabTimeoutError,
+    FedlabTransportError,
+)
 from fedlab.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DatasetInfo,
@@ -88,14 +101,27 @@ class Researcher:
         start: bool = True,
         key: str | os.PathLike[str] | None = None,
         allowlist: str | os.PathLike[str] | None = None,
+        service: str | None = None,
     ) -> None:
         """``transport`` replaces the ZeroMQ transport (the in-memory twin in unit tests).
 
         ``key`` is this researcher's secret key file (``NAME.key_secret`` from ``fedlab keygen``)
         and ``allowlist`` the file of node public keys it accepts; both default to
         ``$FEDLAB_KEY`` and ``$FEDLAB_ALLOWLIST``. With neither, the researcher is insecure.
+
+        ``service``: ``"auto"`` (default, or ``$FEDLAB_SERVICE``) attaches to the researcher service
+        of this address's port when one runs, else binds the address here; ``"attach"`` only
+        attaches (an error when no service runs); ``"own"`` always binds here. Attached, the
+        service's key and allowlist apply; ``key``/``allowlist``, when given, must be the service's.
         """
+        from fedlab.researcher.service import attach_transport
+
         self.address = address
+        self.service = None
+        if transport is None:
+            transport = attach_transport(address, service, key, allowlist)
+            if transport is not None:
+                self.service = transport.service
         if transport is None:
             keypair, nodes_allowed = security(key, allowlist)
             if keypair is None:
@@ -115,8 +141,15 @@ class Researcher:
     @property
     def public_key(self) -> str | None:
         """This researcher's CURVE public key (what nodes are given), or None when insecure."""
+        if self.service is not None:
+            return getattr(self._transport, "public_key", None)
         key = getattr(self._transport, "key", None)
         return key.public if key is not None else None
+
+    @property
+    def attached(self) -> bool:
+        """Whether this researcher works through a researcher service (else it binds the address itself)."""
+        return self.service is not None
 
     @property
     def id(self) -> str:
@@ -124,7 +157,15 @@ class Researcher:
 
     def start(self) -> Researcher:
         if not self._started:
-            self._transport.start(self.requests.on_message)
+            try:
+                self._transport.start(self.requests.on_message)
+            except FedlabTransportError as exc:
+                from fedlab.researcher.service import bind_hint
+
+                hint = bind_hint(self.address) if self.service is None else ""
+                if not hint:
+                    raise
+                raise FedlabTransportError(f"{exc} {hint}") from None
             self._started = True
         return self
 
@@ -140,8 +181,12 @@ class Researcher:
         self.close()
 
     def __repr__(self) -> str:
-        online = sum(r.status != OFFLINE for r in self._transport.nodes())
-        return f"Researcher({self.id}, {self.address}, {online} nodes online)"
+        via = f", through the researcher service (pid {self.service.pid})" if self.service is not None else ""
+        try:
+            online = f"{sum(r.status != OFFLINE for r in self._transport.nodes())} nodes online"
+        except FedlabError:
+            online = "not connected"
+        return f"Researcher({self.id}, {self.address}{via}, {online})"
 
     # -- nodes -------------------------------------------------------------------------------
     def online_node_ids(self) -> list[str]:
