@@ -281,11 +281,11 @@ def main() -> None:
     met = robust <= POINTS_ROBUST and gaps["poisoned fedavg"] > robust
     print(f"target: median or trimmed mean within {POINTS_ROBUST:g} points of clean FedAvg, poisoned FedAvg "
           f"further -> {'met' if met else 'NOT met'}")
-    if gaps["fedavg, 4 honest"] > POINTS_ROBUST:
+    if not met and gaps["fedavg, 4 honest"] > POINTS_ROBUST:
         print(f"limit: node {N_NODES} is home to digits {2 * N_NODES - 2} and {2 * N_NODES - 1}; with its labels "
               f"shuffled, {100 * args.home_share:g}% of their images are unusable and FedAvg on the other nodes alone "
               f"ends {gaps['fedavg, 4 honest']:.2f} points below clean FedAvg, so no defence that ignores the node "
-              f"can come within {POINTS_ROBUST:g} points at this skew (try --home-share 0.6)")
+              f"can come within {POINTS_ROBUST:g} points at this skew (a milder skew, --home-share 0.6, leaves more)")
     plot(clean, poisoned, args.plot)
     print(f"plot: {args.plot}; total time {seconds:.0f} s")
 

@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     _tags(p)
     p.add_argument("--rounds", type=positive_int, required=True)
-    p.add_argument("--aggregator", default="fedavg", help="fedavg, fedprox or scaffold")
+    p.add_argument("--aggregator", default="fedavg", help="fedavg, fedprox, scaffold, fedavgm, fedadagrad, fedadam, "
+                   "fedyogi, median, trimmed_mean, krum or multikrum (docs/aggregation.md)")
     p.add_argument("--aggregator-args", type=json_object, default=None, metavar="JSON")
     p.add_argument("--model-args", type=json_object, default=None, metavar="JSON")
     p.add_argument("--training-args", type=json_object, default=None, metavar="JSON")
