@@ -48,11 +48,19 @@ def describe_spec(spec: Mapping[str, Any]) -> str:
     columns = spec.get("columns", []) if isinstance(spec, Mapping) else []
     names = ", ".join(str(c) for c in columns) if isinstance(columns, list | tuple) else ""
     if kind == "impute" and isinstance(spec.get("values"), Mapping):
-        names = ", ".join(f"{c}={spec['values'].get(c)!r}" for c in columns) if names else ""
+        names = ", ".join(f"{c}={_shown(spec['values'].get(c))}" for c in columns) if names else ""
     empty = spec.get("no_values") if isinstance(spec, Mapping) else None
     note = f"; no values of {', '.join(str(c) for c in empty)} here: fitted on the other sites" if (
         isinstance(empty, list | tuple) and empty) else ""
     return f"{kind}({names}{note})"
+
+
+def _shown(value: Any) -> str:
+    """A fill value as a reader wants it in a lineage line: ``25.7``, not ``25.70000000000003``
+    (the float sum of a federated mean); the exact value is what the step applies."""
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    return repr(value)
 
 
 def apply_chain(frame: pd.DataFrame, specs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

@@ -263,3 +263,11 @@ def test_fit_errors() -> None:
         impute_params("mode", {}, {}, None)
     with pytest.raises(FedlabError, match="needs its median"):
         impute_params("median", {"x": merge_numeric({"n1": numeric_partial(pd.Series([1.0, 2.0]))})}, {}, None)
+
+
+def test_lineage_shows_fill_values_as_a_reader_writes_them():
+    from fedlab.preprocessing.transforms import describe_spec
+
+    spec = {"type": "impute", "columns": ["bmi", "sex"], "values": {"bmi": 25.70000000000003, "sex": "F"}}
+    assert describe_spec(spec) == "impute(bmi=25.7, sex='F')"
+    assert describe_spec({**spec, "values": {"bmi": 1 / 3, "sex": 2}}) == "impute(bmi=0.3333333333, sex=2)"
