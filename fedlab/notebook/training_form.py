@@ -21,11 +21,13 @@ from fedlab.notebook.approval import ApprovalPanel
 from fedlab.notebook.background import BackgroundTraining, StopOnCancel, run_rounds
 from fedlab.notebook.forms import Form, fed_line
 from fedlab.notebook.progress import TrainingProgress
+from fedlab.researcher.aggregators import AGGREGATORS
 from fedlab.training.source import plan_id, plan_source
 
 __all__ = ["TrainForm"]
 
-AGGREGATOR_NAMES = ("fedavg", "fedprox", "scaffold")
+# every registered rule: FedAvg first, then FedProx, Scaffold, the server optimizers, the robust ones
+AGGREGATOR_NAMES = tuple(AGGREGATORS)
 
 
 class TrainForm(Form):
