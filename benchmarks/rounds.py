@@ -11,7 +11,8 @@ plan); min / median / max of them are printed, and the ratio is median / floor.
 Models: ~100k parameters (0.4 MB) and ~25M parameters (100 MB), as single linear layers.
 Targets (issue 4): 100 MB round <= 1.5 x floor; small model at N = 8 <= 30 ms per round.
 Targets (issue 14): the researcher's work after the last reply ("tail") < 10% of the floor at
-N = 8; researcher peak RSS during rounds <= 3 x the model.
+N = 8; researcher peak RSS during rounds <= 3 x the model; an encrypted 100 MB round at N = 2
+(``bulk``) within 1.5 x the plain round of the same run.
 
 Columns:
   round ms    min / median / max of the timed rounds, researcher side (``run_once``).
@@ -30,9 +31,14 @@ Columns:
   node        the largest node's peak RSS, the node process plus its training worker child,
               minus its RSS after the warm-up round (the worker, with torch, starts there).
               Sampled every ~20 ms; the node/worker shared-memory file is counted once.
-  curve/plain with ``--encrypted``: each configuration runs a second time with CurveZMQ keys
-              (nodes made with a researcher key, a keyed Researcher with an allowlist), and this
-              is the median round time encrypted / plain.
+  vs plain    with ``--encrypted``: each configuration runs twice more with CurveZMQ keys (nodes
+              made with a researcher key, a keyed researcher with an allowlist): ``curve`` with
+              the bulk path off (every byte through CURVE), ``bulk`` with it on (messages of 1 MiB
+              or more sealed with AES-256-GCM on the second connection); this is the median round
+              time of that mode / plain. ``sealed`` counts the messages the researcher sent and
+              received on the bulk path during the whole run (warm-up included). A node reply
+              lost in a timed round (an encrypted connection that dropped and came back mid-transfer)
+              is named at the end of its row; its round waited for the 60 s round timeout.
 
     .venv/bin/python benchmarks/rounds.py [--nodes 2 8] [--rounds 5] [--models small large] [--encrypted]
 """
@@ -61,7 +67,8 @@ from fedlab import Experiment, Researcher
 from fedlab.node.config import init_node_dir
 from fedlab.node.registry import DatasetRegistry
 from fedlab.researcher.aggregators import FedAvg
-from fedlab.transport.keys import create_keypair, read_public_key
+from fedlab.transport import ZmqResearcherTransport
+from fedlab.transport.keys import Allowlist, create_keypair, load_keypair, read_public_key
 
 PLAN = '''
 class BenchPlan(TorchTrainingPlan):
@@ -194,6 +201,8 @@ class Result:
     n_bytes: int
     researcher_peak: int  # bytes over the baseline
     node_peak: int
+    sealed: tuple[int, int] | None = None  # messages out, in over the bulk path
+    failed: int = 0  # node replies of the timed rounds that did not come (their round still counts)
 
 
 def start_nodes(root: Path, n: int, address: str, researcher_key: Path | None = None
@@ -225,26 +234,29 @@ def approve(dirs: list[Path], plan_id: str) -> None:
                        check=True, stdout=subprocess.DEVNULL)
 
 
-def bench_rounds(root: Path, n: int, model: str, rounds: int, encrypted: bool = False) -> Result:
-    address = f"tcp://127.0.0.1:{free_port()}"
-    keys: dict[str, Any] = {}
-    public = None
-    if encrypted:
-        public, secret = create_keypair(root / f"{address.rsplit(':', 1)[1]}-keys", "researcher")
-        keys["key"] = secret
+def bench_rounds(root: Path, n: int, model: str, rounds: int, mode: str = "plain") -> Result:
+    """``mode``: plain, curve (encrypted, bulk path off) or bulk (encrypted, bulk path on)."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    public = secret = None
+    if mode != "plain":
+        public, secret = create_keypair(root / f"{port}-keys", "researcher")
     # the allowlist must exist before the keyed Researcher starts: write it before the nodes connect
     dirs, procs, allowlist = start_nodes(root, n, address, public)
-    if allowlist is not None:
-        keys["allowlist"] = allowlist
+    options: dict[str, Any] = {}
+    if secret is not None and allowlist is not None:
+        options["transport"] = ZmqResearcherTransport(
+            address, key=load_keypair(secret), allowlist=Allowlist(allowlist),
+            bulk=f"tcp://127.0.0.1:{free_port()}" if mode == "bulk" else False)
     n_in, n_out = MODELS[model]
     try:
-        with Researcher(address, **keys) as researcher:
+        with Researcher(address, **options) as researcher:
             researcher.wait_for_nodes(n, timeout=60)
             aggregator = TimedFedAvg()
             exp = Experiment(researcher, tags=["bench"], training_plan=PLAN, plan_class="BenchPlan",
                              model_args={"n_in": n_in, "n_out": n_out},
                              training_args={"num_updates": 1, "batch_size": 1, "optimizer_args": {"lr": 0.0}},
-                             rounds=rounds + 1, aggregator=aggregator, round_timeout=300)
+                             rounds=rounds + 1, aggregator=aggregator, round_timeout=60)
             exp.approve("benchmark plan")
             approve(dirs, exp.plan_id)
             researcher_base = own_rss()
@@ -268,11 +280,15 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, encrypted: bool = 
                 sampler.stop()
             researcher_peak = max(sampler.researcher_peak, _status("self").get("VmHWM", 0) if hwm else 0)
             history = exp.history
-            assert (history["status"] == "ok").all(), history[history["status"] != "ok"]
+            failed = history[(history["status"] != "ok") & (history["round"] > 1)]
+            if (history[history["round"] == 1]["status"] != "ok").any():
+                raise RuntimeError(f"the warm-up round failed:\n{history}")
             n_bytes = sum(int(np.asarray(p).nbytes) for p in exp.params.values())
             compute = float(history[history["round"] > 1]["compute_seconds"].median())
+            bulk = getattr(options.get("transport"), "bulk", None)
             return Result(times, tails, compute, n_bytes, researcher_peak - researcher_base,
-                          max(sampler.node_peaks[p] - node_base[p] for p in node_base))
+                          max(sampler.node_peaks[p] - node_base[p] for p in node_base),
+                          (bulk.sealed_out, bulk.sealed_in) if bulk is not None else None, len(failed))
     finally:
         for p in procs:
             p.terminate()
@@ -283,18 +299,20 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, encrypted: bool = 
 # -- the table -----------------------------------------------------------------------------------
 HEADER = (f"{'model':>6} {'MB':>6} {'nodes':>5} {'mode':>5} | {'round ms: min':>13} {'median':>7} {'max':>7} | "
           f"{'floor ms':>8} {'ratio':>5} | {'tail ms':>7} {'compute ms':>10} | {'researcher MB':>13} {'x':>5} | "
-          f"{'node MB':>7} {'x':>5} | {'curve/plain':>11}")
+          f"{'node MB':>7} {'x':>5} | {'vs plain':>8} {'sealed':>9}")
 
 
 def row(model: str, n: int, mode: str, r: Result, floor: float, plain: Result | None) -> str:
     mb = r.n_bytes / 1e6
     ms = [t * 1e3 for t in r.times]
-    vs = f"{statistics.median(r.times) / statistics.median(plain.times):>11.2f}" if plain is not None else f"{'':>11}"
+    vs = f"{statistics.median(r.times) / statistics.median(plain.times):>8.2f}" if plain is not None else f"{'':>8}"
+    sealed = f"{r.sealed[0]}/{r.sealed[1]}" if r.sealed is not None else ""
+    lost = f"  {r.failed} node round(s) not answered (their rounds waited 60 s)" if r.failed else ""
     return (f"{model:>6} {mb:>6.1f} {n:>5} {mode:>5} | {min(ms):>13.1f} {statistics.median(ms):>7.1f} "
             f"{max(ms):>7.1f} | {floor * 1e3:>8.1f} {statistics.median(r.times) / floor:>5.2f} | "
             f"{statistics.median(r.tails) * 1e3:>7.1f} {r.compute * 1e3:>10.1f} | "
             f"{r.researcher_peak / 1e6:>13.1f} {r.researcher_peak / r.n_bytes:>5.2f} | "
-            f"{r.node_peak / 1e6:>7.1f} {r.node_peak / r.n_bytes:>5.2f} | {vs}")
+            f"{r.node_peak / 1e6:>7.1f} {r.node_peak / r.n_bytes:>5.2f} | {vs} {sealed:>9}{lost}")
 
 
 def main() -> None:
@@ -303,7 +321,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["small", "large"])
     parser.add_argument("--encrypted", action="store_true",
-                        help="also run each configuration with CurveZMQ keys and print encrypted / plain")
+                        help="also run each configuration with CurveZMQ keys, with the bulk path off (curve) and on "
+                             "(bulk), and print each / plain")
     args = parser.parse_args()
     logging.getLogger("fedlab").setLevel(logging.ERROR)  # the plain runs' INSECURE warning would break the table
     print(HEADER)
@@ -314,8 +333,9 @@ def main() -> None:
                 floor = bench_raw(n, {plain.n_bytes: bytes(plain.n_bytes)}, args.rounds)[plain.n_bytes]
                 print(row(model, n, "plain", plain, floor, None), flush=True)
                 if args.encrypted:
-                    curve = bench_rounds(Path(tmp), n, model, args.rounds, encrypted=True)
-                    print(row(model, n, "curve", curve, floor, plain), flush=True)
+                    for mode in ("curve", "bulk"):
+                        encrypted = bench_rounds(Path(tmp), n, model, args.rounds, mode)
+                        print(row(model, n, mode, encrypted, floor, plain), flush=True)
 
 
 if __name__ == "__main__":

@@ -38,16 +38,20 @@ from fedlab.protocol import (
     Bye,
     DecodeError,
     Envelope,
+    ErrorReply,
     Heartbeat,
     decode,
     encode,
     error_reply_for,
     make_envelope,
 )
+from fedlab.transport.bulk_messages import BulkNotice, BulkOffer, BulkRequest
+from fedlab.transport.bulk_node import RESEARCHER, NodeBulk
+from fedlab.transport.bulk_order import Control, Lost, Ready, Sealed
 from fedlab.transport.curve import HandshakeMonitor, Throttle, node_refusal
 from fedlab.transport.keys import KeyPair
 from fedlab.transport.outbox import Outbox, Outgoing
-from fedlab.transport.zmq_researcher import check_size, socket_options
+from fedlab.transport.zmq_common import check_size, io_threads, socket_options
 
 __all__ = ["ZmqNodeTransport"]
 
@@ -69,7 +73,10 @@ class ZmqNodeTransport:
         state: Callable[[], str] = lambda: "online",
         key: KeyPair | None = None,
         server_key: str | None = None,
+        bulk: bool = True,
     ) -> None:
+        """``bulk``: an encrypted node may move large messages over the sealed bulk path, when its
+        researcher offers one (docs/transport.md); False keeps everything on CURVE."""
         if (key is None) != (server_key is None):
             raise ValueError("a CURVE node needs both its own key pair and the researcher's public key")
         self.address = address
@@ -85,7 +92,9 @@ class ZmqNodeTransport:
         self._outbox = Outbox()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._ctx: zmq.Context[Any] = zmq.Context(io_threads=io_threads())
+        self._bulk = NodeBulk(node_id, address, max_message_bytes=max_message_bytes) \
+            if bulk and key is not None else None
         self.researcher_connected = threading.Event()
         self._pause_until = 0.0
         self._beat_now = threading.Event()
@@ -106,6 +115,15 @@ class ZmqNodeTransport:
         """Queue a message for the researcher (thread-safe). Oversize replies become errors."""
         frames = encode(envelope)
         check_size(frames, self.max_message_bytes)
+        bulk = self._bulk
+        size = sum(len(f) for f in frames)
+        if bulk is not None and size >= bulk.threshold:
+            session_id = bulk.route(envelope.msg_id, frames)
+            if session_id is not None:  # sealed on the bulk link; its place in the order goes over CURVE
+                notice = make_envelope(BulkNotice(session_id=session_id, msg_id=envelope.msg_id, size=size,
+                                                  parent_id=envelope.parent_id), self.node_id)
+                self._outbox.put(Outgoing(b"", encode(notice), msg_id=envelope.msg_id))
+                return
         self._outbox.put(Outgoing(b"", frames, msg_id=envelope.msg_id))
 
     def announce_pause(self, seconds: float, *, wait: float = 1.0) -> None:
@@ -133,6 +151,8 @@ class ZmqNodeTransport:
         self._thread.join(timeout=1.5)
         self._thread = None
         self._outbox.close()
+        if self._bulk is not None:
+            self._bulk.close()
         self._ctx.term()
 
     # -- loop ------------------------------------------------------------------------------
@@ -166,8 +186,12 @@ class ZmqNodeTransport:
                 self._rebuild_at = float("inf")
                 self._link_up = True
                 self._beat_now.set()  # introduce ourselves on the new connection at once
+                if self._bulk is not None:
+                    self._bulk.connected()
             if event == zmq.EVENT_DISCONNECTED:
                 self._link_up = False
+                if self._bulk is not None:
+                    self._deliver_all(self._bulk.disconnected())
                 if self.researcher_connected.is_set():
                     log.warning("connection to researcher at %s lost; libzmq reconnects", self.address)
                     self.researcher_connected.clear()
@@ -186,6 +210,8 @@ class ZmqNodeTransport:
         poller.register(sock, zmq.POLLIN)
         poller.register(self._outbox.fileno, zmq.POLLIN)
         poller.register(monitor_sock, zmq.POLLIN)
+        if self._bulk is not None:
+            poller.register(self._bulk.inbox.fileno, zmq.POLLIN)
         pending: list[tuple[float, Outgoing]] = []
         next_beat = 0.0
         try:
@@ -208,6 +234,8 @@ class ZmqNodeTransport:
                 events = dict(poller.poll(timeout))
                 if monitor_sock in events:
                     self._handshakes()
+                if self._bulk is not None and self._bulk.inbox.fileno in events:
+                    self._deliver_all(self._bulk.inbox.drain())
                 if self._outbox.fileno in events or pending:
                     pending += [(time.monotonic(), item) for item in self._outbox.drain() if item]
                     pending = self._send_pending(sock, pending)
@@ -259,25 +287,69 @@ class ZmqNodeTransport:
         except zmq.Again:
             pass  # no researcher connected yet: keep knocking
         self._beat_sent.set()
+        request = self._bulk.request() if self._bulk is not None else None
+        if request is not None:  # after the beat: the researcher knows us before it is asked
+            self._outbox.put(Outgoing(b"", encode(request), msg_id=request.msg_id))
 
     def _receive(self, frames: list[zmq.Frame]) -> None:
         try:
             envelope = decode([f.buffer for f in frames[:MAX_FRAMES + 1]], max_bytes=self.max_message_bytes)
         except DecodeError as exc:
-            log.warning("refused a message: %s", exc)
-            self.on_refused(exc, sum(len(f) for f in frames), len(frames))
-            if exc.header is None or exc.header.msg_type != "error_reply":
-                reply, parent = error_reply_for(exc, node=self.node_id)
-                self._outbox.put(Outgoing(b"", encode(
-                    make_envelope(reply, self.node_id, parent_id=parent))))
+            self._refuse(exc, sum(len(f) for f in frames), len(frames))
             return
         if not self.researcher_connected.is_set():
             log.info("connected to researcher %s at %s", envelope.sender, self.address)
             self.researcher_connected.set()
-        if isinstance(envelope.content, Heartbeat):  # liveness is libzmq's (monitor events): nothing to record
+        content = envelope.content
+        if isinstance(content, Heartbeat):  # liveness is libzmq's (monitor events): nothing to record
             return
+        bulk = self._bulk
+        if bulk is not None and bulk.answered(envelope):
+            return
+        if isinstance(content, BulkNotice | BulkOffer | BulkRequest):
+            if bulk is not None and isinstance(content, BulkNotice):
+                self._deliver_all(bulk.inbox.notice(RESEARCHER, content.session_id, content.msg_id,
+                                                    content.parent_id, current=bulk.current(content.session_id)))
+            elif self._throttle.ready("bulk"):
+                log.warning("ignored a %s from the researcher: this node did not ask for it", envelope.msg_type)
+            return
+        if bulk is not None:
+            self._deliver_all(bulk.inbox.control(RESEARCHER, envelope))
+        else:
+            self._deliver(envelope)
+
+    def _refuse(self, exc: DecodeError, size: int, n_frames: int) -> None:
+        log.warning("refused a message: %s", exc)
+        self.on_refused(exc, size, n_frames)
+        if exc.header is None or exc.header.msg_type != "error_reply":
+            reply, parent = error_reply_for(exc, node=self.node_id)
+            self._outbox.put(Outgoing(b"", encode(make_envelope(reply, self.node_id, parent_id=parent))))
+
+    def _deliver(self, envelope: Envelope) -> None:
+        """A message in its turn: from CURVE, or from the bulk link at its notice's place."""
         if isinstance(envelope.content, Bye):
             log.info("researcher %s left: %s", envelope.sender, envelope.content.reason)
             self.researcher_connected.clear()
             return
         self._on_message(envelope)
+
+    def _deliver_all(self, ready: list[Ready]) -> None:
+        for item in ready:
+            if isinstance(item, Control):
+                self._deliver(item.envelope)
+            elif isinstance(item, Sealed):
+                try:
+                    envelope = decode(item.frames, max_bytes=self.max_message_bytes)
+                except DecodeError as exc:
+                    self._refuse(exc, sum(len(f) for f in item.frames), len(item.frames))
+                    continue
+                self._deliver(envelope)
+            else:
+                self._lost(item)
+
+    def _lost(self, lost: Lost) -> None:
+        """An announced request that will not come: the researcher hears it, as an error reply."""
+        log.warning("lost message %s from the researcher: %s", lost.msg_id, lost.reason)
+        reply = ErrorReply(code="transfer_lost", node=self.node_id, message=(
+            f"request {lost.msg_id} was lost on its way to node {self.name} ({lost.reason}); run it again"))
+        self._outbox.put(Outgoing(b"", encode(make_envelope(reply, self.node_id, parent_id=lost.msg_id))))

@@ -26,16 +26,15 @@ reported to its sender's ``on_failure``.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from fedlab.errors import FedlabProtocolError, FedlabTransportError
+from fedlab.errors import FedlabTransportError
 from fedlab.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_FRAMES,
@@ -50,52 +49,24 @@ from fedlab.protocol import (
     error_reply_for,
     make_envelope,
 )
+from fedlab.transport.bulk_messages import BulkNotice, BulkOffer, BulkRequest
+from fedlab.transport.bulk_order import Control, Lost, Ready, Sealed
+from fedlab.transport.bulk_researcher import DEFAULT_THRESHOLD, ResearcherBulk, make_researcher_bulk
+from fedlab.transport.bulk_seal import CHUNK_BYTES
 from fedlab.transport.curve import AllowlistAuthenticator, HandshakeMonitor, Throttle, researcher_refusal
 from fedlab.transport.directory import BUSY, ONLINE, NodeDirectory, NodeRecord
 from fedlab.transport.keys import Allowlist, KeyPair
 from fedlab.transport.outbox import Outbox, Outgoing
+from fedlab.transport.zmq_common import MIN_ZMTP_TIMEOUT_MS, check_size, io_threads, socket_options, source_fd
 
-__all__ = ["MessageHandler", "ZmqResearcherTransport", "check_size"]
+__all__ = ["MIN_ZMTP_TIMEOUT_MS", "MessageHandler", "ZmqResearcherTransport", "check_size", "io_threads",
+           "socket_options"]
 
 log = logging.getLogger("fedlab.transport")
 _GOODBYE_LINGER_MS = 300
 _FULL_QUEUE_SECONDS = 30.0  # a message meeting a full queue is retried this long, then dropped (and logged)
 _FULL = "full"  # _try_send's answer when the peer's queue is at its high-water mark
-MIN_ZMTP_TIMEOUT_MS = 2000  # a connection silent this long at the libzmq level is over, however short the beat
 MessageHandler = Callable[[str, Envelope], None]
-
-
-def io_threads() -> int:
-    """libzmq I/O threads for a context: each connection is served (and encrypted) by one, so a
-    researcher with several nodes uses one per core, up to 8."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def check_size(frames: Sequence[Any], max_bytes: int) -> None:
-    size = sum(len(f) for f in frames)
-    if size > max_bytes:
-        raise FedlabProtocolError(
-            f"message of {size} bytes exceeds the limit of {max_bytes} bytes; send less data per "
-            "message or raise max_message_bytes on both the researcher and the nodes",
-            code="too_large",
-        )
-
-
-def socket_options(sock: zmq.Socket[Any], heartbeat_interval: float, max_bytes: int) -> None:
-    """Options shared by both ends: no linger, a frame-size backstop, ZMTP heartbeats.
-
-    The ZMTP heartbeat (PING/PONG, answered by the peer's libzmq I/O thread) ends a connection
-    that carried nothing for ``HEARTBEAT_TIMEOUT``; any data received resets it, so a large
-    message in transit keeps it alive. It is what liveness is decided from, so it is never
-    shorter than ``MIN_ZMTP_TIMEOUT_MS``: a loaded machine may delay an I/O thread, not for seconds.
-    """
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 1024 * 1024)
-    ivl = max(int(heartbeat_interval * 1000), 100)
-    timeout = max(3 * ivl, MIN_ZMTP_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, timeout)
 
 
 class ZmqResearcherTransport:
@@ -108,7 +79,16 @@ class ZmqResearcherTransport:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         key: KeyPair | None = None,
         allowlist: Allowlist | None = None,
+        bulk: bool | str | None = None,
+        bulk_advertised_port: int | None = None,
+        bulk_threshold: int = DEFAULT_THRESHOLD,
+        bulk_chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
+        """``bulk``: the sealed bulk path of an encrypted researcher (docs/transport.md). None takes
+        ``$FEDLAB_BULK`` (default on); True listens on the control port + 1; ``"tcp://HOST:PORT"``
+        there; False (or ``"off"``) keeps every message on CURVE. ``bulk_advertised_port`` is the
+        port nodes are told to dial when it differs (a port forward); messages of at least
+        ``bulk_threshold`` bytes go that way."""
         if (key is None) != (allowlist is None):
             raise FedlabTransportError("a CURVE researcher needs both its key pair and an allowlist of node keys")
         self.address = address
@@ -130,6 +110,10 @@ class ZmqResearcherTransport:
         # so a flood that keeps the loop busy cannot make it miss heartbeats still queued
         self._caught_up = time.time()
         self._waiting: list[tuple[float, Outgoing]] = []  # met a full queue: retried in order (loop thread)
+        # only an encrypted researcher has one: a plain one sends everything as fast over its one socket
+        self._bulk: ResearcherBulk | None = make_researcher_bulk(
+            address, bulk, advertised_port=bulk_advertised_port, threshold=bulk_threshold,
+            chunk_bytes=bulk_chunk_bytes, max_message_bytes=max_message_bytes) if key is not None else None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, on_message: MessageHandler) -> None:
@@ -160,6 +144,8 @@ class ZmqResearcherTransport:
                 "there? Pick another address, e.g. Researcher('tcp://127.0.0.1:5556')."
             ) from None
         self._ctx, self._sock = ctx, sock
+        if self._bulk is not None and not self._bulk.start():
+            self._bulk = None
         self._thread = threading.Thread(target=self._run, name="fedlab-researcher-io", daemon=True)
         self._thread.start()
 
@@ -174,6 +160,8 @@ class ZmqResearcherTransport:
         self._thread.join(timeout=2.0)
         self._thread = None
         self._outbox.close()
+        if self._bulk is not None:
+            self._bulk.close()
         self._stop_auth()
         if self._ctx is not None:
             self._ctx.term()
@@ -182,6 +170,11 @@ class ZmqResearcherTransport:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+
+    @property
+    def bulk(self) -> ResearcherBulk | None:
+        """The sealed bulk path, when this researcher has one running (encrypted, port bound)."""
+        return self._bulk
 
     # -- API used by researcher/ -------------------------------------------------------------
     def nodes(self) -> list[NodeRecord]:
@@ -201,6 +194,16 @@ class ZmqResearcherTransport:
         if self._thread is None:
             raise FedlabTransportError("the researcher's transport is not running; use it inside "
                                        "`with Researcher(...)` or call .start()")
+        bulk = self._bulk
+        size = sum(len(f) for f in frames)
+        if bulk is not None and size >= bulk.threshold:
+            once = _once(on_failure)
+            session_id = bulk.route(node_id, envelope.msg_id, frames, once)
+            if session_id is not None:  # sealed on the bulk link; its place in the order goes over CURVE
+                notice = make_envelope(BulkNotice(session_id=session_id, msg_id=envelope.msg_id, size=size,
+                                                  parent_id=envelope.parent_id), self.researcher_id)
+                self._outbox.put(Outgoing(node_id.encode(), encode(notice), once, envelope.msg_id))
+                return
         self._outbox.put(Outgoing(node_id.encode(), frames, on_failure, envelope.msg_id))
 
     def send_nowait(self, node_id: str, envelope: Envelope) -> None:
@@ -215,6 +218,8 @@ class ZmqResearcherTransport:
         poller.register(sock, zmq.POLLIN)
         poller.register(self._outbox.fileno, zmq.POLLIN)
         poller.register(monitor.socket, zmq.POLLIN)
+        if self._bulk is not None:
+            poller.register(self._bulk.inbox.fileno, zmq.POLLIN)
         next_beat = 0.0
         try:
             while True:
@@ -229,6 +234,8 @@ class ZmqResearcherTransport:
                     self._caught_up = time.time()
                 if self._waiting:
                     self._retry_waiting(sock)
+                if self._bulk is not None and self._bulk.inbox.fileno in events:
+                    self._deliver_all(sock, self._bulk.inbox.drain())
                 if self._outbox.fileno in events or self._stop.is_set():
                     stop = self._flush(sock)
                     if stop or self._stop.is_set():
@@ -254,6 +261,8 @@ class ZmqResearcherTransport:
             if event == zmq.EVENT_DISCONNECTED:
                 for node_id in self.directory.connection_closed(value):
                     log.info("node %s: its connection closed; offline until it reconnects", node_id)
+                if self._bulk is not None and self._sock is not None:
+                    self._deliver_all(self._sock, self._bulk.connection_closed(value))
                 continue
             refusal = researcher_refusal(event, value, keyed=self.key is not None)
             if refusal is not None and self._throttle.ready(refusal[0]):
@@ -336,23 +345,41 @@ class ZmqResearcherTransport:
         try:
             envelope = decode([f.buffer for f in frames[1:MAX_FRAMES + 2]], max_bytes=self.max_message_bytes)
         except DecodeError as exc:
-            log.warning("refused a message from %s: %s", node_id, exc)
-            if exc.header is None or exc.header.msg_type != "error_reply":
-                reply, parent = error_reply_for(exc)
-                self._send_frames(sock, Outgoing(frames[0].bytes, encode(
-                    make_envelope(reply, self.researcher_id, parent_id=parent))))
+            self._refuse(sock, frames[0].bytes, node_id, exc)
             return
         content = envelope.content
-        connection = _source_fd(frames[0])
+        connection = source_fd(frames[0])
         if isinstance(content, Heartbeat):
             state = BUSY if content.state == BUSY else ONLINE
             self.directory.seen(node_id, content.name, state, content.interval, content.session, connection)
             return
+        if not isinstance(content, Bye):
+            self.directory.seen(node_id, connection=connection)
+        if isinstance(content, BulkRequest):
+            self._offer_bulk(sock, node_id, envelope, connection)
+        elif isinstance(content, BulkNotice | BulkOffer):
+            if self._bulk is None or isinstance(content, BulkOffer):
+                if self._throttle.ready("bulk " + node_id):
+                    log.warning("ignored a %s from node %s: this researcher offered it no bulk session",
+                                envelope.msg_type, node_id)
+                return
+            self._deliver_all(sock, self._bulk.inbox.notice(
+                node_id, content.session_id, content.msg_id, content.parent_id,
+                current=self._bulk.current(node_id, content.session_id)))
+        elif self._bulk is not None:
+            self._deliver_all(sock, self._bulk.inbox.control(node_id, envelope))
+        else:
+            self._deliver(node_id, envelope)
+
+    def _deliver(self, node_id: str, envelope: Envelope) -> None:
+        """A message in its turn: from CURVE, or from the bulk link at its notice's place."""
+        content = envelope.content
         if isinstance(content, Bye):
             log.info("node %s said goodbye: %s", node_id, content.reason)
             self.directory.offline(node_id)
+            if self._bulk is not None and self._sock is not None:
+                self._deliver_all(self._sock, self._bulk.node_left(node_id))
             return
-        self.directory.seen(node_id, connection=connection)
         if isinstance(content, ErrorReply) and envelope.parent_id is None:
             log.warning("node %s reported: [%s] %s", node_id, content.code, content.message)
             return
@@ -361,11 +388,57 @@ class ZmqResearcherTransport:
         except Exception:
             log.exception("handling a message from %s failed", node_id)
 
+    def _deliver_all(self, sock: zmq.Socket[Any], ready: list[Ready]) -> None:
+        for item in ready:
+            if isinstance(item, Control):
+                self._deliver(item.peer, item.envelope)
+            elif isinstance(item, Sealed):
+                try:
+                    envelope = decode(item.frames, max_bytes=self.max_message_bytes)
+                except DecodeError as exc:
+                    self._refuse(sock, item.peer.encode(), item.peer, exc)
+                    continue
+                self._deliver(item.peer, envelope)
+            else:
+                self._lost(item)
 
-def _source_fd(frame: zmq.Frame) -> int | None:
-    """The file descriptor of the connection ``frame`` came in on (libzmq's ``ZMQ_SRCFD``)."""
-    try:
-        fd = int(frame.get(zmq.SRCFD))
-    except (zmq.ZMQError, ValueError, TypeError):
+    def _lost(self, lost: Lost) -> None:
+        """An announced bulk message that will not come: its request hears it, as an error."""
+        log.warning("lost message %s from node %s: %s", lost.msg_id, lost.peer, lost.reason)
+        if lost.parent_id is None:
+            return
+        reply = ErrorReply(code="transfer_lost", message=(
+            f"node {lost.peer}'s reply {lost.msg_id} was lost on its way ({lost.reason}); run the request again"))
+        self._deliver(lost.peer, make_envelope(reply, self.researcher_id, parent_id=lost.parent_id))
+
+    def _offer_bulk(self, sock: zmq.Socket[Any], node_id: str, request: Envelope, connection: int | None) -> None:
+        if self._bulk is None:
+            answer: Any = ErrorReply(code="unavailable", message="this researcher does not offer the bulk path "
+                                     "(it is off, or its port could not be had): every message goes over CURVE")
+        else:
+            answer, ready = self._bulk.offer(node_id, connection)
+            self._deliver_all(sock, ready)
+        self._send_frames(sock, Outgoing(node_id.encode(), encode(
+            make_envelope(answer, self.researcher_id, parent_id=request.msg_id))))
+
+    def _refuse(self, sock: zmq.Socket[Any], peer: bytes, node_id: str, exc: DecodeError) -> None:
+        log.warning("refused a message from %s: %s", node_id, exc)
+        if exc.header is None or exc.header.msg_type != "error_reply":
+            reply, parent = error_reply_for(exc)
+            self._send_frames(sock, Outgoing(peer, encode(make_envelope(reply, self.researcher_id, parent_id=parent))))
+
+
+def _once(callback: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """``callback`` that runs at most once (a message on two paths may fail on both)."""
+    if callback is None:
         return None
-    return fd if fd >= 0 else None
+    fired = threading.Event()
+    lock = threading.Lock()
+
+    def run(reason: str) -> None:
+        with lock:
+            if fired.is_set():
+                return
+            fired.set()
+        callback(reason)
+    return run

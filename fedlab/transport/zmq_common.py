@@ -1,0 +1,57 @@
+"""What both zmq ends share: socket options, the size check, I/O threads, a frame's connection."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from fedlab.errors import FedlabProtocolError
+
+__all__ = ["MIN_ZMTP_TIMEOUT_MS", "check_size", "io_threads", "socket_options", "source_fd"]
+
+MIN_ZMTP_TIMEOUT_MS = 2000  # a connection silent this long at the libzmq level is over, however short the beat
+
+
+def io_threads() -> int:
+    """libzmq I/O threads for a context: each connection is served (and encrypted) by one, so a
+    researcher with several nodes uses one per core, up to 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def check_size(frames: Sequence[Any], max_bytes: int) -> None:
+    size = sum(len(f) for f in frames)
+    if size > max_bytes:
+        raise FedlabProtocolError(
+            f"message of {size} bytes exceeds the limit of {max_bytes} bytes; send less data per "
+            "message or raise max_message_bytes on both the researcher and the nodes",
+            code="too_large",
+        )
+
+
+def socket_options(sock: zmq.Socket[Any], heartbeat_interval: float, max_bytes: int) -> None:
+    """Options shared by both ends: no linger, a frame-size backstop, ZMTP heartbeats.
+
+    The ZMTP heartbeat (PING/PONG, answered by the peer's libzmq I/O thread) ends a connection
+    that carried nothing for ``HEARTBEAT_TIMEOUT``; any data received resets it, so a large
+    message in transit keeps it alive. It is what liveness is decided from, so it is never
+    shorter than ``MIN_ZMTP_TIMEOUT_MS``: a loaded machine may delay an I/O thread, not for seconds.
+    """
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 1024 * 1024)
+    ivl = max(int(heartbeat_interval * 1000), 100)
+    timeout = max(3 * ivl, MIN_ZMTP_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, timeout)
+
+
+def source_fd(frame: zmq.Frame) -> int | None:
+    """The file descriptor of the connection ``frame`` came in on (libzmq's ``ZMQ_SRCFD``)."""
+    try:
+        fd = int(frame.get(zmq.SRCFD))
+    except (zmq.ZMQError, ValueError, TypeError):
+        return None
+    return fd if fd >= 0 else None
