@@ -10,10 +10,12 @@ three datasets that ship inside scikit-learn, so nothing is downloaded:
 * ``digits`` (an image folder of 8x8 handwritten digits, one sub-folder per class): each site
   sees some digits far more often than others.
 
-It starts a real ``fedlab node start`` process per site (one torch thread each, since they
-share this machine), then runs JupyterLab on ``notebooks/01_quickstart.ipynb`` with
-``FEDLAB_ADDRESS`` and ``FEDLAB_DEMO_DIR`` set for the notebooks' kernels; with ``--no-lab``
-it prints how to connect instead. Ctrl-C (or SIGTERM) stops everything it started. Every
+It starts a researcher service (``fedlab researcher start``, which holds the port the nodes dial,
+so that every notebook of the demo can be open at once and a kernel restart keeps the nodes
+connected), a real ``fedlab node start`` process per site (one torch thread each, since they
+share this machine), then JupyterLab on ``notebooks/01_quickstart.ipynb`` with
+``FEDLAB_ADDRESS`` and ``FEDLAB_DEMO_DIR`` set for the notebooks' kernels, which attach to the
+service; with ``--no-lab`` it prints how to connect instead. Ctrl-C (or SIGTERM) stops everything it started. Every
 child runs in its own session, so a Ctrl-C in the terminal reaches only the demo, which then
 stops JupyterLab (and with it its kernels) and the nodes in order; on Linux a child also gets
 SIGTERM if the demo itself is killed. A second run stops the nodes a first run may have left
@@ -49,7 +51,8 @@ __all__ = [
 ]
 
 MARKER = ".fedlab-demo"
-PIDS = "pids"  # one line per process the demo started: "PID NODE_DIR"
+PIDS = "pids"  # one line per process the demo started: "PID NODE_DIR" (the service: "PID DIR/researcher.log")
+SERVICE_LOG = "researcher.log"  # the researcher service's log in the demo directory (its output: researcher.out)
 SITE_NAMES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e", "hospital-f",
               "hospital-g", "hospital-h"]
 # dataset name -> (tags, description), the same at every site
@@ -140,9 +143,10 @@ def _write_digits(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def prepare_federation(root: str | os.PathLike[str], n_sites: int, address: str, *,
-                       training_threads: int = 1) -> list[Path]:
-    """Create ``n_sites`` node directories under ``root`` (which must not exist), each with its
-    share of the three datasets registered under :data:`DATASETS`' names and tags.
+                       training_threads: int = 1, exist_ok: bool = False) -> list[Path]:
+    """Create ``n_sites`` node directories under ``root`` (which must not exist, unless ``exist_ok``:
+    the demo makes it first, for its researcher service's log), each with its share of the three
+    datasets registered under :data:`DATASETS`' names and tags.
 
     Returns the node directories. The nodes dial ``address`` and give torch ``training_threads``
     threads (they share one machine). The tests and notebooks run against exactly this data.
@@ -150,7 +154,7 @@ def prepare_federation(root: str | os.PathLike[str], n_sites: int, address: str,
     if not 1 <= n_sites <= len(SITE_NAMES):
         raise FedlabConfigError(f"--nodes must be between 1 and {len(SITE_NAMES)}, got {n_sites}")
     root = Path(root)
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=exist_ok)
     (root / MARKER).write_text("made by `fedlab demo`; it deletes and recreates this directory on its next run\n")
     cancer = split_like_sites(load_breast_cancer_frame(), n_sites)
     diabetes = split_by_age(load_diabetes_frame(), n_sites)
@@ -182,7 +186,10 @@ def prepare_federation(root: str | os.PathLike[str], n_sites: int, address: str,
 # -- processes ----------------------------------------------------------------------------------
 
 def _port_free(port: int) -> bool:
+    """Whether a listener may bind ``port``: as libzmq binds (SO_REUSEADDR), so the closed connections of
+    a researcher that just stopped (TIME_WAIT) do not count, a listening socket does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -281,6 +288,39 @@ def _wait_started(procs: Sequence[subprocess.Popen[bytes]], node_dirs: Sequence[
         time.sleep(0.1)
 
 
+def _start_service(root: Path, address: str) -> subprocess.Popen[bytes]:
+    """`fedlab researcher start` for ``address``, logging in ``root``; returns once it listens."""
+    from fedlab.transport.service_files import find_service
+
+    proc = _spawn([sys.executable, "-m", "fedlab", "researcher", "start", "--address", address,
+                   "--log", str(root / SERVICE_LOG)], log=root / "researcher.out")
+    deadline = time.monotonic() + _START_TIMEOUT
+    while True:
+        info = find_service(address, settle=0.0)
+        if info is not None and info.pid == proc.pid:
+            return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop([proc])
+            tail = (root / "researcher.out").read_text(errors="replace").strip().splitlines()[-2:]
+            raise FedlabError(f"the demo's researcher service did not start (see {root / 'researcher.out'}): "
+                              + " ".join(tail))
+        time.sleep(0.05)
+
+
+def _joined_service(address: str) -> str | None:
+    """A note when a researcher service of this user already runs for ``address``'s port, else None."""
+    from fedlab.transport.service_files import find_service
+
+    try:
+        info = find_service(address)
+    except FedlabError:
+        return None
+    if info is None:
+        return None
+    return (f"note: a researcher service already runs for port {address.rsplit(':', 1)[1]} (pid {info.pid}); the "
+            "nodes join it")
+
+
 def find_notebooks() -> Path | None:
     """notebooks/ of a fedlab checkout: beside the package (editable install), else the cwd's."""
     for candidate in (Path(__file__).resolve().parents[1] / "notebooks", Path.cwd() / "notebooks"):
@@ -336,39 +376,57 @@ def run_demo(n_nodes: int = 3, directory: str | Path | None = None, port: int = 
             raise FedlabConfigError(f"port {lab_port} for JupyterLab is taken (another demo or Jupyter?); "
                                     "stop it or pass --lab-port")
     _recreate(root)  # stops an earlier demo's nodes first, so the port check below sees the truth
+    own_service = True
     if not _port_free(port):
-        if lab:  # the notebook's researcher must bind it
-            raise FedlabConfigError(f"port {port} is taken (a researcher or another demo is listening there); "
-                                    "stop it or pass --port")
+        if lab:  # the demo's researcher service must bind it
+            raise FedlabConfigError(f"port {port} is taken (a researcher, a researcher service or another demo is "
+                                    "listening there); stop it (`fedlab researcher stop`, for a service) or pass "
+                                    "--port")
         # --no-lab: the nodes dial whoever listens there, which is what `binder/start CMD` wants when
         # CMD binds its researcher first; anything else there would never answer them
-        print(f"note: something already listens on port {port}; if it is your researcher, the nodes will join "
-              "it, otherwise stop it or pass --port", flush=True)
-    print(f"creating {n_nodes} sites in {root} (breast-cancer, diabetes, digits) ...", flush=True)
-    node_dirs = prepare_federation(root, n_nodes, address)
+        own_service = False
+        print(_joined_service(address) or f"note: something already listens on port {port}; if it is your "
+              "researcher, the nodes will join it, otherwise stop it or pass --port", flush=True)
+    root.mkdir(parents=True)
+    (root / MARKER).write_text("made by `fedlab demo`; it deletes and recreates this directory on its next run\n")
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        if own_service:  # first, so that notebooks (binder/start's command) find it while the sites are made
+            service = _start_service(root, address)
+            procs.append(service)
+            (root / PIDS).write_text(f"{service.pid} {root / SERVICE_LOG}\n")
+            print(f"researcher service for {address} running (pid {service.pid}, log {root / SERVICE_LOG}); "
+                  "every notebook attaches to it", flush=True)
+        print(f"creating {n_nodes} sites in {root} (breast-cancer, diabetes, digits) ...", flush=True)
+        node_dirs = prepare_federation(root, n_nodes, address, exist_ok=True)
         for node_dir in node_dirs:
             procs.append(_spawn([sys.executable, "-m", "fedlab", "node", "start", str(node_dir)],
                                 log=node_dir / "stderr.txt"))
-        (root / PIDS).write_text("".join(f"{p.pid} {d}\n" for p, d in zip(procs, node_dirs, strict=True)))
-        _wait_started(procs, node_dirs)
+        lines = [f"{procs[0].pid} {root / SERVICE_LOG}\n"] if own_service else []
+        lines += [f"{p.pid} {d}\n" for p, d in zip(procs[-len(node_dirs):], node_dirs, strict=True)]
+        (root / PIDS).write_text("".join(lines))
+        _wait_started(procs[-len(node_dirs):], node_dirs)
         print(f"{n_nodes} nodes running, dialling the researcher at {address}", flush=True)
         env = dict(os.environ, FEDLAB_ADDRESS=address, FEDLAB_DEMO_DIR=str(root))
+        if own_service:
+            env["FEDLAB_SERVICE"] = "attach"  # a kernel never binds the port itself: the service holds it
         if lab:
             assert notebooks is not None
             lab_proc = _spawn(_lab_command(notebooks, lab_port, browser), log=root / "jupyterlab.log", env=env,
                               cwd=notebooks)
-            procs.insert(0, lab_proc)  # stopped first: its kernels let go of the researcher port
+            procs.insert(0, lab_proc)  # stopped first: its kernels detach from the service
             print(f"JupyterLab on http://localhost:{lab_port}/lab (log: {root / 'jupyterlab.log'}); "
-                  "open 01_quickstart.ipynb and run it. Ctrl-C stops everything.", flush=True)
+                  "open 01_quickstart.ipynb and run it (several notebooks may run at once). Ctrl-C stops "
+                  "everything.", flush=True)
             if not browser:
                 _print_lab_url(root / "jupyterlab.log", lab_proc)
         else:
             print("\nConnect from Python:   researcher = fedlab.Researcher(" + repr(address) + ")")
             print(f"or from a notebook:    %load_ext fedlab  then  %fed connect {address} --wait {n_nodes}")
             print(f"the notebooks:         FEDLAB_ADDRESS={address} FEDLAB_DEMO_DIR={root} jupyter lab notebooks/")
+            if own_service:
+                print("(each attaches to the demo's researcher service: several may be connected at once)")
             print("Ctrl-C stops the nodes.", flush=True)
         while True:
             for proc in procs:
@@ -410,4 +468,6 @@ def _describe(proc: subprocess.Popen[bytes], procs: Sequence[subprocess.Popen[by
     if proc in nodes:
         node_dir = node_dirs[list(nodes).index(proc)]
         return f"node {node_dir.name} (see {node_dir / 'node.log'})"
+    if "researcher" in (proc.args if isinstance(proc.args, list) else []):
+        return f"the researcher service (see {root / SERVICE_LOG})"
     return f"JupyterLab (see {root / 'jupyterlab.log'})"

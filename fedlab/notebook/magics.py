@@ -96,8 +96,12 @@ class FedMagics(Magics):
             raise FedlabTransportError(f"{one_line(exc)} In a notebook: `%fed connect tcp://127.0.0.1:PORT` "
                                        "with a free PORT, and the same address for the nodes.") from exc
         nodes = researcher.nodes()
+        if researcher.service is not None:
+            print(f"attached to the researcher service for {researcher.service.address} (pid "
+                  f"{researcher.service.pid}): the nodes stay connected when this kernel restarts")
         if nodes.empty:
-            print(f"listening on {researcher.address}; no node has dialled in yet (start one with "
+            who = "the researcher service listens" if researcher.service is not None else "listening"
+            print(f"{who} on {researcher.address}; no node has dialled in yet (start one with "
                   f"`fedlab node start DIR --researcher {researcher.address}`)")
         return nodes
 

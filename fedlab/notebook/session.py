@@ -1,8 +1,9 @@
 """Session: what one IPython kernel remembers between ``%fed`` lines.
 
 The magics are stateless parsers; everything a later line needs lives here: the researcher
-(one bound socket per kernel, so it is made once, on first use, and replaced only by
-``%fed connect``), the plans written with ``%%fed plan`` (their source text, which is what
+(attached to the researcher service of its address when one runs, so that several notebooks
+share the nodes; else one bound socket per kernel; made once, on first use, and replaced only
+by ``%fed connect``), the plans written with ``%%fed plan`` (their source text, which is what
 the nodes approve, so approve, status and train all send byte-identical plans) and the
 background trainings. It imports neither IPython nor ipywidgets, so the forms and the tests
 can drive it directly.
@@ -67,7 +68,8 @@ class Session:
     def connect(self, address: str | None = None, *, wait: int | None = None, timeout: float = 30.0,
                 first_node_timeout: float = 5.0, key: str | None = None, allowlist: str | None = None
                 ) -> Researcher:
-        """Bind ``address`` (default: the session's) and wait for the nodes to dial in.
+        """Attach to the researcher service of ``address`` (default: the session's), or bind it when none
+        runs (``$FEDLAB_SERVICE`` forces one or the other), and wait for the nodes.
 
         ``key`` and ``allowlist`` (kept for later reconnections) make the connection encrypted and
         limited to the listed nodes; see ``Researcher``.

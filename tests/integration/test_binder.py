@@ -3,10 +3,11 @@
 repo2docker installs ``binder/requirements.txt`` with pip from the repository root, runs
 ``binder/postBuild`` once from the repository root when it builds the image, and at every session
 start runs ``binder/start`` with the notebook server's command line as its arguments. Here that
-command is a Python researcher instead of the server: it binds ``FEDLAB_ADDRESS`` as a notebook
-would, waits for the demo's real ``fedlab node`` processes and asks them for statistics, which must
-equal pandas on the same scikit-learn data. When the command exits, the demo must stop its nodes by
-itself (it is tied to the command's lifetime), leaving no process behind.
+command is a Python researcher instead of the server: it attaches to the demo's researcher service
+for ``FEDLAB_ADDRESS`` as a notebook would, waits for the demo's real ``fedlab node`` processes and
+asks them for statistics, which must equal pandas on the same scikit-learn data. When the command
+exits, the demo must stop its service and nodes by itself (it is tied to the command's lifetime),
+leaving no process behind.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ with fedlab.Researcher(address) as researcher:
     researcher.wait_for_nodes(3, timeout=180)
     result = researcher.stats(researcher.search(["breast-cancer"]), ["count", "mean", "std"], columns=columns)
     table = result.global_stats()[["count", "mean", "std", "nodes"]]
-    with open(os.path.join(demo_dir, "pids")) as f:  # the demo's record of its node processes
-        node_pids = [int(line.split()[0]) for line in f if line.strip()]
-print(json.dumps({"address": address, "demo_dir": demo_dir, "node_pids": node_pids,
-                  "stats": table.to_dict(orient="index")}))
+    with open(os.path.join(demo_dir, "pids")) as f:  # the demo's record of its processes: service and nodes
+        pids = [line.split(maxsplit=1) for line in f if line.strip()]
+    service_pid = researcher.service.pid if researcher.attached else None
+print(json.dumps({"address": address, "demo_dir": demo_dir, "service_pid": service_pid,
+                  "node_pids": [int(p) for p, path in pids if "hospital-" in path],
+                  "all_pids": [int(p) for p, _ in pids], "stats": table.to_dict(orient="index")}))
 """
 
 
@@ -113,12 +116,15 @@ def test_start_runs_demo_nodes_that_answer_and_they_stop_when_the_command_exits(
         log = log_file.read_text(errors="replace") if log_file.exists() else ""
         assert proc.returncode == 0, f"the command failed ({proc.returncode}):\n{err}\n--- demo log:\n{log}"
         answer = json.loads(out.strip().splitlines()[-1])
-        pids.extend(answer["node_pids"])
+        pids.extend(answer["all_pids"])
 
         # start exported where the demo is, for the command it exec'd
         assert answer["address"] == f"tcp://127.0.0.1:{port}"
         assert answer["demo_dir"] == str(demo_dir)
         assert len(answer["node_pids"]) == 3
+        # start waited for the demo's researcher service, and the command attached to it (as every notebook will)
+        assert answer["service_pid"] is not None and answer["service_pid"] in answer["all_pids"]
+        assert len(answer["all_pids"]) == 4
         assert sorted(p.name for p in demo_dir.glob("hospital-*")) == ["hospital-a", "hospital-b", "hospital-c"]
 
         # the federated figures over the three sites are pandas' on the pooled data
@@ -147,7 +153,7 @@ def test_start_runs_demo_nodes_that_answer_and_they_stop_when_the_command_exits(
             proc.wait(30)
         if not pids and pid_file.exists():
             pids.append(int(pid_file.read_text()))
-        if (demo_dir / "pids").exists():  # the demo's own record, while it runs
+        if (demo_dir / "pids").exists():  # the demo's own record, while it runs (service and nodes)
             pids.extend(int(line.split()[0]) for line in (demo_dir / "pids").read_text().splitlines() if line)
         left = stop_leftovers(pids, str(demo_dir))
     assert not left, f"processes left behind: {left}"

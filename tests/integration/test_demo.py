@@ -1,6 +1,7 @@
 """`fedlab demo --no-lab` as a user runs it: a real command, real node processes, real data.
 
-The demo makes uneven sites from scikit-learn's data, starts them, and stops every process it
+The demo makes uneven sites from scikit-learn's data, starts them and a researcher service that
+several researchers attach to at once, and stops every process it
 started on Ctrl-C, on SIGTERM, and even when it is killed itself (its children get SIGTERM from
 the kernel). A second run over the same directory works; a taken port or a foreign directory
 is a one-line error and a non-zero exit. (JupyterLab mode: tests/browser/test_demo_lab.py.)
@@ -62,11 +63,14 @@ def test_demo_serves_uneven_sites_and_ctrl_c_leaves_no_process(demo_dir):
     demo = Demo(demo_dir, port, "--nodes", "3")
     demo.wait_running()
     assert f"Researcher('tcp://127.0.0.1:{port}')" in demo.text()
-    assert len(processes_mentioning(str(demo_dir))) == 4  # the demo and its three nodes
+    assert len(processes_mentioning(str(demo_dir))) == 5  # the demo, its researcher service and its three nodes
+    assert f"researcher service for tcp://127.0.0.1:{port} running" in demo.text()
     from sklearn.datasets import load_breast_cancer, load_diabetes
 
-    with Researcher(f"tcp://127.0.0.1:{port}") as researcher:
+    with Researcher(f"tcp://127.0.0.1:{port}") as researcher, Researcher(f"tcp://127.0.0.1:{port}") as second:
+        assert researcher.attached and second.attached  # two kernels at once: both through the demo's service
         researcher.wait_for_nodes(3, timeout=60)
+        assert sorted(second.wait_for_nodes(3, timeout=60)) == sorted(researcher.online_node_ids())
         for tag, data_type in (("breast-cancer", "csv"), ("diabetes", "csv"), ("digits", "images")):
             found = researcher.search([tag]).to_frame()
             assert len(found) == 3 and set(found["data_type"]) == {data_type}, found
@@ -116,10 +120,10 @@ def test_killing_the_demo_itself_stops_its_nodes(demo_dir):
         pytest.skip("parent-death signals are Linux-only")
     demo = Demo(demo_dir, free_port(), "--nodes", "2")
     demo.wait_running()
-    assert len(processes_mentioning(str(demo_dir))) == 3
+    assert len(processes_mentioning(str(demo_dir))) == 4  # the demo, its service and two nodes
     demo.proc.kill()
     demo.proc.wait(10)
-    wait_until(lambda: processes_mentioning(str(demo_dir)) == [], 30, "the orphaned nodes to stop")
+    wait_until(lambda: processes_mentioning(str(demo_dir)) == [], 30, "the orphaned nodes and service to stop")
 
 
 def run_demo_cli(*args: str) -> subprocess.CompletedProcess[str]:
