@@ -88,7 +88,7 @@ def test_every_fitted_step_equals_the_pooled_fit_and_names_the_site(sites):
     assert pipe.dropped == {} and len(out) == 3 and out.notes == pipe.notes and "site-2" in repr(out)
     values = pipe.steps[0]["values"]
     assert out.dataset(third.node_id).steps[0] == (
-        f"impute(s1={values['s1']!r}, bmi={values['bmi']!r}; no values of s1 here: fitted on the other sites)")
+        f"impute(s1={values['s1']:.10g}, bmi={values['bmi']:.10g}; no values of s1 here: fitted on the other sites)")
     assert all("no values" not in s for s in out.dataset(dispatchers[0].node_id).steps)
 
     # the same steps on the pooled rows: every fit leaves missing values out, so the third site's
