@@ -74,7 +74,7 @@ class ResearcherBulk:
         self._lock = threading.Lock()
         self._by_id: dict[bytes, _Session] = {}
         self._by_node: dict[str, _Session] = {}
-        self._unauthenticated = threading.BoundedSemaphore(MAX_UNAUTHENTICATED)
+        self.unauthenticated = 0  # connections waiting for their hello now
         self._throttle = Throttle()
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
@@ -193,7 +193,10 @@ class ResearcherBulk:
                     self._refused("accept", str(exc.strerror or exc), "")
                     self._stop.wait(_ACCEPT_POLL_S)
                     continue
-                if not self._unauthenticated.acquire(blocking=False):
+                with self._lock:
+                    room = self.unauthenticated < MAX_UNAUTHENTICATED
+                    self.unauthenticated += room
+                if not room:
                     conn.close()
                     self._refused("full", f"{MAX_UNAUTHENTICATED} connections are already waiting to say hello",
                                   address[0])
@@ -225,9 +228,10 @@ class ResearcherBulk:
         except SealError as exc:
             self._refused(exc.reason, str(exc), address)
         except (OSError, PeerClosed) as exc:  # the 48 bytes did not come in time, or the peer went away
-            self._refused("no_hello", f"no complete hello within {HELLO_SECONDS:.0f} s ({exc})", address)
+            self._refused("no_hello", f"no complete hello within {HELLO_SECONDS:g} s ({exc})", address)
         finally:
-            self._unauthenticated.release()
+            with self._lock:
+                self.unauthenticated -= 1
             if not admitted:
                 conn.close()
 
