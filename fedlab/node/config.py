@@ -68,6 +68,7 @@ class NodeConfig:
     device: str = "auto"
     researcher_public_key: str = ""
     insecure: bool = False
+    bulk_transfer: bool = True  # an encrypted node's large messages may take the researcher's sealed bulk path
     training_timeout: float = 3600.0
     secure_aggregation: bool = True
     force_secure_aggregation: bool = False
@@ -110,6 +111,7 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "device": (str,),
     "researcher_public_key": (str,),
     "insecure": (bool,),
+    "bulk_transfer": (bool,),
     "training_timeout": (int, float),
     "secure_aggregation": (bool,),
     "force_secure_aggregation": (bool,),
@@ -203,6 +205,8 @@ def _render_toml(config: NodeConfig) -> str:
         if f.name not in ("directory", "disclosure", "privacy"):
             if f.name in ("researcher_public_key", "insecure") and not getattr(config, f.name):
                 continue  # only the mode in use is written
+            if f.name == "bulk_transfer" and config.bulk_transfer:
+                continue  # the default; `bulk_transfer = false` keeps every message on CURVE (docs/transport.md)
             lines += _COMMENTS.get(f.name, [])
             lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
     lines += [

@@ -103,6 +103,7 @@ class Node:
             state=self.state,
             key=keys,
             server_key=config.researcher_public_key if keys is not None else None,
+            bulk=config.bulk_transfer,
         )
         self.audit = AuditLog(config.directory / AUDIT_FILE)
         # Who can have sent a message: with keys, only the researcher holding the key in config.toml
