@@ -8,8 +8,10 @@ memory files the other side maps, see docs/service.md). The round, plan and mode
 `benchmarks/rounds.py`'s (one linear layer, one optimizer step on one row: near-zero compute).
 Each path runs one warm-up round then ``--rounds`` timed rounds; with ``--repeats 2`` the two
 paths alternate twice (direct, service, direct, service), which shows how much the machine's
-load moved between them. Printed per path: min / median / max round time, and the ratio of the
-medians service / direct.
+load moved between them. Printed per path: min / median / max round time, the ratio of the
+medians service / direct, and the CPU seconds per timed round of the researcher's process, of
+the service process (service path only) and of the nodes (with their training workers), from
+/proc: on a loaded machine the CPU figures move less than the wall-clock ones.
 
 Target (issue 17): the service path costs at most 10% on the 100 MB round at N = 2.
 
@@ -28,15 +30,32 @@ import tempfile
 import time
 from pathlib import Path
 
-from rounds import MODELS, PLAN, TimedFedAvg, approve, start_nodes  # benchmarks/ is on sys.path as a script
+from rounds import MODELS, PLAN, TimedFedAvg, _descendants, approve, start_nodes  # benchmarks/ is on sys.path
 from transport import free_port
 
 from fedlab import Experiment, Researcher
 from fedlab.transport.service_files import RUN_DIR_ENV, find_service
 
+TICK = os.sysconf("SC_CLK_TCK")
 
-def timed_rounds(address: str, service: str, n: int, model: str, rounds: int, dirs: list[Path]) -> list[float]:
-    """Round times (seconds) of ``rounds`` rounds after one warm-up, through ``service`` ("own" or "attach")."""
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its descendants (a node's training worker), from /proc."""
+    total = 0
+    for p in _descendants(pid):
+        try:
+            with open(f"/proc/{p}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / TICK
+
+
+def timed_rounds(address: str, service: str, n: int, model: str, rounds: int, dirs: list[Path],
+                 pids: dict[str, list[int]]) -> tuple[list[float], dict[str, float]]:
+    """Round times (seconds) of ``rounds`` rounds after one warm-up, through ``service`` ("own" or "attach"),
+    and the CPU seconds per round of each group of ``pids``."""
     n_in, n_out = MODELS[model]
     with Researcher(address, service=service) as researcher:
         researcher.wait_for_nodes(n, timeout=60)
@@ -47,14 +66,16 @@ def timed_rounds(address: str, service: str, n: int, model: str, rounds: int, di
         exp.approve("benchmark plan")
         approve(dirs, exp.plan_id)
         exp.run_once()  # warm-up: the workers import torch and load the plan (the first path), or are warm
+        before = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
         times = []
         for _ in range(rounds):
             t0 = time.perf_counter()
             exp.run_once()
             times.append(time.perf_counter() - t0)
+        cpu = {k: (sum(cpu_seconds(p) for p in v) - before[k]) / rounds for k, v in pids.items()}
         history = exp.history
         assert (history["status"] == "ok").all(), history[history["status"] != "ok"]
-        return times
+        return times, cpu
 
 
 def start_service(address: str, log: Path) -> subprocess.Popen[bytes]:
@@ -74,10 +95,14 @@ def stop_service(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-def row(model: str, n: int, mode: str, times: list[float], direct: list[float] | None) -> str:
+def row(model: str, n: int, mode: str, times: list[float], direct: list[float] | None,
+        cpu: dict[str, float] | None = None) -> str:
     ms = [t * 1e3 for t in times]
-    vs = f"{statistics.median(times) / statistics.median(direct):>7.3f}" if direct else f"{'':>7}"
-    return (f"{model:>6} {n:>5} {mode:>8} | {min(ms):>9.1f} {statistics.median(ms):>8.1f} {max(ms):>8.1f} | {vs}")
+    vs = f"{statistics.median(times) / statistics.median(direct):>14.3f}" if direct else f"{'':>14}"
+    cpus = "" if cpu is None else " | " + " ".join(f"{cpu.get(k, 0.0) * 1e3:>8.0f}" for k in ("researcher", "service",
+                                                                                            "nodes"))
+    return (f"{model:>6} {n:>5} {mode:>8} | {min(ms):>13.1f} {statistics.median(ms):>8.1f} {max(ms):>8.1f} | "
+            f"{vs}{cpus}")
 
 
 def main() -> None:
@@ -89,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("fedlab").setLevel(logging.ERROR)  # the INSECURE warnings would break the table
     print(f"{'model':>6} {'nodes':>5} {'path':>8} | {'round ms: min':>13} {'median':>8} {'max':>8} | "
-          f"{'service/direct':>7}")
+          f"{'service/direct':>14} | {'cpu ms/round: researcher':>8} {'service':>8} {'nodes':>8}")
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
         root = Path(tmp)
         os.environ[RUN_DIR_ENV] = str(root / "run")  # this run's services only, found by this run only
@@ -97,20 +122,22 @@ def main() -> None:
             for n in args.nodes:
                 address = f"tcp://127.0.0.1:{free_port()}"
                 dirs, procs, _ = start_nodes(root, n, address)
+                pids = {"researcher": [os.getpid()], "nodes": [p.pid for p in procs]}
                 try:
                     direct_all: list[float] = []
                     service_all: list[float] = []
                     for _ in range(args.repeats):
-                        direct = timed_rounds(address, "own", n, model, args.rounds, dirs)
+                        direct, cpu = timed_rounds(address, "own", n, model, args.rounds, dirs, pids)
                         direct_all += direct
-                        print(row(model, n, "direct", direct, None), flush=True)
+                        print(row(model, n, "direct", direct, None, cpu), flush=True)
                         service = start_service(address, root / "service.log")
                         try:
-                            through = timed_rounds(address, "attach", n, model, args.rounds, dirs)
+                            through, cpu = timed_rounds(address, "attach", n, model, args.rounds, dirs,
+                                                        {**pids, "service": [service.pid]})
                         finally:
                             stop_service(service)
                         service_all += through
-                        print(row(model, n, "service", through, direct), flush=True)
+                        print(row(model, n, "service", through, direct, cpu), flush=True)
                     if args.repeats > 1:
                         print(row(model, n, "all", service_all, direct_all), flush=True)
                 finally:
