@@ -105,6 +105,10 @@ class ResearcherBulk:
                  self.host, self.port, self.threshold)
         return True
 
+    def closing(self) -> None:
+        """The researcher is saying goodbye: links that close from now on are expected to."""
+        self._stop.set()
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -150,6 +154,12 @@ class ResearcherBulk:
         with self._lock:
             session = self._by_node.get(node_id)
         return self._end(node_id, session, "the node said goodbye") if session is not None else []
+
+    def linked(self, node_id: str) -> bool:
+        """Whether ``node_id`` has a live bulk link now."""
+        with self._lock:
+            session = self._by_node.get(node_id)
+            return session is not None and session.link is not None and not session.link.closed
 
     def current(self, node_id: str, session_id: bytes) -> bool:
         with self._lock:
@@ -273,7 +283,7 @@ class ResearcherBulk:
             session = self._by_id.pop(link.session_id, None)
             if session is not None and self._by_node.get(node_id) is session:
                 del self._by_node[node_id]
-        if session is not None:  # not ended by this side: say why
+        if session is not None and not self._stop.is_set():  # not ended by this side: say why
             log.warning("node %s: bulk connection closed: %s; large messages go over CURVE until the node opens "
                         "a new one", node_id, reason)
         self.inbox.link_closed(node_id, link.session_id, reason, receiving)

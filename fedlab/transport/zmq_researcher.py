@@ -153,6 +153,8 @@ class ZmqResearcherTransport:
         """Say goodbye to the nodes, stop the loop and release the port (within a second)."""
         if self._thread is None:
             return
+        if self._bulk is not None:
+            self._bulk.closing()
         for rec in self.directory.records():
             self.send_nowait(rec.node_id, make_envelope(Bye(reason="researcher closed"), self.researcher_id))
         self._stop.set()
