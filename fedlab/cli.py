@@ -366,8 +366,6 @@ def _cmd_researcher_start(args: argparse.Namespace) -> int:
         return 0
     from fedlab.researcher.service_process import run_service
 
-    print(f"researcher service for {args.address}: notebooks of this user attach with "
-          f"fedlab.Researcher({args.address!r}); Ctrl-C stops it", flush=True)
     return run_service(args.address, key=args.key, allowlist=args.allowlist,
                        heartbeat_interval=args.heartbeat or 1.0, log_file=args.log)
 

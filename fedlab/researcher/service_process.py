@@ -88,6 +88,8 @@ def run_service(address: str, *, key: str | os.PathLike[str] | None = None,
             researcher_id=transport.researcher_id, public_key=keypair.public if keypair is not None else None,
             allowlist=str(nodes_allowed.path) if nodes_allowed is not None else None,
             log=str(Path(log_file).resolve()) if log_file is not None else None, version=__version__))
+        print(f"researcher service for {address} listening (pid {os.getpid()}): notebooks of this user attach "
+              f"with fedlab.Researcher({address!r}) or `%fed connect {address}`; Ctrl-C stops it", flush=True)
         if keypair is None:
             log.warning(INSECURE_WARNING, address)
         log.info("researcher service for %s started (pid %d); kernels of user id %d attach at %s; %s", address,
