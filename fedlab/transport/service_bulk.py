@@ -23,6 +23,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 import uuid
 import weakref
 from collections import OrderedDict
@@ -42,6 +43,7 @@ _ALIGN = 64
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _PREFIX = "fedlab-link-"
 _IDLE_FILES = 4  # free files kept for the next messages; more are closed
+IDLE_SECONDS = 60.0  # a free file unused this long is closed (``trim``): memory is not held between sessions of work
 
 
 def _aligned(offset: int) -> int:
@@ -58,6 +60,7 @@ class _OwnedFile:
         self.size = 0
         self.seq = 0
         self.uses = 0  # references sent and not yet released
+        self.freed_at = time.monotonic()  # when its last use ended
         self.offsets: list[int] = []  # where the last write put its buffers
         self._held: list[Any] = []  # the buffers last written (weak where they can be), to name them again
 
@@ -152,6 +155,7 @@ class Lender:
             f.uses -= 1
             if f.uses:
                 return None
+            f.freed_at = time.monotonic()
             idle = [g for g in self._files.values() if g.uses == 0]
             if len(idle) <= _IDLE_FILES:
                 return None
@@ -159,6 +163,17 @@ class Lender:
             del self._files[smallest.token]
             smallest.close()
             return smallest.token
+
+    def trim(self, idle_seconds: float = IDLE_SECONDS) -> list[str]:
+        """Close the free files unused for ``idle_seconds``; their tokens (the peer should unmap them)."""
+        limit = time.monotonic() - idle_seconds
+        with self._lock:
+            old = [f for f in self._files.values() if f.uses == 0 and f.freed_at < limit]
+            for f in old:
+                del self._files[f.token]
+        for f in old:
+            f.close()
+        return [f.token for f in old]
 
     def in_use(self) -> int:
         with self._lock:

@@ -270,7 +270,7 @@ class ServiceClientTransport:
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         poller.register(self._outbox.fileno, zmq.POLLIN)
-        next_sweep = time.monotonic() + 60
+        next_sweep = time.monotonic() + 10
         try:
             while self._failure is None:
                 events = dict(poller.poll(50 if self._backlog else 500))
@@ -291,8 +291,10 @@ class ServiceClientTransport:
                         self._receive(frames)
                         del frames
                 if time.monotonic() > next_sweep:
-                    next_sweep = time.monotonic() + 60
+                    next_sweep = time.monotonic() + 10
                     self._sweep_failures()
+                    for token in self._lender.trim() if self._lender is not None else []:
+                        self._backlog.append(encode_link(Unmap(token)))
         except Exception:  # pragma: no cover - a bug here must be visible, not silent
             log.exception("the researcher service client's loop crashed")
             self._fail("could not be reached: this kernel's link to it failed (see the log)")

@@ -361,6 +361,8 @@ class ServiceRelay:
             nodes = Nodes([node_info(r) for r in self.transport.nodes()])
             for kernel in list(self.kernels.values()):
                 self._out.send(kernel, nodes)
+                for token in kernel.lender.trim() if kernel.lender is not None else []:
+                    self._out.send(kernel, Unmap(token))
         for route in self.routes.sweep():
             log.info("request %s of kernel %s to node %s unanswered after %.0f s: no longer routed", route.msg_type,
                      route.kernel_id, route.node_id, self.routes.ttl)

@@ -88,3 +88,15 @@ def test_a_probe_proves_the_peer_can_map_the_files(pair):
     gc.collect()
     assert len(released) == 1
     assert not Borrower(2**22 + 12345, lambda t, s: None).check_probe(lender.probe())  # no such process
+
+
+def test_free_files_unused_for_a_while_are_closed(pair):
+    lender, borrower, _ = pair
+    ref = lender.place([memoryview(b"z" * 100_000)])
+    assert ref is not None
+    assert lender.trim(idle_seconds=0.0) == []  # in use: kept
+    lender.release(ref.token, ref.seq)
+    assert lender.trim(idle_seconds=3600.0) == []  # free, but only just
+    assert lender.trim(idle_seconds=0.0) == [ref.token]
+    again = lender.place([memoryview(b"w" * 100_000)])
+    assert again is not None and again.token != ref.token
