@@ -43,7 +43,7 @@ from fedlab.transport.bulk_seal import (
 )
 from fedlab.transport.curve import Throttle
 
-__all__ = ["BULK_ENV", "DEFAULT_THRESHOLD", "HELLO_SECONDS", "MAX_UNAUTHENTICATED", "ResearcherBulk",
+__all__ = ["BULK_ENV", "DEFAULT_THRESHOLD", "HELLO_SECONDS", "MAX_UNAUTHENTICATED", "ResearcherBulk", "call_once",
            "make_researcher_bulk"]
 
 log = logging.getLogger("fedlab.transport")
@@ -320,3 +320,19 @@ def make_researcher_bulk(address: str, bulk: bool | str | None, *, advertised_po
         host, port = endpoint
     return ResearcherBulk(host, port, advertised_port=advertised_port, threshold=threshold, chunk_bytes=chunk_bytes,
                           max_message_bytes=max_message_bytes)
+
+
+def call_once(callback: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """``callback`` that runs at most once (a message on two paths may fail on both)."""
+    if callback is None:
+        return None
+    fired = threading.Event()
+    lock = threading.Lock()
+
+    def run(reason: str) -> None:
+        with lock:
+            if fired.is_set():
+                return
+            fired.set()
+        callback(reason)
+    return run

@@ -19,8 +19,13 @@ reuses its file descriptor number has spoken.
 
 Nothing is dropped silently: sends never block the loop (``NOBLOCK``; ``ROUTER_MANDATORY``
 turns an unknown peer into an error instead of a silent drop), a message that meets a full
-queue waits in line and is retried, and one that cannot leave is logged with its msg_id and
-reported to its sender's ``on_failure``.
+queue waits in line and is retried (``router_queue``), and one that cannot leave is logged
+with its msg_id and reported to its sender's ``on_failure``.
+
+An encrypted researcher also runs the bulk path (``bulk_researcher``): a node that asks over
+CURVE gets a session, dials a second, plain TCP port, and from then on messages of at least
+``bulk_threshold`` bytes travel there sealed with AES-256-GCM, while a notice takes their place
+in the CURVE stream. Liveness, small messages and the session secrets stay on CURVE.
 """
 
 from __future__ import annotations
@@ -51,12 +56,13 @@ from fedlab.protocol import (
 )
 from fedlab.transport.bulk_messages import BulkNotice, BulkOffer, BulkRequest
 from fedlab.transport.bulk_order import Control, Lost, Ready, Sealed
-from fedlab.transport.bulk_researcher import DEFAULT_THRESHOLD, ResearcherBulk, make_researcher_bulk
+from fedlab.transport.bulk_researcher import DEFAULT_THRESHOLD, ResearcherBulk, call_once, make_researcher_bulk
 from fedlab.transport.bulk_seal import CHUNK_BYTES
 from fedlab.transport.curve import AllowlistAuthenticator, HandshakeMonitor, Throttle, researcher_refusal
 from fedlab.transport.directory import BUSY, ONLINE, NodeDirectory, NodeRecord
 from fedlab.transport.keys import Allowlist, KeyPair
 from fedlab.transport.outbox import Outbox, Outgoing
+from fedlab.transport.router_queue import RouterQueue
 from fedlab.transport.zmq_common import MIN_ZMTP_TIMEOUT_MS, check_size, io_threads, socket_options, source_fd
 
 __all__ = ["MIN_ZMTP_TIMEOUT_MS", "MessageHandler", "ZmqResearcherTransport", "check_size", "io_threads",
@@ -64,8 +70,6 @@ __all__ = ["MIN_ZMTP_TIMEOUT_MS", "MessageHandler", "ZmqResearcherTransport", "c
 
 log = logging.getLogger("fedlab.transport")
 _GOODBYE_LINGER_MS = 300
-_FULL_QUEUE_SECONDS = 30.0  # a message meeting a full queue is retried this long, then dropped (and logged)
-_FULL = "full"  # _try_send's answer when the peer's queue is at its high-water mark
 MessageHandler = Callable[[str, Envelope], None]
 
 
@@ -109,7 +113,7 @@ class ZmqResearcherTransport:
         # when the loop last found no message waiting: a node is judged silent only up to then,
         # so a flood that keeps the loop busy cannot make it miss heartbeats still queued
         self._caught_up = time.time()
-        self._waiting: list[tuple[float, Outgoing]] = []  # met a full queue: retried in order (loop thread)
+        self._router = RouterQueue()  # messages that met a full queue wait in line there (loop thread)
         # only an encrypted researcher has one: a plain one sends everything as fast over its one socket
         self._bulk: ResearcherBulk | None = make_researcher_bulk(
             address, bulk, advertised_port=bulk_advertised_port, threshold=bulk_threshold,
@@ -199,7 +203,7 @@ class ZmqResearcherTransport:
         bulk = self._bulk
         size = sum(len(f) for f in frames)
         if bulk is not None and size >= bulk.threshold:
-            once = _once(on_failure)
+            once = call_once(on_failure)
             session_id = bulk.route(node_id, envelope.msg_id, frames, once)
             if session_id is not None:  # sealed on the bulk link; its place in the order goes over CURVE
                 notice = make_envelope(BulkNotice(session_id=session_id, msg_id=envelope.msg_id, size=size,
@@ -230,12 +234,12 @@ class ZmqResearcherTransport:
                     self._heartbeat(sock)
                     next_beat = now + self.heartbeat_interval
                 timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000)) + 1
-                events = dict(poller.poll(20 if self._waiting else timeout_ms))
+                events = dict(poller.poll(20 if self._router.waiting else timeout_ms))
                 self._handshakes(monitor)  # first: a connection's end before any newer connection's messages
                 if sock not in events:
                     self._caught_up = time.time()
-                if self._waiting:
-                    self._retry_waiting(sock)
+                if self._router.waiting:
+                    self._router.retry(sock)
                 if self._bulk is not None and self._bulk.inbox.fileno in events:
                     self._deliver_all(sock, self._bulk.inbox.drain())
                 if self._outbox.fileno in events or self._stop.is_set():
@@ -280,49 +284,7 @@ class ZmqResearcherTransport:
         return stop
 
     def _send_frames(self, sock: zmq.Socket[Any], item: Outgoing) -> None:
-        """Send now, or put ``item`` in line behind its peer's waiting messages (heartbeats, which
-        carry no msg_id, are never queued: the next one will do)."""
-        if item.msg_id and any(w.peer == item.peer for _, w in self._waiting):
-            self._waiting.append((time.monotonic(), item))  # keep the order per peer
-            return
-        failure = self._try_send(sock, item)
-        if failure is _FULL:
-            if item.msg_id:
-                self._waiting.append((time.monotonic(), item))
-        elif failure is not None:
-            self._dropped(item, failure)
-
-    def _retry_waiting(self, sock: zmq.Socket[Any]) -> None:
-        """Try the waiting messages again, in order per peer; drop those that waited too long."""
-        waiting, self._waiting = self._waiting, []
-        blocked: set[bytes] = set()
-        for queued_at, item in waiting:
-            failure = _FULL if item.peer in blocked else self._try_send(sock, item)
-            if failure is _FULL and time.monotonic() - queued_at < _FULL_QUEUE_SECONDS:
-                self._waiting.append((queued_at, item))
-                blocked.add(item.peer)
-            elif failure is _FULL:
-                self._dropped(item, f"its queue stayed full for {_FULL_QUEUE_SECONDS:.0f} s")
-            elif failure is not None:
-                self._dropped(item, failure)
-
-    @staticmethod
-    def _try_send(sock: zmq.Socket[Any], item: Outgoing) -> str | None:
-        """None if sent, ``_FULL`` if the peer's queue is full, else why it cannot be sent."""
-        try:
-            sock.send_multipart([item.peer, *item.frames], zmq.NOBLOCK, copy=False)
-            return None
-        except zmq.Again:
-            return _FULL
-        except zmq.ZMQError as exc:
-            return "not connected" if exc.errno == zmq.EHOSTUNREACH else exc.strerror
-
-    @staticmethod
-    def _dropped(item: Outgoing, reason: str) -> None:
-        if item.msg_id:
-            log.info("dropped message %s to node %s: %s", item.msg_id, item.peer.decode("utf-8", "replace"), reason)
-        if item.on_failure is not None:
-            item.on_failure(reason)
+        self._router.send(sock, item)
 
     def _heartbeat(self, sock: zmq.Socket[Any]) -> None:
         self.directory.sweep(self._caught_up)
@@ -429,18 +391,3 @@ class ZmqResearcherTransport:
             reply, parent = error_reply_for(exc)
             self._send_frames(sock, Outgoing(peer, encode(make_envelope(reply, self.researcher_id, parent_id=parent))))
 
-
-def _once(callback: Callable[[str], None] | None) -> Callable[[str], None] | None:
-    """``callback`` that runs at most once (a message on two paths may fail on both)."""
-    if callback is None:
-        return None
-    fired = threading.Event()
-    lock = threading.Lock()
-
-    def run(reason: str) -> None:
-        with lock:
-            if fired.is_set():
-                return
-            fired.set()
-        callback(reason)
-    return run
