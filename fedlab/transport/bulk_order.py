@@ -66,6 +66,7 @@ class _Waiting:
     session_id: bytes
     msg_id: str
     parent_id: str | None
+    size: int | None = None  # what the notice said the message holds, in bytes
     frames: list[memoryview] | None = None
 
 
@@ -159,16 +160,18 @@ class BulkInbox:
         return self._trim(peer, line)
 
     def notice(self, peer: str, session_id: bytes, msg_id: str, parent_id: str | None, *,
-               current: bool) -> list[Ready]:
-        """A notice over CURVE; ``current``: its session is this peer's and its link is up."""
+               current: bool, size: int | None = None) -> list[Ready]:
+        """A notice over CURVE; ``current``: its session is this peer's and its link is up.
+        ``size``: the bytes it announced; a sealed message of another size is not delivered."""
         item: _Item = Lost(peer, msg_id, parent_id, "its bulk session had ended")
         if current:
-            item = _Waiting(session_id, msg_id, parent_id)
+            waiting = _Waiting(session_id, msg_id, parent_id, size)
+            item = waiting
             early = self._unannounced.get(peer, deque())
             for i, (sid, mid, frames) in enumerate(early):
                 if sid == session_id and mid == msg_id:
-                    item.frames = frames
                     del early[i]
+                    item = self._fill(peer, waiting, frames)
                     break
         line = self._lines.setdefault(peer, deque())
         line.append(item)
@@ -211,10 +214,11 @@ class BulkInbox:
 
     # -- internals -----------------------------------------------------------------------------
     def _arrived(self, peer: str, session_id: bytes, msg_id: str, frames: list[memoryview]) -> list[Ready]:
-        for item in self._lines.get(peer, ()):
+        line = self._lines.get(peer, deque())
+        for i, item in enumerate(line):
             if isinstance(item, _Waiting) and item.frames is None and item.session_id == session_id \
                     and item.msg_id == msg_id:
-                item.frames = frames
+                line[i] = self._fill(peer, item, frames)
                 return self._flush(peer)
         early = self._unannounced.setdefault(peer, deque())
         early.append((session_id, msg_id, frames))
@@ -223,6 +227,15 @@ class BulkInbox:
             log.warning("dropped message %s from %s: it came on the bulk connection but its notice did not "
                         "follow on the encrypted control connection", dropped, peer)
         return []
+
+    @staticmethod
+    def _fill(peer: str, waiting: _Waiting, frames: list[memoryview]) -> _Waiting | Lost:
+        size = sum(len(f) for f in frames)
+        if waiting.size is not None and size != waiting.size:
+            return Lost(peer, waiting.msg_id, waiting.parent_id,
+                        f"it held {size} bytes where its notice announced {waiting.size}")
+        waiting.frames = frames
+        return waiting
 
     def _trim(self, peer: str, line: deque[_Item]) -> list[Ready]:
         ready = self._flush(peer)

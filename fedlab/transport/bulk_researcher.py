@@ -1,12 +1,13 @@
 """The researcher's bulk port: sessions offered over CURVE, and the connections that claim them.
 
 The port is plain TCP and anyone who can reach it can connect, so it trusts nothing until a
-connection's first record, a hello of exactly 32 bytes, names a session this researcher offered
-to an authenticated node over CURVE and carries that session's tag. Until then a connection
-costs 48 bytes of buffer and a thread that gives up after ``HELLO_SECONDS``; at most
-``MAX_UNAUTHENTICATED`` such connections exist at once, and any further one is closed as it is
-accepted. A connection whose hello is junk, names an unknown or already-claimed session (a
-replay), or fails its tag is closed at once and logged (once a minute per reason and address).
+connection's first record, a hello (16-byte header, 32-byte body), names a session this
+researcher offered to an authenticated node over CURVE and carries that session's tag. Until
+then a connection costs 48 bytes of buffer and a thread that gives up after ``HELLO_SECONDS``;
+at most ``MAX_UNAUTHENTICATED`` such connections exist at once (``MAX_UNAUTHENTICATED_PER_ADDRESS``
+from one address), and any further one is closed as it is accepted. A connection whose hello
+is junk, names an unknown or already-claimed session (a replay), or fails its tag is closed at
+once and logged (once a minute per reason and address).
 
 One session per node: a node asks for one on each CURVE connection, and a new one replaces the
 old. A session ends with its link, with the CURVE connection that asked for it (the monitor's
@@ -43,13 +44,14 @@ from fedlab.transport.bulk_seal import (
 )
 from fedlab.transport.curve import Throttle
 
-__all__ = ["BULK_ENV", "DEFAULT_THRESHOLD", "HELLO_SECONDS", "MAX_UNAUTHENTICATED", "ResearcherBulk", "call_once",
-           "make_researcher_bulk"]
+__all__ = ["BULK_ENV", "DEFAULT_THRESHOLD", "HELLO_SECONDS", "MAX_UNAUTHENTICATED", "MAX_UNAUTHENTICATED_PER_ADDRESS",
+           "ResearcherBulk", "call_once", "make_researcher_bulk"]
 
 log = logging.getLogger("fedlab.transport")
 DEFAULT_THRESHOLD = 1 << 20  # messages of at least this many bytes go sealed on the bulk connection
 HELLO_SECONDS = 5.0
 MAX_UNAUTHENTICATED = 32
+MAX_UNAUTHENTICATED_PER_ADDRESS = 4  # one host cannot take every slot from the nodes
 OFFER_SECONDS = 30.0
 _ACCEPT_POLL_S = 0.25  # how soon the accepting thread notices close()
 
@@ -75,6 +77,7 @@ class ResearcherBulk:
         self._by_id: dict[bytes, _Session] = {}
         self._by_node: dict[str, _Session] = {}
         self.unauthenticated = 0  # connections waiting for their hello now
+        self._waiting_from: dict[str, int] = {}  # ... per address
         self._throttle = Throttle()
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
@@ -203,13 +206,18 @@ class ResearcherBulk:
                     self._refused("accept", str(exc.strerror or exc), "")
                     self._stop.wait(_ACCEPT_POLL_S)
                     continue
+                host = address[0]
                 with self._lock:
-                    room = self.unauthenticated < MAX_UNAUTHENTICATED
-                    self.unauthenticated += room
-                if not room:
+                    full = self.unauthenticated >= MAX_UNAUTHENTICATED
+                    crowded = self._waiting_from.get(host, 0) >= MAX_UNAUTHENTICATED_PER_ADDRESS
+                    if not (full or crowded):
+                        self.unauthenticated += 1
+                        self._waiting_from[host] = self._waiting_from.get(host, 0) + 1
+                if full or crowded:
                     conn.close()
-                    self._refused("full", f"{MAX_UNAUTHENTICATED} connections are already waiting to say hello",
-                                  address[0])
+                    self._refused("full", f"{MAX_UNAUTHENTICATED} connections are already waiting to say hello"
+                                  if full else f"{MAX_UNAUTHENTICATED_PER_ADDRESS} connections from this address are "
+                                  "already waiting to say hello", host)
                     continue
                 threading.Thread(target=self._admit, args=(conn, address[0]), name="fedlab-bulk-hello",
                                  daemon=True).start()
@@ -242,6 +250,9 @@ class ResearcherBulk:
         finally:
             with self._lock:
                 self.unauthenticated -= 1
+                left = self._waiting_from.pop(address, 1) - 1
+                if left:
+                    self._waiting_from[address] = left
             if not admitted:
                 conn.close()
 

@@ -309,7 +309,8 @@ class ZmqNodeTransport:
         if isinstance(content, BulkNotice | BulkOffer | BulkRequest):
             if bulk is not None and isinstance(content, BulkNotice):
                 self._deliver_all(bulk.inbox.notice(RESEARCHER, content.session_id, content.msg_id,
-                                                    content.parent_id, current=bulk.current(content.session_id)))
+                                                    content.parent_id, current=bulk.current(content.session_id),
+                                                    size=content.size))
             elif self._throttle.ready("bulk"):
                 log.warning("ignored a %s from the researcher: this node did not ask for it", envelope.msg_type)
             return

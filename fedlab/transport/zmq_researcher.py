@@ -329,7 +329,7 @@ class ZmqResearcherTransport:
                 return
             self._deliver_all(sock, self._bulk.inbox.notice(
                 node_id, content.session_id, content.msg_id, content.parent_id,
-                current=self._bulk.current(node_id, content.session_id)))
+                current=self._bulk.current(node_id, content.session_id), size=content.size))
         elif self._bulk is not None:
             self._deliver_all(sock, self._bulk.inbox.control(node_id, envelope))
         else:

@@ -131,3 +131,13 @@ def test_links_hand_over_through_the_pipe_the_loop_polls(inbox, caplog):
     assert bytes(ready[0].frames[0]) == b"payload"
     assert "message two from a was cut off mid-transfer" in caplog.text
     assert inbox.drain() == []
+
+
+def test_a_sealed_message_of_another_size_than_its_notice_is_not_delivered(inbox):
+    inbox.notice("a", S1, "m", "req", current=True, size=10)
+    inbox.control("a", env("after"))
+    ready = arrive(inbox, "a", S1, "m", [memoryview(b"12345"), memoryview(b"678901")])
+    assert what(ready) == ["lost m", "after"]
+    assert ready[0].reason == "it held 11 bytes where its notice announced 10"
+    arrive(inbox, "a", S1, "n", [memoryview(b"1234567890")])  # before its notice, the right size
+    assert what(inbox.notice("a", S1, "n", None, current=True, size=10)) == ["sealed n"]

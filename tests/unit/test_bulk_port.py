@@ -3,7 +3,7 @@
 Nothing reaches a session before a valid hello: junk, a hello for a session that was never
 offered, a tampered hello, a replayed one (the session is claimed already), data records
 without a hello, or silence are each refused by closing the connection, with one log line;
-at most MAX_UNAUTHENTICATED connections wait for their hello at once. A valid hello is
+at most MAX_UNAUTHENTICATED connections (a few per address) wait for their hello at once. A valid hello is
 welcomed and its link carries sealed messages both ways; the session ends with its CURVE
 connection. (tests/integration/test_bulk_hostile.py does this against real node processes.)
 """
@@ -21,7 +21,7 @@ import pytest
 from fedlab.transport import bulk_researcher
 from fedlab.transport.bulk_link import BulkLink, read_exact
 from fedlab.transport.bulk_order import Sealed
-from fedlab.transport.bulk_researcher import MAX_UNAUTHENTICATED, ResearcherBulk
+from fedlab.transport.bulk_researcher import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS, ResearcherBulk
 from fedlab.transport.bulk_seal import HEADER_BYTES, TAG_BYTES, TO_NODE, TO_RESEARCHER, Opener, Sealer, SessionKeys
 
 WAIT = 10.0  # a hang guard, not a speed requirement
@@ -160,11 +160,31 @@ def test_silence_is_refused_after_the_hello_deadline(port, caplog, monkeypatch):
     wait_for(lambda: "no complete hello within 0.3 s" in caplog.text, "the log line")
 
 
+def dial_from(bulk: ResearcherBulk, host: str) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", bulk.port), timeout=WAIT, source_address=(host, 0))
+
+
+def test_one_address_may_keep_only_a_few_connections_waiting_for_their_hello(port, caplog):
+    waiting = [dial_from(port, "127.0.0.2") for _ in range(MAX_UNAUTHENTICATED_PER_ADDRESS)]
+    try:
+        wait_for(lambda: port.unauthenticated == MAX_UNAUTHENTICATED_PER_ADDRESS, "the hello threads to be busy")
+        extra = dial_from(port, "127.0.0.2")
+        wait_for(lambda: refused(extra), "the extra connection to be closed")
+        extra.close()
+        wait_for(lambda: f"{MAX_UNAUTHENTICATED_PER_ADDRESS} connections from this address are already waiting"
+                 in caplog.text, "the log line")
+        hello_and_welcome(port, node_keys(port)).close()  # a node elsewhere still gets in
+    finally:
+        for sock in waiting:
+            sock.close()
+
+
 def test_at_most_max_unauthenticated_connections_wait_for_their_hello(port, caplog):
-    waiting = [dial(port) for _ in range(MAX_UNAUTHENTICATED)]
+    hosts = [f"127.0.0.{10 + i // MAX_UNAUTHENTICATED_PER_ADDRESS}" for i in range(MAX_UNAUTHENTICATED)]
+    waiting = [dial_from(port, host) for host in hosts]
     try:
         wait_for(lambda: port.unauthenticated == MAX_UNAUTHENTICATED, "every hello thread to be busy")
-        extra = dial(port)
+        extra = dial_from(port, "127.0.0.99")
         wait_for(lambda: refused(extra), "the extra connection to be closed")
         extra.close()
         wait_for(lambda: f"{MAX_UNAUTHENTICATED} connections are already waiting to say hello" in caplog.text,
