@@ -28,6 +28,7 @@ __all__ = ["BulkLink", "PeerClosed", "read_exact", "split_tcp", "tune"]
 
 log = logging.getLogger("fedlab.transport")
 USER_TIMEOUT_MS = 30_000  # unacknowledged data this long ends the connection
+_SMALL = 64 << 10  # records below this are gathered into one write
 
 
 def split_tcp(address: str) -> tuple[str, int] | None:
@@ -126,8 +127,7 @@ class BulkLink:
 
     # -- threads ---------------------------------------------------------------------------------
     def _send_loop(self) -> None:
-        sealer = self.sealer
-        out = memoryview(bytearray(HEADER_BYTES + sealer.chunk_bytes + TAG_BYTES))
+        out = memoryview(bytearray(HEADER_BYTES + self.sealer.chunk_bytes + TAG_BYTES))
         while True:
             item = self._queue.get()
             if item is None:
@@ -136,12 +136,7 @@ class BulkLink:
                 self._fail(item, self.reason)
                 continue
             try:
-                views = [memoryview(f).cast("B") for f in item.frames]
-                self.sock.sendall(sealer.start(item.msg_id, [len(v) for v in views]))
-                for frame, offset, size in sealer.records(item.msg_id, views):
-                    self.sock.sendall(sealer.data_into(out, views[frame][offset:offset + size], item.msg_id,
-                                                       frame, offset))
-                del views
+                self._send_one(item, out)
             except (OSError, SealError, TypeError, ValueError) as exc:
                 reason = f"the bulk connection failed while sending ({exc})"
                 self._fail(item, reason)
@@ -153,6 +148,25 @@ class BulkLink:
                 return
             if item is not None:
                 self._fail(item, self.reason or "the bulk connection closed")
+
+    def _send_one(self, item: _Send, out: memoryview) -> None:
+        """Seal and write one message. Small records (the envelope's header and content) are
+        gathered with the start and written in one call; each large one is sealed into ``out``
+        and written from there, while it is still in cache."""
+        sealer, sock = self.sealer, self.sock
+        views = [memoryview(f).cast("B") for f in item.frames]
+        gathered = [sealer.start(item.msg_id, [len(v) for v in views])]
+        for frame, offset, size in sealer.records(item.msg_id, views):
+            record = sealer.data_into(out, views[frame][offset:offset + size], item.msg_id, frame, offset)
+            if size < _SMALL:
+                gathered.append(bytes(record))
+                continue
+            if gathered:
+                sock.sendall(b"".join(gathered))
+                gathered = []
+            sock.sendall(record)
+        if gathered:
+            sock.sendall(b"".join(gathered))
 
     def _fail(self, item: _Send, reason: str) -> None:
         log.warning("dropped message %s to %s: %s", item.msg_id, self.peer, reason)
