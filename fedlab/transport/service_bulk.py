@@ -42,7 +42,6 @@ BULK_MIN_BYTES = 64 * 1024  # smaller buffers go through the socket: a file cost
 _ALIGN = 64
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _PREFIX = "fedlab-link-"
-_IDLE_FILES = 4  # free files kept for the next messages; more are closed
 IDLE_SECONDS = 60.0  # a free file unused this long is closed (``trim``): memory is not held between sessions of work
 
 
@@ -114,7 +113,7 @@ def _hold(view: Any) -> Any:
 class Lender:
     """The memory files one side writes large buffers into for one peer (thread-safe)."""
 
-    def __init__(self, *, max_files: int = 32) -> None:
+    def __init__(self, *, max_files: int = 128) -> None:
         self.max_files = max_files
         self._files: dict[str, _OwnedFile] = {}
         self._lock = threading.Lock()
@@ -145,24 +144,16 @@ class Lender:
         self._files[f.token] = f
         return f
 
-    def release(self, token: str, seq: int) -> str | None:
-        """The peer is done with one use of (token, seq). Returns the token of a file closed as surplus, if any
-        (the peer should unmap it)."""
+    def release(self, token: str, seq: int) -> None:
+        """The peer is done with one use of (token, seq). The file is kept for the next messages (as many
+        as were in use at once: a round to N nodes needs N) until ``trim`` finds it unused for a while."""
         with self._lock:
             f = self._files.get(token)
             if f is None or f.seq != seq or f.uses == 0:
-                return None
+                return
             f.uses -= 1
-            if f.uses:
-                return None
-            f.freed_at = time.monotonic()
-            idle = [g for g in self._files.values() if g.uses == 0]
-            if len(idle) <= _IDLE_FILES:
-                return None
-            smallest = min(idle, key=lambda g: g.size)
-            del self._files[smallest.token]
-            smallest.close()
-            return smallest.token
+            if f.uses == 0:
+                f.freed_at = time.monotonic()
 
     def trim(self, idle_seconds: float = IDLE_SECONDS) -> list[str]:
         """Close the free files unused for ``idle_seconds``; their tokens (the peer should unmap them)."""
@@ -201,7 +192,7 @@ class Borrower:
     """
 
     def __init__(self, pid: int, on_release: Callable[[str, int], None], *, writable: bool = False,
-                 keep: int = 16) -> None:
+                 keep: int = 128) -> None:
         self.pid = pid
         self.writable = writable
         self.keep = keep

@@ -323,9 +323,7 @@ class ServiceClientTransport:
             if entry is not None:
                 entry[0](message.reason)
         elif isinstance(message, Release) and self._lender is not None:
-            surplus = self._lender.release(message.token, message.seq)
-            if surplus is not None:
-                self._outbox.put(Outgoing(b"", encode_link(Unmap(surplus))))
+            self._lender.release(message.token, message.seq)
         elif isinstance(message, Unmap) and self._borrower is not None:
             self._borrower.forget(message.token)
         elif isinstance(message, Bye):

@@ -225,9 +225,7 @@ class ServiceRelay:
         if isinstance(message, Send) and kernel is not None:
             self._relay(kernel, message, frames[2:])
         elif isinstance(message, Release) and kernel is not None and kernel.lender is not None:
-            surplus = kernel.lender.release(message.token, message.seq)
-            if surplus is not None:
-                self._out.send(kernel, Unmap(surplus))
+            kernel.lender.release(message.token, message.seq)
         elif isinstance(message, Unmap) and kernel is not None and kernel.borrower is not None:
             kernel.borrower.forget(message.token)
         elif isinstance(message, Ready) and kernel is not None:
