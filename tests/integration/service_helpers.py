@@ -8,7 +8,9 @@ Clients are separate Python processes, as notebook kernels are.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,8 @@ HERE = Path(__file__).parent
 def private_run_dir() -> Path:
     """A new FEDLAB_RUN_DIR below a 0755 parent in /tmp (the service makes the run directory itself, 0700)."""
     parent = Path(tempfile.mkdtemp(prefix="flsvc", dir="/tmp"))
-    parent.chmod(0o755)
+    parent.chmod(0o755)  # noqa: S103 -- on purpose: the run directory inside must be what keeps others out
+    atexit.register(shutil.rmtree, parent, True)  # after the tests' services and clients are gone
     return parent / "run"
 
 
