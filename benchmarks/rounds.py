@@ -256,11 +256,12 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, mode: str = "plain
             exp = Experiment(researcher, tags=["bench"], training_plan=PLAN, plan_class="BenchPlan",
                              model_args={"n_in": n_in, "n_out": n_out},
                              training_args={"num_updates": 1, "batch_size": 1, "optimizer_args": {"lr": 0.0}},
-                             rounds=rounds + 1, aggregator=aggregator, round_timeout=60)
+                             rounds=rounds + 1, aggregator=aggregator, round_timeout=300)
             exp.approve("benchmark plan")
             approve(dirs, exp.plan_id)
             researcher_base = own_rss()
             exp.run_once()  # warm-up: torch and the plan load on the nodes, their workers start
+            exp.round_timeout = 60.0  # a timed round that loses a reply says so within a minute
             sampler = MemorySampler([p.pid for p in procs])
             sampler.sample()
             node_base = dict(sampler.node_peaks)

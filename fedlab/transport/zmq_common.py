@@ -10,14 +10,22 @@ import zmq
 
 from fedlab.errors import FedlabProtocolError
 
-__all__ = ["MIN_ZMTP_TIMEOUT_MS", "check_size", "io_threads", "socket_options", "source_fd"]
+__all__ = ["IO_THREADS_ENV", "MIN_ZMTP_TIMEOUT_MS", "check_size", "io_threads", "socket_options", "source_fd"]
 
 MIN_ZMTP_TIMEOUT_MS = 2000  # a connection silent this long at the libzmq level is over, however short the beat
 
 
+IO_THREADS_ENV = "FEDLAB_ZMQ_IO_THREADS"
+
+
 def io_threads() -> int:
-    """libzmq I/O threads for a context: each connection is served (and encrypted) by one, so a
-    researcher with several nodes uses one per core, up to 8."""
+    """libzmq I/O threads for a context: each connection is served (and CURVE-encrypted) by one,
+    so a researcher with several nodes uses one per core, up to 8 (``$FEDLAB_ZMQ_IO_THREADS``
+    overrides, for measurements). A node has one connection; it gets as many, which costs idle
+    threads only."""
+    given = os.environ.get(IO_THREADS_ENV, "")
+    if given.isdigit() and int(given) > 0:
+        return min(64, int(given))
     return max(1, min(8, os.cpu_count() or 1))
 
 
