@@ -413,6 +413,10 @@ def run_demo(n_nodes: int = 3, directory: str | Path | None = None, port: int = 
             env["FEDLAB_SERVICE"] = "attach"  # a kernel never binds the port itself: the service holds it
         if lab:
             assert notebooks is not None
+            lab_settings = Path(__file__).resolve().parents[1] / "binder" / "jupyter-config"  # in a checkout
+            if (lab_settings / "labconfig").is_dir():  # no news toast, no autosave into the checkout
+                env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
+                    p for p in (str(lab_settings), os.environ.get("JUPYTER_CONFIG_PATH", "")) if p)
             lab_proc = _spawn(_lab_command(notebooks, lab_port, browser), log=root / "jupyterlab.log", env=env,
                               cwd=notebooks)
             procs.insert(0, lab_proc)  # stopped first: its kernels detach from the service

@@ -61,6 +61,14 @@ def test_demo_opens_jupyterlab_on_the_quickstart_and_ctrl_c_stops_everything(bro
             ".some(t => t.textContent.includes('hospital-c') && t.textContent.includes('online'))", timeout=120_000)
         browser_page.wait_for_function("() => document.querySelectorAll('.jp-OutputArea-output img').length >= 1",
                                        timeout=120_000)
+        # the whole notebook has run (every prompt numbered, none busy): that is the README's screenshot
+        browser_page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputPrompt'))"
+            ".every(p => /\\[\\d+\\]/.test(p.textContent))", timeout=240_000)
+        # the demo's JupyterLab settings (binder/jupyter-config): no autosave into the checkout, no news
+        docmanager = lab.api("/lab/api/settings/@jupyterlab/docmanager-extension:plugin")
+        # overrides become the schema's defaults (the user's own settings still win)
+        assert docmanager["schema"]["properties"]["autosave"]["default"] is False  # type: ignore[index]
         text = "\n".join(browser_page.locator(".jp-Notebook .jp-OutputArea").all_inner_texts())
         for bad in BAD_OUTPUT:
             assert bad not in text, f"{bad!r} in the quickstart's outputs"
