@@ -31,6 +31,9 @@ Columns:
   node        the largest node's peak RSS, the node process plus its training worker child,
               minus its RSS after the warm-up round (the worker, with torch, starts there).
               Sampled every ~20 ms; the node/worker shared-memory file is counted once.
+  cpu ms      CPU time (user + system) per timed round of the researcher process (every thread,
+              the sampler's included) and of all node processes with their training workers: on a
+              machine with fewer cores than busy processes, it is what the round waits for.
   vs plain    with ``--encrypted``: each configuration runs twice more with CurveZMQ keys (nodes
               made with a researcher key, a keyed researcher with an allowlist): ``curve`` with
               the bulk path off (every byte through CURVE), ``bulk`` with it on (messages of 1 MiB
@@ -139,6 +142,20 @@ def tree_rss(pid: int) -> int:
     return total + shmem
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes and everything below them."""
+    total = 0
+    for pid in pids:
+        for p in _descendants(pid):
+            try:
+                with open(f"/proc/{p}/stat", encoding="ascii") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+            except (OSError, ValueError, IndexError):
+                pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def own_rss() -> int:
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * PAGE
@@ -203,6 +220,7 @@ class Result:
     node_peak: int
     sealed: tuple[int, int] | None = None  # messages out, in over the bulk path
     failed: int = 0  # node replies of the timed rounds that did not come (their round still counts)
+    cpu: tuple[float, float] = (0.0, 0.0)  # CPU seconds per timed round: researcher, all nodes with their workers
 
 
 def start_nodes(root: Path, n: int, address: str, researcher_key: Path | None = None
@@ -270,6 +288,7 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, mode: str = "plain
             hwm = reset_high_water_mark()
             sampler.start()
             times, tails = [], []
+            cpu_before = (cpu_seconds([os.getpid()]), cpu_seconds([p.pid for p in procs]))
             try:
                 for _ in range(rounds):
                     t0 = time.perf_counter()
@@ -279,6 +298,8 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, mode: str = "plain
                     tails.append(t1 - aggregator.last_reply)
             finally:
                 sampler.stop()
+            cpu = ((cpu_seconds([os.getpid()]) - cpu_before[0]) / rounds,
+                   (cpu_seconds([p.pid for p in procs]) - cpu_before[1]) / rounds)
             researcher_peak = max(sampler.researcher_peak, _status("self").get("VmHWM", 0) if hwm else 0)
             history = exp.history
             failed = history[(history["status"] != "ok") & (history["round"] > 1)]
@@ -289,7 +310,7 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, mode: str = "plain
             bulk = getattr(options.get("transport"), "bulk", None)
             return Result(times, tails, compute, n_bytes, researcher_peak - researcher_base,
                           max(sampler.node_peaks[p] - node_base[p] for p in node_base),
-                          (bulk.sealed_out, bulk.sealed_in) if bulk is not None else None, len(failed))
+                          (bulk.sealed_out, bulk.sealed_in) if bulk is not None else None, len(failed), cpu)
     finally:
         for p in procs:
             p.terminate()
@@ -300,7 +321,7 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, mode: str = "plain
 # -- the table -----------------------------------------------------------------------------------
 HEADER = (f"{'model':>6} {'MB':>6} {'nodes':>5} {'mode':>5} | {'round ms: min':>13} {'median':>7} {'max':>7} | "
           f"{'floor ms':>8} {'ratio':>5} | {'tail ms':>7} {'compute ms':>10} | {'researcher MB':>13} {'x':>5} | "
-          f"{'node MB':>7} {'x':>5} | {'vs plain':>8} {'sealed':>9}")
+          f"{'node MB':>7} {'x':>5} | {'cpu ms: res':>11} {'nodes':>6} | {'vs plain':>8} {'sealed':>9}")
 
 
 def row(model: str, n: int, mode: str, r: Result, floor: float, plain: Result | None) -> str:
@@ -313,7 +334,8 @@ def row(model: str, n: int, mode: str, r: Result, floor: float, plain: Result | 
             f"{max(ms):>7.1f} | {floor * 1e3:>8.1f} {statistics.median(r.times) / floor:>5.2f} | "
             f"{statistics.median(r.tails) * 1e3:>7.1f} {r.compute * 1e3:>10.1f} | "
             f"{r.researcher_peak / 1e6:>13.1f} {r.researcher_peak / r.n_bytes:>5.2f} | "
-            f"{r.node_peak / 1e6:>7.1f} {r.node_peak / r.n_bytes:>5.2f} | {vs} {sealed:>9}{lost}")
+            f"{r.node_peak / 1e6:>7.1f} {r.node_peak / r.n_bytes:>5.2f} | {r.cpu[0] * 1e3:>11.0f} "
+            f"{r.cpu[1] * 1e3:>6.0f} | {vs} {sealed:>9}{lost}")
 
 
 def main() -> None:
