@@ -132,29 +132,37 @@ class BulkLink:
             item = self._queue.get()
             if item is None:
                 break
-            if self._closed:
-                self._fail(item, self.reason)
-                continue
-            try:
-                self._send_one(item, out)
-            except (OSError, SealError, TypeError, ValueError) as exc:
-                reason = f"the bulk connection failed while sending ({exc})"
-                self._fail(item, reason)
-                self.close(reason)  # the receiving thread wakes, and tells the owner
+            self._send_item(item, out)
+            del item  # a sent model is not kept alive while the queue waits for the next one
         while True:  # the link is closed: what is still queued cannot leave
             try:
-                item = self._queue.get_nowait()
+                left = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
-                self._fail(item, self.reason or "the bulk connection closed")
+            if left is not None:
+                self._fail(left, self.reason or "the bulk connection closed")
 
-    def _send_one(self, item: _Send, out: memoryview) -> None:
+    def _send_item(self, item: _Send, out: memoryview) -> None:
+        if self._closed:
+            self._fail(item, self.reason)
+            return
+        try:
+            views = [memoryview(f).cast("B") for f in item.frames]
+        except (TypeError, ValueError) as exc:  # not a contiguous buffer: this message only fails
+            self._fail(item, f"its frames cannot be sent ({exc})")
+            return
+        try:
+            self._send_one(item, views, out)
+        except (OSError, SealError) as exc:
+            reason = f"the bulk connection failed while sending ({exc})"
+            self._fail(item, reason)
+            self.close(reason)  # the receiving thread wakes, and tells the owner
+
+    def _send_one(self, item: _Send, views: list[memoryview], out: memoryview) -> None:
         """Seal and write one message. Small records (the envelope's header and content) are
         gathered with the start and written in one call; each large one is sealed into ``out``
         and written from there, while it is still in cache."""
         sealer, sock = self.sealer, self.sock
-        views = [memoryview(f).cast("B") for f in item.frames]
         gathered = [sealer.start(item.msg_id, [len(v) for v in views])]
         for frame, offset, size in sealer.records(item.msg_id, views):
             record = sealer.data_into(out, views[frame][offset:offset + size], item.msg_id, frame, offset)
@@ -190,6 +198,7 @@ class BulkLink:
                 done = self.opener.open(body[:size])
                 if done is not None:
                     self._on_message(self, done[0], done[1])
+                    del done  # the owner holds the message now, for as long as it needs it
         except PeerClosed as exc:
             reason = str(exc) if not self._closed else self.reason
         except SealError as exc:
