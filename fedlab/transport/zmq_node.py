@@ -19,6 +19,11 @@ it talks only to that researcher, encrypted. A handshake monitor logs why a rese
 refused this node (or why this node refused it); after a refused handshake, which zmq does
 not always retry, the node rebuilds its socket every few seconds, so that it gets in once the
 researcher has added it to its allowlist or restarted with the right key.
+
+An encrypted node also asks, on each CURVE connection, for the researcher's sealed bulk path
+(``bulk_node``): large replies then go sealed with AES-256-GCM on a second connection, each
+with a notice in its place on CURVE, and large requests come in the same way, delivered in
+CURVE order (``bulk_order``).
 """
 
 from __future__ import annotations
