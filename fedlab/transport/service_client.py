@@ -54,6 +54,7 @@ from fedlab.transport.service_link import (
     link_options,
     peer_credentials,
 )
+from fedlab.transport.zmq_common import close_monitored
 from fedlab.transport.zmq_researcher import MessageHandler, check_size
 
 __all__ = ["MirrorDirectory", "ServiceClientTransport", "control"]
@@ -205,16 +206,8 @@ class ServiceClientTransport:
         self._close_sockets()
 
     def _close_sockets(self) -> None:
-        if self._monitor is not None and self._sock is not None:
-            try:
-                self._sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self._monitor.close(0)
-            self._monitor = None
-        if self._sock is not None:
-            self._sock.close(linger=200)  # let the goodbye leave
-            self._sock = None
+        close_monitored(self._sock, self._monitor, linger_ms=200)  # let the goodbye leave
+        self._sock = self._monitor = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None

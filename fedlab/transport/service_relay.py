@@ -58,6 +58,7 @@ from fedlab.transport.service_link import (
     peer_credentials,
 )
 from fedlab.transport.service_routes import RouteTable
+from fedlab.transport.zmq_common import close_monitored
 from fedlab.transport.zmq_researcher import ZmqResearcherTransport
 
 __all__ = ["ServiceRelay", "node_info"]
@@ -182,16 +183,8 @@ class ServiceRelay:
             self._close_sockets()
 
     def _close_sockets(self) -> None:
-        if self._monitor is not None and self._sock is not None:
-            try:
-                self._sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self._monitor.close(0)
-            self._monitor = None
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = self._out.sock = None
+        close_monitored(self._sock, self._monitor)
+        self._sock = self._out.sock = self._monitor = None
 
     def _work(self, items: Sequence[tuple[Any, ...]]) -> bool:
         """Handle what other threads queued; False to stop the loop."""

@@ -1,4 +1,5 @@
-"""What both zmq ends share: socket options, the size check, I/O threads, a frame's connection."""
+"""What both zmq ends share: socket options, the size check, I/O threads, a frame's connection,
+closing a monitored socket."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import zmq
 
 from fedlab.errors import FedlabProtocolError
 
-__all__ = ["IO_THREADS_ENV", "MIN_ZMTP_TIMEOUT_MS", "check_size", "io_threads", "socket_options", "source_fd"]
+__all__ = ["IO_THREADS_ENV", "MIN_ZMTP_TIMEOUT_MS", "check_size", "close_monitored", "io_threads", "socket_options",
+           "source_fd"]
 
 MIN_ZMTP_TIMEOUT_MS = 2000  # a connection silent this long at the libzmq level is over, however short the beat
 
@@ -63,3 +65,21 @@ def source_fd(frame: zmq.Frame) -> int | None:
     except (zmq.ZMQError, ValueError, TypeError):
         return None
     return fd if fd >= 0 else None
+
+
+def close_monitored(sock: zmq.Socket[Any] | None, monitor: zmq.Socket[Any] | None, *, linger_ms: int = 0) -> None:
+    """Close ``sock`` and the monitor socket watching it (either may be None, when opening failed half-way).
+
+    The monitor is turned off first, so libzmq does not report the socket's own close to a monitor
+    socket that is about to go; ``linger_ms`` is how long what ``sock`` still has queued may take to
+    leave (a goodbye, say). The caller drops its references afterwards.
+    """
+    if monitor is not None:
+        if sock is not None:
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass  # the socket is already closed or its monitor already off: nothing left to turn off
+        monitor.close(0)
+    if sock is not None:
+        sock.close(linger=linger_ms)
