@@ -133,6 +133,8 @@ class Dispatcher:
             "training_plan_status_request": self.training.status_request,
             "train_request": self.training.train_request,
             "train_cancel_request": self.training.cancel_request,
+            "result_fetch_request": self.training.held.fetch,
+            "result_release_request": self.training.held.release,
             "secagg_keys_request": self.secagg.keys_request,
             "secagg_share_request": self.secagg.share_request,
             "secagg_unmask_request": self.secagg.unmask_request,

@@ -48,6 +48,7 @@ from fedlab.errors import (
 from fedlab.node.approvals import ApprovalRegistry, check_plan_source
 from fedlab.node.dp_ledger import DPLedger
 from fedlab.node.dp_rounds import DPRoundAccount
+from fedlab.node.held_results import HeldResults
 from fedlab.node.plan_worker import PlanWorker, WorkerDied, WorkerTimeout
 from fedlab.node.registry import DatasetRegistry
 from fedlab.node.secagg_handler import SecaggHandler
@@ -121,6 +122,7 @@ class TrainingHandler:
         self._warm = False
         self.secagg: SecaggHandler | None = None  # set by the dispatcher: secure aggregation of rounds
         self._vectors: list[Any] = []  # masked vectors, reused once nothing (a queued frame) holds them
+        self.held = HeldResults(node_name=name)  # large results the researcher pulls in chunks
 
     @property
     def device(self) -> str:
@@ -184,6 +186,7 @@ class TrainingHandler:
     def close(self) -> None:
         """Stop every training and the worker process (the node is shutting down)."""
         self.cancel_all()
+        self.held.clear()
         self.worker.close()
 
     # -- cancel ------------------------------------------------------------------------------
@@ -219,13 +222,16 @@ class TrainingHandler:
         assert isinstance(request, TrainRequest)
         with self._lock:
             flag = self._cancel.setdefault(envelope.msg_id, threading.Event())
+        self.held.new_round(envelope.sender, request.experiment_id)  # frees the memory file the last one held
         try:
-            return self._train(envelope, request, flag)
+            reply, out = self._train(envelope, request, flag)
+            return self._held_reply(envelope, request, reply, out)
         finally:
             with self._lock:
                 self._cancel.pop(envelope.msg_id, None)
 
-    def _train(self, envelope: Envelope, request: TrainRequest, flag: threading.Event) -> HandlerResult:
+    def _train(self, envelope: Envelope, request: TrainRequest,
+               flag: threading.Event) -> tuple[Message, Sequence[bytes | memoryview]]:
         self._require_dp(request, request.training_args.get("dp_args") is not None)
         if self.secagg is not None and request.do_training:
             self.secagg.require(request.secagg is not None, "training rounds")
@@ -304,6 +310,17 @@ class TrainingHandler:
         if account is not None:  # the spend commits here, last: the reply leaves only once it is recorded
             reply = msgspec.structs.replace(reply, dp=account.spend(result.n_updates, envelope.msg_id))
         return reply, out
+
+    def _held_reply(self, envelope: Envelope, request: TrainRequest, reply: Message,
+                    out: Sequence[bytes | memoryview]) -> HandlerResult:
+        """The reply as it goes: whole, or (``hold_min_bytes``) its specs alone while the node holds the frames
+        for the researcher to pull in chunks; a masked reply is one vector and always goes whole."""
+        size = sum(memoryview(frame).nbytes for frame in out)
+        if (not isinstance(reply, TrainReply) or reply.masked is not None or request.hold_min_bytes <= 0
+                or size < request.hold_min_bytes or not out):
+            return reply, out
+        self.held.hold(envelope.msg_id, envelope.sender, request.experiment_id, out)
+        return msgspec.structs.replace(reply, held=True), []
 
     def _require_dp(self, request: TrainRequest, with_dp: bool) -> None:
         """A node with ``require_dp`` trains only with dp_args, and sends no exact validation metrics."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import mmap
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -177,30 +177,41 @@ class _RunningSums:
             block = self._scratch[dtype] = np.empty(_BLOCK, dtype)
         return block
 
-    def refusal(self, name: str, value: np.ndarray) -> str | None:
-        """Why ``value`` cannot be added to ``name``'s sum (a complex array into a real sum), or None."""
+    def refusal(self, name: str, value: np.ndarray | np.dtype) -> str | None:
+        """Why ``value`` (an array, or its dtype) cannot be added to ``name``'s sum (a complex array into
+        a real sum), or None."""
         dtype = self.buffers[name].dtype
-        if not np.can_cast(value.dtype, dtype, "same_kind"):
-            return f"{name} came as {value.dtype}, which cannot be averaged as {dtype}"
+        came = value if isinstance(value, np.dtype) else value.dtype
+        if not np.can_cast(came, dtype, "same_kind"):
+            return f"{name} came as {came}, which cannot be averaged as {dtype}"
         return None
 
     def add(self, name: str, value: np.ndarray, weight: float) -> None:
         """``sum[name] += weight * value``, in the sum's dtype and in place."""
-        total = self.buffers[name]
-        if name not in self.written:  # the round's first: written, not added (no zeroing pass)
+        self.add_part(name, 0, _flat(value), weight, first=name not in self.written)
+        self.written.add(name)
+
+    def add_part(self, name: str, start: int, values: np.ndarray, weight: float, *, first: bool) -> None:
+        """``sum[name].flat[start:start + values.size] += weight * values`` (``first``: written, not added:
+        the round's first contribution to those elements needs no zeroing pass)."""
+        flat_total = self.buffers[name].reshape(-1)
+        if start < 0 or start + values.size > flat_total.size:
+            raise FedlabTrainingError(f"elements {start}..{start + values.size} are outside {name} "
+                                      f"({flat_total.size} elements)")
+        total = flat_total[start:start + values.size]
+        if first:
             if weight == 1.0:
-                np.copyto(total, value)
+                np.copyto(total, values)
             else:
-                np.multiply(value, weight, out=total, dtype=total.dtype)
-            self.written.add(name)
+                np.multiply(values, weight, out=total, dtype=total.dtype)
         elif weight == 1.0:
-            np.add(total, value, out=total, dtype=total.dtype)
+            np.add(total, values, out=total, dtype=total.dtype)
         else:  # weight * value block by block into the scratch, then added: no model-sized temporary
-            flat_total, flat_value, scratch = total.reshape(-1), _flat(value), self.scratch(total.dtype)
-            for start in range(0, flat_total.size, _BLOCK):
-                block = flat_total[start:start + _BLOCK]
+            scratch = self.scratch(total.dtype)
+            for offset in range(0, total.size, _BLOCK):
+                block = total[offset:offset + _BLOCK]
                 step = scratch[:block.size]
-                np.multiply(flat_value[start:start + _BLOCK], weight, out=step, dtype=total.dtype)
+                np.multiply(values[offset:offset + _BLOCK], weight, out=step, dtype=total.dtype)
                 np.add(block, step, out=block)
 
     def finish(self, name: str, weight: float, dtype: np.dtype, x: np.ndarray | None = None,
@@ -286,19 +297,24 @@ class Aggregator:
         self._sums.release()
 
     def _check(self, node_id: str, params: Mapping[str, np.ndarray]) -> None:
-        missing = sorted(set(self._global) - set(params))
-        extra = sorted(set(params) - set(self._global))
+        self._check_layout(node_id, {name: (np.shape(value), np.asarray(value).dtype)
+                                     for name, value in params.items()})
+
+    def _check_layout(self, node_id: str, layout: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+        """That a reply's names, shapes and dtypes (``{name: (shape, dtype)}``) fit the global model."""
+        missing = sorted(set(self._global) - set(layout))
+        extra = sorted(set(layout) - set(self._global))
         if missing or extra:
             raise FedlabTrainingError(
                 f"node {node_id} returned parameters that do not match the global model"
                 + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else "")
                 + ". Every node must run the same training plan with the same model_args.")
-        for name, value in params.items():
-            if np.shape(value) != self._global[name].shape:
+        for name, (shape, dtype) in layout.items():
+            if tuple(shape) != self._global[name].shape:
                 raise FedlabTrainingError(
-                    f"node {node_id} returned {name} of shape {np.shape(value)}, the global model has "
+                    f"node {node_id} returned {name} of shape {tuple(shape)}, the global model has "
                     f"{self._global[name].shape}; check that model_args are the same everywhere")
-            refusal = self._sums.refusal(name, np.asarray(value))
+            refusal = self._sums.refusal(name, np.dtype(dtype))
             if refusal is not None:
                 raise FedlabTrainingError(f"node {node_id} returned parameters of the wrong type: {refusal} "
                                           f"(the global model has {self._global[name].dtype})")
@@ -313,6 +329,46 @@ class Aggregator:
         weight = float(n_samples)
         for name, value in params.items():
             self._sums.add(name, np.asarray(value), weight)
+        self._weight += weight
+        self.added.append(node_id)
+
+    @property
+    def streams(self) -> bool:
+        """Whether replies may be folded in chunk by chunk (``add_streamed``): FedAvg's sum, which every
+        aggregator that keeps ``add`` as it is (FedProx, the server optimizers) folds; not Scaffold (its
+        control variates come with the reply) nor the robust rules (they need each node's whole update).
+        A subclass that overrides ``add`` streams only if it overrides ``add_streamed`` too."""
+        cls = type(self)
+        return (cls.add is Aggregator.add or cls.add_streamed is not Aggregator.add_streamed) \
+            and not self.needs_node_updates
+
+    def add_streamed(self, node_id: str, layout: Mapping[str, tuple[tuple[int, ...], np.dtype]], n_samples: int,
+                     chunks: Iterable[tuple[str, int, np.ndarray]]) -> None:
+        """Fold one node's reply that arrives in chunks: ``layout`` is ``{name: (shape, dtype)}`` as the
+        reply announced it, ``chunks`` yields ``(name, first_element, flat_values)`` covering every element
+        once. The sums are written only by these chunks, so at most one chunk is held at a time.
+
+        If ``chunks`` raises, the exception goes through; when other nodes were already added, the
+        sums hold part of this node's update too and the round must be folded again without it
+        (``begin_round``, then the others): ``fedlab.researcher.held_fetch.fold_held`` does that."""
+        self._require_open("add")
+        if not self.streams:
+            raise FedlabTrainingError(f"{type(self).__name__} needs whole replies; it cannot fold them in chunks")
+        if n_samples <= 0:
+            return
+        self._check_layout(node_id, layout)
+        weight = float(n_samples)
+        first = {name: name not in self._sums.written for name in layout}
+        filled = dict.fromkeys(layout, 0)
+        for name, start, values in chunks:
+            if name not in first or values.dtype != np.dtype(layout[name][1]):
+                raise FedlabTrainingError(f"node {node_id} sent a chunk of {name} that its reply did not announce")
+            self._sums.add_part(name, start, values, weight, first=first[name])
+            filled[name] += values.size
+        short = [name for name, (shape, _) in layout.items() if filled[name] != math.prod(shape)]
+        if short:
+            raise FedlabTrainingError(f"node {node_id}'s reply did not cover every element of {short}")
+        self._sums.written.update(layout)
         self._weight += weight
         self.added.append(node_id)
 

@@ -27,8 +27,10 @@ import numpy as np
 import pandas as pd
 
 from fedlab.errors import FedlabError, FedlabNodeError
+from fedlab.researcher import held_fetch
 from fedlab.researcher.aggregators import AGGREGATORS, Aggregator, aggregator_name, handed_out, make_aggregator
 from fedlab.researcher.breakpoint import Breakpoint, read_breakpoint, write_breakpoint
+from fedlab.researcher.held_fetch import PulledRound
 from fedlab.researcher.local_job import build_model, training_loop
 from fedlab.researcher.policies import DiscardOnDisconnect, DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.researcher import Researcher
@@ -191,7 +193,8 @@ class Experiment:
 
     # -- training ----------------------------------------------------------------------------
     def _job(self, round_: int, do_training: bool, on_reply: Callable[[TrainResult], None] | None,
-             nodes: Sequence[str] | None = None, secagg_arguments: Mapping[str, Any] | None = None) -> TrainingJob:
+             nodes: Sequence[str] | None = None, secagg_arguments: Mapping[str, Any] | None = None,
+             hold_min_bytes: int = 0) -> TrainingJob:
         node_ids = list(self.node_ids if nodes is None else nodes)
         node_args = {n: self.aggregator.node_args(n) for n in node_ids} if do_training else {}
         training_args = self.aggregator.training_args(self.training_args) if do_training else self.training_args
@@ -202,7 +205,7 @@ class Experiment:
             training_args=training_args, aggregator_args={n: a for n, (a, _) in node_args.items()},
             aux_vars={n: v for n, (_, v) in node_args.items()}, state_ids=self.state_ids, do_training=do_training,
             share_persistent_buffers=self.share_persistent_buffers, on_reply=on_reply,
-            on_progress=self.on_progress, secagg_arguments=secagg_arguments)
+            on_progress=self.on_progress, secagg_arguments=secagg_arguments, hold_min_bytes=hold_min_bytes)
 
     def _round_policies(self) -> list[RequestPolicy]:
         """A round ends after ``round_timeout``; a node whose heartbeats stop is dropped after
@@ -245,6 +248,15 @@ class Experiment:
 
         if self.secagg:
             run_secure_round(self, round_)
+        elif aggregator.streams:  # large replies stay on their nodes and are pulled one node at a time
+            pulled = PulledRound(aggregator, self.researcher.requests, self._params)
+            results: dict[str, Any] = {}
+            try:
+                results = dict(self._job(round_, True, pulled.fold, hold_min_bytes=held_fetch.HOLD_MIN_BYTES).execute())
+            finally:
+                pulled.finish(results)
+            self._record(round_, "training", results)
+            self._raise_if_none_ok(results, f"round {round_}")
         else:
             results = self._job(round_, True, fold).execute()
             self._record(round_, "training", results)

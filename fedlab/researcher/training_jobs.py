@@ -28,6 +28,7 @@ import numpy as np
 
 from fedlab.errors import FedlabError, FedlabProtocolError
 from fedlab.protocol import Envelope
+from fedlab.researcher.held_fetch import HeldResult, ResultLost
 from fedlab.researcher.jobs import Job
 from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.requests import FederatedRequest, MessagesByNode, Requests
@@ -114,6 +115,7 @@ class TrainResult:
     reply: TrainReply
     seconds: float  # researcher side, from sending to the reply's arrival
     masked: np.ndarray | None = None  # under secure aggregation: the node's masked vector (uint64), all there is
+    held: HeldResult | None = None  # the node holds the parameters, to be pulled in chunks (``held_fetch``)
 
 
 @dataclass
@@ -168,8 +170,11 @@ class TrainingJob(Job):
         on_reply: Callable[[TrainResult], None] | None = None,
         on_progress: Callable[[str, TrainProgress], None] | None = None,
         secagg_arguments: Mapping[str, Any] | None = None,
+        hold_min_bytes: int = 0,
     ) -> None:
-        """``secagg_arguments`` (Fed-BioMed's name) makes the round securely aggregated: ``secure_sum``
+        """``hold_min_bytes``: nodes keep replies of at least that many bytes and answer their specs only
+        (``TrainResult.held``), for ``on_reply`` to pull in chunks (``fedlab.researcher.held_fetch``); 0 sends
+        every reply whole. ``secagg_arguments`` (Fed-BioMed's name) makes the round securely aggregated: ``secure_sum``
         (a set-up ``SecureSum``), ``fields`` (``fedlab.secagg.train_vector.layout``) and ``weight_bound``.
         Each node then answers one masked vector; ``masked_sum`` adds them up as they arrive and
         ``masked_nodes`` says whose are in it (``SecureSum.unmask`` takes both)."""
@@ -190,6 +195,7 @@ class TrainingJob(Job):
         self._on_progress = on_progress
         self.results: dict[str, NodeRound] = {}
         self._secagg = dict(secagg_arguments) if secagg_arguments else None
+        self._hold_min_bytes = 0 if self._secagg is not None or not do_training else int(hold_min_bytes)
         self.masked_sum: np.ndarray | None = None
         self.masked_nodes: list[str] = []
 
@@ -212,7 +218,8 @@ class TrainingJob(Job):
                 plan_source=self._plan[0], plan_class=self._plan[1], params=specs, model_args=self._model_args,
                 training_args=self._training_args, aggregator_args=self._aggregator_args.get(node_id, {}),
                 aux_vars=aux_specs, state_id=self._state_ids.get(node_id), do_training=self._do_training,
-                share_persistent_buffers=self._share, secagg=self._secagg_input(node_id))
+                share_persistent_buffers=self._share, secagg=self._secagg_input(node_id),
+                hold_min_bytes=self._hold_min_bytes)
             messages[node_id] = (message, [*buffers, *aux_buffers])
         return messages
 
@@ -254,6 +261,12 @@ class TrainingJob(Job):
                                       code="unexpected_reply")
         if self._secagg is not None and self._do_training:
             return TrainResult(node_id, {}, {}, reply, seconds, masked=self._masked(reply, envelope))
+        if reply.held:
+            if not self._hold_min_bytes:
+                raise FedlabProtocolError("the node held its result although it was asked to send it whole",
+                                          code="unexpected_reply")
+            return TrainResult(node_id, {}, {}, reply, seconds, held=HeldResult(node_id, envelope.parent_id or "",
+                                                                                reply))
         params = unpack_named(reply.params, envelope.buffers)
         aux = {name: unpack_named(specs, envelope.buffers) for name, specs in reply.aux_vars.items()}
         return TrainResult(node_id, params, aux, reply, seconds)
@@ -295,6 +308,10 @@ class TrainingJob(Job):
                 self._fold_masked(node_id, result.masked)
             if self._on_reply is not None:
                 self._on_reply(result)
+        except ResultLost as exc:  # it died (or answered wrong) while its update was being pulled
+            log.warning("node %s: %s", node_id, exc)
+            self.results[node_id] = NodeRound(node_id, "missing", reason=f"{exc.reason}: {exc.detail}")
+            return
         except FedlabProtocolError as exc:
             self._fail(node_id, f"[{exc.code}] {exc}", what)
             return

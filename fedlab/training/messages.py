@@ -127,6 +127,8 @@ class TrainRequest(Message, frozen=True):
     do_training: bool = True
     share_persistent_buffers: bool = True
     secagg: SecaggInput | None = None
+    # hold a result of at least this many bytes and let the researcher pull it (held_messages); 0: send it whole
+    hold_min_bytes: Count = 0
 
 
 class TrainReply(Message, frozen=True):
@@ -142,7 +144,10 @@ class TrainReply(Message, frozen=True):
 
     ``device``: where the round trained (``"cpu"``, ``"cuda:0"``); ``device_note``: why, when that is not
     what ``training_args["use_gpu"]`` asked for (a node without a GPU, or one whose operator set its
-    device; see docs/gpu.md)."""
+    device; see docs/gpu.md).
+
+    ``held``: the frames are not attached; the node keeps them and the researcher pulls them in chunks
+    (``fedlab.training.held_messages``)."""
 
     experiment_id: Name
     round: Round
@@ -162,6 +167,8 @@ class TrainReply(Message, frozen=True):
     dp: DPSpent | None = None
     device: DeviceName = ""
     device_note: Note = ""
+    # the node holds the frames that ``params`` and ``aux_vars`` name, to be pulled (``TrainRequest.hold_min_bytes``)
+    held: bool = False
 
 
 class TrainProgress(Event, frozen=True):
@@ -202,3 +209,6 @@ _TYPES: dict[str, type[Message]] = {
 }
 for _name, _cls in _TYPES.items():
     register(_name, _cls)
+
+# the wire types of a held result (pulled in chunks) register themselves beside these
+from fedlab.training import held_messages  # noqa: E402, F401
