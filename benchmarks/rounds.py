@@ -57,7 +57,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,6 +208,17 @@ class TimedFedAvg(FedAvg):
             aux_vars: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
         self.last_reply = time.perf_counter()
         super().add(node_id, params, n_samples, aux_vars)
+
+    def add_streamed(self, node_id: str, layout: Mapping[str, tuple[tuple[int, ...], np.dtype]], n_samples: int,
+                     chunks: Iterable[tuple[str, int, np.ndarray]]) -> None:
+        """A reply pulled in chunks (large models): it is all here when its last chunk is."""
+
+        def timed() -> Iterator[tuple[str, int, np.ndarray]]:
+            for chunk in chunks:
+                self.last_reply = time.perf_counter()
+                yield chunk
+
+        super().add_streamed(node_id, layout, n_samples, timed())
 
 
 @dataclass
