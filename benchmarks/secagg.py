@@ -3,13 +3,14 @@
 For each model (0.4 MB and 100 MB, as in ``rounds.py``: one linear layer, one optimizer step on
 one row, so the round is all transfer and aggregation) and each N, the same federation runs a
 plain Experiment and a secure one (``secagg=True``), one warm-up round each, then their timed
-rounds alternate (plain, secure, plain, ...) so that both see the same machine. Then a stats
-request (count, mean, std, a histogram, value counts) over a 50,000-row table per node, plain
-and secure, alternating the same way.
+rounds alternate (plain, secure, secure32, plain, ...) so that all see the same machine:
+``secure`` is the default (64-bit words), ``secure32`` has ``ring_bits=32`` (two values per word,
+``clip`` 8). Then a stats request (count, mean, std, a histogram, value counts) over a 50,000-row
+table per node, plain and secure, alternating the same way.
 
-Columns: min / median / max ms of the timed rounds or requests, and secure / plain of the medians.
-Targets (issue 15): the 0.4 MB secure round at N = 8 within 2 x the plain one; the 100 MB secure
-round within 1.5 x.
+Columns: min / median / max ms of the timed rounds or requests, and each secure mode's median over
+the plain one's. Targets (issue 15): the 0.4 MB secure round at N = 8 within 2 x the plain one; the
+100 MB secure round within 1.5 x.
 
     .venv/bin/python benchmarks/secagg.py [--nodes 2 8] [--rounds 5] [--models small large] [--no-stats]
 """
@@ -47,13 +48,17 @@ def _alternate(runs: dict[str, Callable[[], object]], n: int) -> dict[str, list[
     return times
 
 
+SECURE_MODES = {"secure": {}, "secure32": {"ring_bits": 32, "clip": 8.0}}  # mode: secagg_arguments
+
+
 def _line(what: str, n: int, times: dict[str, list[float]]) -> str:
     cells = []
-    for name in ("plain", "secure"):
-        ms = [t * 1e3 for t in times[name]]
-        cells.append(f"{name} {min(ms):8.1f} {statistics.median(ms):8.1f} {max(ms):8.1f}")
-    ratio = statistics.median(times["secure"]) / statistics.median(times["plain"])
-    return f"{what:>22} {n:>5} | {cells[0]} | {cells[1]} | {ratio:6.2f}"
+    for name, values in times.items():
+        ms = [t * 1e3 for t in values]
+        cells.append(f"{name:>8} {min(ms):8.1f} {statistics.median(ms):8.1f} {max(ms):8.1f}")
+    plain = statistics.median(times["plain"])
+    ratios = " ".join(f"{statistics.median(v) / plain:6.2f}" for k, v in times.items() if k != "plain")
+    return f"{what:>22} {n:>5} | {' | '.join(cells)} | {ratios}"
 
 
 def bench(root: Path, n: int, models: list[str], rounds: int, stats: bool) -> list[str]:
@@ -72,12 +77,12 @@ def bench(root: Path, n: int, models: list[str], rounds: int, stats: bool) -> li
             for model in models:
                 n_in, n_out = MODELS[model]
                 exps = {}
-                for mode in ("plain", "secure"):
+                for mode in ("plain", *SECURE_MODES):
                     exps[mode] = Experiment(
                         researcher, tags=["bench"], training_plan=PLAN, plan_class="BenchPlan",
                         model_args={"n_in": n_in, "n_out": n_out}, rounds=rounds + 1, round_timeout=300,
                         training_args={"num_updates": 1, "batch_size": 1, "optimizer_args": {"lr": 0.0}},
-                        secagg=mode == "secure")
+                        secagg=mode != "plain", secagg_arguments=SECURE_MODES.get(mode))
                 exps["plain"].approve("benchmark plan")
                 approve(dirs, exps["plain"].plan_id)
                 for exp in exps.values():
@@ -114,8 +119,9 @@ def main() -> None:
     parser.add_argument("--no-stats", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    header = (f"{'':>22} {'nodes':>5} | {'plain ms: min':>13} {'median':>8} {'max':>8} | "
-              f"{'secure ms: min':>14} {'median':>8} {'max':>8} | secure/plain")
+    modes = ["plain", *SECURE_MODES]
+    header = (f"{'':>22} {'nodes':>5} | " + " | ".join(f"{m + ' ms: min':>17} {'median':>8} {'max':>8}" for m in modes)
+              + " | " + " ".join(f"{m}/plain" for m in modes[1:]))
     print(header, flush=True)
     lines = []
     with tempfile.TemporaryDirectory(prefix="fedlab-secagg-bench-") as tmp:

@@ -80,7 +80,8 @@ class SecaggHandler:
             raise FedlabSecaggError(
                 f"node {self.name} takes part in secure aggregation over at least {self.min_nodes} nodes "
                 f"(secure_aggregation_min_nodes in its config.toml); this session has {len(request.nodes)}")
-        session = NodeSession.new(request.session_id, self.node_id, list(request.nodes), request.threshold)
+        session = NodeSession.new(request.session_id, self.node_id, list(request.nodes), request.threshold,
+                                  prg=request.prg)
         self.store.create(self.peer, session, request.purpose)
         c_pk, s_pk = session.public_keys()
         log.info("secure aggregation session %s (%s) started: %d nodes, threshold %d", request.session_id,

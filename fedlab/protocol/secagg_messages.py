@@ -63,6 +63,9 @@ class SecaggKeysRequest(Message, frozen=True):
     nodes: NodeList
     threshold: Annotated[int, msgspec.Meta(ge=2, le=1000)]
     purpose: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] = "training"
+    #: the mask generator (``fedlab.secagg.prg.PRGS``). Absent (an older researcher): AES-256-CTR, as
+    #: before; an older node refuses the field, so it never masks with another generator than the rest
+    prg: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] = "aes-256-ctr"
 
 
 class SecaggKeysReply(Message, frozen=True):
@@ -84,12 +87,15 @@ class SecaggShareReply(Message, frozen=True):
     blobs: dict[NodeId, Blob]
 
 
-class SecaggField(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class SecaggField(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """One array of a training reply in the masked vector, in order.
 
     ``group`` is ``""`` for the model's parameters, else an aux var group (``"scaffold"``). The
     node writes ``round(clip(x * scale) * 2**frac_bits)`` with ``scale = n_samples / weight_bound``
-    when ``weighted`` (FedAvg's weights), else ``scale = 1``.
+    when ``weighted`` (FedAvg's weights), else ``scale = 1``; ``lanes`` values per 64-bit word: 1,
+    or 2 in 32-bit lanes (``fedlab.secagg.fixed_point.encode_into``). ``lanes`` is sent only when
+    it is 2, so a node without lanes refuses such a field (an unknown field) instead of answering
+    a vector in another layout.
     """
 
     group: Annotated[str, msgspec.Meta(max_length=256)]
@@ -98,6 +104,7 @@ class SecaggField(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     weighted: bool
     clip: Annotated[float, msgspec.Meta(gt=0, le=2.0**40)]
     frac_bits: Annotated[int, msgspec.Meta(ge=16, le=62)]
+    lanes: Annotated[int, msgspec.Meta(ge=1, le=2)] = 1
 
 
 class SecaggInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -37,13 +37,14 @@ if TYPE_CHECKING:
 __all__ = ["check_secagg_aggregator", "check_secagg_arguments", "run_secure_round", "weight_bound"]
 
 log = logging.getLogger("fedlab.researcher")
-_ARGUMENTS = {"threshold", "clip", "timeout"}
+_ARGUMENTS = {"threshold", "clip", "timeout", "ring_bits"}
 DEFAULT_STEP_TIMEOUT = 30.0
 UNKNOWN_SIZE_BOUND = 1 << 24  # a dataset that does not say its size: assume at most 16M samples
 
 
 def check_secagg_arguments(args: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``secagg_arguments``, checked: ``threshold`` (int >= 2), ``clip`` (> 0), ``timeout`` (seconds > 0)."""
+    """``secagg_arguments``, checked: ``threshold`` (int >= 2), ``clip`` (> 0), ``timeout`` (seconds > 0),
+    ``ring_bits`` (64, the default, or 32: two float values per 64-bit word, see docs/secagg.md)."""
     out = dict(args or {})
     unknown = sorted(set(out) - _ARGUMENTS)
     if unknown:
@@ -51,6 +52,14 @@ def check_secagg_arguments(args: Mapping[str, Any] | None) -> dict[str, Any]:
     threshold = out.get("threshold")
     if threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 2):
         raise FedlabError(f"secagg_arguments['threshold'] must be an integer >= 2, got {threshold!r}")
+    ring_bits = out.get("ring_bits")
+    if ring_bits is not None and (isinstance(ring_bits, bool) or ring_bits not in train_vector.RING_BITS):
+        raise FedlabError(f"secagg_arguments['ring_bits'] must be 64 (the default) or 32 (two float values per "
+                          f"word: half the bytes and masks, a coarser step; see docs/secagg.md), got {ring_bits!r}")
+    if ring_bits == 32 and out.get("clip") is None:
+        raise FedlabError("secagg_arguments['ring_bits'] = 32 needs secagg_arguments['clip'] too: the largest |value| "
+                          "of a parameter or aux var (clipped beyond it), near the model's range, e.g. 8.0; the "
+                          "default clip 4096 leaves too few fraction bits in 32 (see docs/secagg.md)")
     for key in ("clip", "timeout"):
         value = out.get(key)
         if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool)
@@ -85,7 +94,8 @@ def run_secure_round(exp: Experiment, round_: int) -> None:
         raise FedlabSecaggError(str(secure.args[0]))
     ready = list(secure.ready)
     aux = exp.aggregator.node_args(ready[0])[1]
-    fields = train_vector.layout(exp._params, aux, len(ready), clip=args.get("clip"))
+    ring_bits = int(args.get("ring_bits", 64))
+    fields = train_vector.layout(exp._params, aux, len(ready), clip=args.get("clip"), ring_bits=ring_bits)
     bound = weight_bound(exp, ready)
     job = exp._job(round_, True, None, nodes=ready,
                    secagg_arguments={"secure_sum": secure, "fields": fields, "weight_bound": bound,
@@ -95,7 +105,8 @@ def run_secure_round(exp: Experiment, round_: int) -> None:
         exp._secagg_next = _NextSession(exp, background=True)
     results = {**results, **_left_rows(secure, results)}
     record = {"round": round_, "session": secure.session_id, "threshold": secure.threshold, "nodes": list(ready),
-              "survivors": list(job.masked_nodes), "dropped": [n for n in ready if n not in job.masked_nodes]}
+              "survivors": list(job.masked_nodes), "dropped": [n for n in ready if n not in job.masked_nodes],
+              "ring_bits": ring_bits, "bound": train_vector.bound(fields, len(ready))}
     exp.secagg_rounds.append(record)
     if job.masked_sum is None:
         exp._record(round_, "training", results)

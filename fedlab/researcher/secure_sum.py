@@ -35,6 +35,7 @@ from fedlab.protocol.secagg_messages import (
 )
 from fedlab.researcher.policies import DiscardOnTimeout
 from fedlab.researcher.requests import MessagesByNode, Requests
+from fedlab.secagg.prg import PRG
 from fedlab.secagg.server_session import ServerSession
 
 __all__ = ["SecureSum", "default_threshold"]
@@ -66,7 +67,7 @@ class SecureSum:
                 f"(from {len(self.nodes) // 2 + 1} to {len(self.nodes)}), not {self.threshold}")
         self.timeout = float(timeout)
         self.session_id = session_id or "sa-" + uuid.uuid4().hex
-        self.server = ServerSession(self.session_id, self.nodes, self.threshold)
+        self.server = ServerSession(self.session_id, self.nodes, self.threshold, PRG)
         self.ready: list[str] = []  # the nodes through the share step, in session order
         self.left: dict[str, str] = {}  # node -> why it left the session
 
@@ -74,7 +75,7 @@ class SecureSum:
     def setup(self) -> list[str]:
         """Run the keys and share steps; return the nodes that may send a masked vector."""
         replies = self._ask({n: SecaggKeysRequest(session_id=self.session_id, nodes=self.nodes,
-                                                  threshold=self.threshold, purpose=self.purpose)
+                                                  threshold=self.threshold, purpose=self.purpose, prg=PRG)
                              for n in self.nodes}, SecaggKeysReply, "keys")
         for node_id, reply in replies.items():
             self.server.add_keys(node_id, reply.keys.c_pk, reply.keys.s_pk)

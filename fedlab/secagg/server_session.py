@@ -14,7 +14,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedlab.errors import FedlabSecaggError
-from fedlab.secagg.prg import SEED_BYTES, add_masks, derive_seed
+from fedlab.secagg.prg import LEGACY_PRG, SEED_BYTES, add_masks, check_prg, derive_seed
 from fedlab.secagg.session import PAIRWISE, _agree, _check_session, _check_split, _Keys, _names, _public
 from fedlab.secagg.shamir import combine, lagrange_at_zero
 
@@ -26,8 +26,9 @@ class ServerSession:
     ``keys()`` closes the keys step (U1) and the first ``blobs_for()`` closes the share step (U2):
     after them, every node sees the same lists."""
 
-    def __init__(self, session_id: str, nodes: Sequence[str], threshold: int) -> None:
+    def __init__(self, session_id: str, nodes: Sequence[str], threshold: int, prg: str = LEGACY_PRG) -> None:
         self.nodes = _check_session(session_id, nodes, threshold)
+        self.prg = check_prg(prg)
         self.session_id = session_id
         self.threshold = threshold
         self._pos = {n: i + 1 for i, n in enumerate(self.nodes)}
@@ -137,7 +138,7 @@ class ServerSession:
                 secret = _agree(s_sk, self._keys[u].s_pk, f"the mask key of node {u}")
                 sign = 1 if self._pos[u] < self._pos[d] else -1  # what u added for the pair (u, d)
                 pairwise.append((derive_seed(secret, self.session_id, PAIRWISE, d, u), -sign))
-        add_masks(masked_sum, [*((seed, -1) for seed in self_masks), *pairwise])
+        add_masks(masked_sum, [*((seed, -1) for seed in self_masks), *pairwise], prg=self.prg)
         return masked_sum
 
     # -- helpers -----------------------------------------------------------------------------

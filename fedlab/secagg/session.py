@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from fedlab.errors import FedlabSecaggError
 from fedlab.secagg.channel import open_sealed, seal
-from fedlab.secagg.prg import SEED_BYTES, add_masks, derive_seed
+from fedlab.secagg.prg import LEGACY_PRG, SEED_BYTES, add_masks, check_prg, derive_seed
 from fedlab.secagg.shamir import SHARE_BYTES, P, split
 
 __all__ = ["PAIRWISE", "STEPS", "NodeSession", "ShareMessage", "UnmaskAnswer"]
@@ -93,6 +93,7 @@ class _NodeState(msgspec.Struct, forbid_unknown_fields=True):
     held: dict[str, _Held] = {}
     survivors: list[str] = []
     dropped: list[str] = []
+    prg: str = LEGACY_PRG  # the mask generator (a session stored before there was a choice: AES-256)
 
 
 # -- checks shared by both sides -----------------------------------------------------------------
@@ -176,17 +177,20 @@ class NodeSession:
         self._pos = {n: i + 1 for i, n in enumerate(state.nodes)}
 
     @classmethod
-    def new(cls, session_id: str, node_id: str, nodes: Sequence[str], threshold: int) -> NodeSession:
+    def new(cls, session_id: str, node_id: str, nodes: Sequence[str], threshold: int,
+            prg: str = LEGACY_PRG) -> NodeSession:
         """A session over ``nodes`` (in the server's order: a node's Shamir point is its index + 1),
-        with two fresh X25519 key pairs: ``c`` seals the shares, ``s`` agrees the pairwise masks."""
+        with two fresh X25519 key pairs: ``c`` seals the shares, ``s`` agrees the pairwise masks;
+        ``prg`` expands the masks (``fedlab.secagg.prg.PRGS``)."""
         listed = _check_session(session_id, nodes, threshold)
+        check_prg(prg)
         if node_id not in listed:
             raise FedlabSecaggError(f"session {session_id} does not list this node ({node_id}); it cannot take part")
         c, s = X25519PrivateKey.generate(), X25519PrivateKey.generate()
         return cls(_NodeState(
             version=_VERSION, session_id=session_id, node_id=node_id, nodes=listed, threshold=threshold, step="keys",
             c_sk=c.private_bytes_raw(), s_sk=s.private_bytes_raw(), c_pk=c.public_key().public_bytes_raw(),
-            s_pk=s.public_key().public_bytes_raw()))
+            s_pk=s.public_key().public_bytes_raw(), prg=prg))
 
     # -- what it is --------------------------------------------------------------------------
     @property
@@ -318,7 +322,7 @@ class NodeSession:
                 secret = _agree(s_sk, st.u1[v].s_pk, f"the mask key of node {v}")
                 seeds.append((derive_seed(secret, st.session_id, PAIRWISE, st.node_id, v),
                               1 if me < self._pos[v] else -1))
-        add_masks(vector, [(st.b, 1), *seeds])
+        add_masks(vector, [(st.b, 1), *seeds], prg=st.prg)
         st.b = b""
         st.s_sk = b""
         st.step = "masked"
@@ -371,6 +375,7 @@ class NodeSession:
                 f"a stored secure aggregation session has version {state.version} at step {state.step!r}, which this "
                 "fedlab does not know; start a new session")
         _check_session(state.session_id, state.nodes, state.threshold)
+        check_prg(state.prg)
         return cls(state)
 
     # -- helpers -----------------------------------------------------------------------------

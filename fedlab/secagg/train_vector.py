@@ -16,6 +16,12 @@ Accuracy: each encoded value is within ``2**-(frac_bits + 1)`` of ``x * n_k / W`
 own rounding, relative ``2**-53``), so the weighted mean ``sum(...) * W / sum(n_k)`` is within
 ``n * 2**-(frac_bits + 1) * W / sum(n_k)`` of FedAvg's. With the default clip of 2**12 at 8 nodes,
 ``frac_bits`` is 47: about 3.6e-15 * W / sum(n_k) absolute, far below float32's resolution.
+
+``ring_bits=32`` puts two float values in each 64-bit word (32-bit lanes, ``fixed_point.encode_into``):
+a float32 model's vector is then as many bytes as the model, and each mask half as long. The step is
+coarser: ``frac_bits = 30 - ceil(log2 n) - ceil(log2 clip)``, so it is meant with a clip near the
+model's range (8 nodes, clip 8: 24 bits, ``n * 2**-25 * W / sum(n_k)``, about 2.4e-7 * W / sum(n_k)
+absolute). Integer buffers keep a whole word each (their clip is 2**40).
 """
 
 from __future__ import annotations
@@ -28,15 +34,17 @@ import numpy as np
 
 from fedlab.errors import FedlabSecaggError
 from fedlab.protocol.secagg_messages import SecaggField
-from fedlab.secagg.fixed_point import decode_int, encode_int, encode_into, frac_bits_for
+from fedlab.secagg.fixed_point import decode_int, decode_sum, encode_int, encode_into, frac_bits_for, words_for
 
-__all__ = ["DEFAULT_CLIP", "TAIL", "TrainingSums", "decode", "encode", "layout", "vector_length"]
+__all__ = ["DEFAULT_CLIP", "RING_BITS", "TAIL", "TrainingSums", "bound", "decode", "encode", "layout",
+           "vector_length"]
 
 #: |x| of a parameter or aux var above which it is clipped (and counted): 4096 covers any trained
 #: network's weights; integer buffers (batch counts) get 2**40.
 DEFAULT_CLIP = 2.0**12
 INT_CLIP = 2.0**40
 TAIL = 3  # n_samples, contributed, clipped
+RING_BITS = (64, 32)  # a value per 64-bit word, or a value per 32-bit lane (two per word)
 
 
 def _clip_for(dtype: np.dtype, clip: float | None) -> float:
@@ -45,24 +53,36 @@ def _clip_for(dtype: np.dtype, clip: float | None) -> float:
     return DEFAULT_CLIP if clip is None else float(clip)
 
 
+def _field(group: str, name: str, value: np.ndarray, weighted: bool, n_nodes: int, clip: float | None,
+           ring_bits: int) -> SecaggField:
+    c = _clip_for(value.dtype, clip)
+    lanes = 2 if ring_bits == 32 and c != INT_CLIP else 1
+    return SecaggField(group=group, name=name, size=int(value.size), weighted=weighted, clip=c,
+                       frac_bits=frac_bits_for(n_nodes, c, lanes), lanes=lanes)
+
+
 def layout(params: Mapping[str, np.ndarray], aux: Mapping[str, Mapping[str, np.ndarray]], n_nodes: int,
-           *, clip: float | None = None) -> list[SecaggField]:
-    """The fields of a round: ``params`` (the global model, weighted) then each aux group (unweighted)."""
-    fields = []
-    for name, value in params.items():
-        c = _clip_for(value.dtype, clip)
-        fields.append(SecaggField(group="", name=name, size=int(value.size), weighted=True, clip=c,
-                                  frac_bits=frac_bits_for(n_nodes, c)))
+           *, clip: float | None = None, ring_bits: int = 64) -> list[SecaggField]:
+    """The fields of a round: ``params`` (the global model, weighted) then each aux group (unweighted);
+    with ``ring_bits=32`` the float ones in 32-bit lanes."""
+    if ring_bits not in RING_BITS or isinstance(ring_bits, bool):
+        raise FedlabSecaggError(f"secure aggregation sums in 64-bit words or 32-bit lanes: ring_bits is 64 or 32, "
+                                f"not {ring_bits!r}")
+    fields = [_field("", name, value, True, n_nodes, clip, ring_bits) for name, value in params.items()]
     for group, arrays in aux.items():
-        for name, value in arrays.items():
-            c = _clip_for(value.dtype, clip)
-            fields.append(SecaggField(group=group, name=name, size=int(value.size), weighted=False, clip=c,
-                                      frac_bits=frac_bits_for(n_nodes, c)))
+        fields += [_field(group, name, value, False, n_nodes, clip, ring_bits) for name, value in arrays.items()]
     return fields
 
 
 def vector_length(fields: list[SecaggField]) -> int:
-    return sum(f.size for f in fields) + TAIL
+    """The vector's length in uint64 words."""
+    return sum(words_for(f.size, f.lanes) for f in fields) + TAIL
+
+
+def bound(fields: list[SecaggField], n_nodes: int) -> float:
+    """The largest absolute error of the weighted sum ``sum_k (n_k / W) x_k`` of any value (times
+    ``W / sum(n_k)`` for the weighted mean): ``n_nodes * 2**-(frac_bits + 1)`` of the coarsest field."""
+    return max((n_nodes * math.ldexp(1.0, -(f.frac_bits + 1)) for f in fields), default=0.0)
 
 
 def encode(fields: list[SecaggField], params: Mapping[str, np.ndarray],
@@ -94,9 +114,11 @@ def encode(fields: list[SecaggField], params: Mapping[str, np.ndarray],
                 f"the round's secure aggregation layout expects {f.group or 'parameter'} {f.name} with {f.size} "
                 f"values; this node's result has it {got}. Every node must run the same plan with the same model_args")
         if n_samples > 0:
-            clipped += encode_into(vector[offset:offset + f.size], np.asarray(value),
-                                   scale=scale if f.weighted else 1.0, clip=f.clip, frac_bits=f.frac_bits)
-        offset += f.size
+            words = words_for(f.size, f.lanes)
+            clipped += encode_into(vector[offset:offset + words], np.asarray(value),
+                                   scale=scale if f.weighted else 1.0, clip=f.clip, frac_bits=f.frac_bits,
+                                   lanes=f.lanes)
+        offset += words_for(f.size, f.lanes)
     contributed = 1 if n_samples > 0 else 0
     vector[offset:] = [encode_int(n_samples), encode_int(contributed), encode_int(clipped)]
     return vector
@@ -125,9 +147,8 @@ class TrainingSums:
         an aux group: sum_k x_k), written into the float64 array ``out`` (any shape of the same size)."""
         f = next(f for f in self.fields if (f.group, f.name) == (group, name))
         start = self.offsets[(group, name)]
-        flat = out.reshape(-1)
-        signed = self.total[start:start + f.size].view(np.int64)
-        np.multiply(signed, math.ldexp(weight, -f.frac_bits), out=flat)
+        decode_sum(self.total[start:start + words_for(f.size, f.lanes)], f.frac_bits, out, lanes=f.lanes,
+                   size=f.size, weight=weight)
 
     def array(self, group: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A new float64 array of the sum (for tests and custom aggregators)."""
@@ -144,6 +165,6 @@ def decode(fields: list[SecaggField], total: np.ndarray, weight_bound: int) -> T
     offset = 0
     for f in fields:
         offsets[(f.group, f.name)] = offset
-        offset += f.size
+        offset += words_for(f.size, f.lanes)
     n_samples, contributors, clipped = (decode_int(int(v)) for v in total[offset:offset + TAIL])
     return TrainingSums(list(fields), total, offsets, n_samples, contributors, clipped, weight_bound)
