@@ -356,7 +356,7 @@ def _cmd_researcher_start(args: argparse.Namespace) -> int:
 
         argv = ["researcher", "start", "--address", args.address]
         for flag, value in (("--key", args.key), ("--allowlist", args.allowlist), ("--heartbeat", args.heartbeat),
-                            ("--log", args.log)):
+                            ("--log", args.log), ("--bulk", args.bulk)):
             if value is not None:
                 argv += [flag, str(value)]
         info, log_file = start_detached(args.address, argv)
@@ -367,7 +367,8 @@ def _cmd_researcher_start(args: argparse.Namespace) -> int:
     from fedlab.researcher.service_process import run_service
 
     return run_service(args.address, key=args.key, allowlist=args.allowlist,
-                       heartbeat_interval=args.heartbeat or 1.0, log_file=args.log)
+                       heartbeat_interval=args.heartbeat or 1.0, log_file=args.log,
+                       bulk=args.bulk)
 
 
 def _cmd_researcher_status(args: argparse.Namespace) -> int:
@@ -417,6 +418,10 @@ def _add_researcher_commands(sub: argparse._SubParsersAction[argparse.ArgumentPa
                        "(default $FEDLAB_ALLOWLIST)")
     start.add_argument("--heartbeat", type=seconds, metavar="SECONDS", help="heartbeat interval (default 1)")
     start.add_argument("--log", metavar="FILE", help="also log to FILE")
+    start.add_argument("--bulk", metavar="SETTING",
+                       help="the encrypted service's bulk path for large messages: on (the control port + 1), off "
+                       "(all over CURVE) or tcp://HOST:PORT (default $FEDLAB_BULK, else on); it is every attached "
+                       "notebook's")
     start.add_argument("--detach", action="store_true",
                        help="run in the background; return once it listens (log in the run directory)")
     start.set_defaults(handler=_cmd_researcher_start)

@@ -18,7 +18,8 @@ With ``key=`` (the researcher's ``NAME.key_secret`` from ``fedlab keygen``) and 
 (one ``NODE_PUBLIC_KEY name`` line per node it accepts) every connection is encrypted and only
 the listed nodes get in; ``$FEDLAB_KEY`` and ``$FEDLAB_ALLOWLIST`` supply them when the
 arguments are left out, so a notebook runs unchanged. Without a key the researcher is
-insecure (plain TCP, any node), for local demos, and logs a warning saying so.
+insecure (plain TCP, any node), for local demos, and logs a warning saying so. An encrypted
+researcher sends large messages over its sealed bulk path (``bulk=``, docs/transport.md).
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ from fedlab.researcher.federated_dataset import FederatedDataset, check_data_qua
 from fedlab.researcher.policies import DiscardOnTimeout, RequestPolicy
 from fedlab.researcher.requests import FederatedRequest, Requests
 from fedlab.transport import OFFLINE, ZmqResearcherTransport
+from fedlab.transport.bulk_link import split_tcp
+from fedlab.transport.bulk_researcher import BULK_ENV
 from fedlab.transport.keys import Allowlist, KeyPair, load_keypair
 
-__all__ = ["Researcher"]
+__all__ = ["Researcher", "check_bulk"]
 
 log = logging.getLogger("fedlab.researcher")
 KEY_ENV = "FEDLAB_KEY"
@@ -89,6 +92,22 @@ def security(key: str | os.PathLike[str] | None, allowlist: str | os.PathLike[st
     return load_keypair(key), Allowlist(allowlist)
 
 
+_OFF_WORDS = {"off", "false", "no", "0"}
+_BULK_WORDS = _OFF_WORDS | {"on", "true", "yes", "1"}
+
+
+def check_bulk(bulk: bool | str | None) -> None:
+    """Raise unless ``bulk`` is a bulk setting: None, True/False, on/off, or ``tcp://HOST:PORT``."""
+    if bulk is None or isinstance(bulk, bool):
+        return
+    if isinstance(bulk, str) and (bulk.strip().lower() in _BULK_WORDS or split_tcp(bulk) is not None):
+        return
+    raise FedlabConfigError(
+        f"bulk={bulk!r} is not a bulk setting: give True (or 'on': the bulk port is the control port + 1), "
+        f"False (or 'off': every message over CURVE), 'tcp://HOST:PORT' (the address the bulk port listens on), "
+        f"or None (${BULK_ENV}, else on)")
+
+
 class Researcher:
     def __init__(
         self,
@@ -102,6 +121,7 @@ class Researcher:
         key: str | os.PathLike[str] | None = None,
         allowlist: str | os.PathLike[str] | None = None,
         service: str | None = None,
+        bulk: bool | str | None = None,
     ) -> None:
         """``transport`` replaces the ZeroMQ transport (the in-memory twin in unit tests).
 
@@ -113,25 +133,36 @@ class Researcher:
         of this address's port when one runs, else binds the address here; ``"attach"`` only
         attaches (an error when no service runs); ``"own"`` always binds here. Attached, the
         service's key and allowlist apply; ``key``/``allowlist``, when given, must be the service's.
+
+        ``bulk``: the sealed bulk path that carries an encrypted researcher's large messages beside
+        CURVE (docs/transport.md). None (the default) takes ``$FEDLAB_BULK``, else on; True (``"on"``)
+        listens on the control port + 1; ``"tcp://HOST:PORT"`` listens there (a port the nodes can
+        reach); False (``"off"``) keeps every message on CURVE. It has no effect on an insecure
+        researcher. Attached to a researcher service, the service's setting is in force (its
+        ``--bulk``, else its ``$FEDLAB_BULK``): a ``bulk`` given here is then logged as not applied.
         """
         from fedlab.researcher.service import attach_transport
 
+        check_bulk(bulk)
         self.address = address
         self.service = None
         if transport is None:
-            transport = attach_transport(address, service, key, allowlist)
+            transport = attach_transport(address, service, key, allowlist, bulk=bulk)
             if transport is not None:
                 self.service = transport.service
         if transport is None:
             keypair, nodes_allowed = security(key, allowlist)
             if keypair is None:
                 log.warning(INSECURE_WARNING, address)
+                if bulk is not None and bulk is not False and str(bulk).strip().lower() not in _OFF_WORDS:
+                    log.warning("bulk=%r has no effect: the bulk path is for encrypted researchers (key= and "
+                                "allowlist=); this insecure one sends every message over its one socket", bulk)
             else:
                 log.info("researcher at %s: encrypted (CURVE), public key %s, %d node key(s) allowed by %s",
                          address, keypair.public, len(nodes_allowed or ()), getattr(nodes_allowed, "path", ""))
             transport = ZmqResearcherTransport(address, heartbeat_interval=heartbeat_interval,
                                                max_message_bytes=max_message_bytes, key=keypair,
-                                               allowlist=nodes_allowed)
+                                               allowlist=nodes_allowed, bulk=bulk)
         self._transport = transport
         self.requests = Requests(self._transport, default_timeout=default_timeout)
         self._started = False

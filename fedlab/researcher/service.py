@@ -12,6 +12,9 @@ service file in the user's run directory, see ``fedlab.transport.service_files``
 Attached, the service's key and allowlist are the ones in force. A kernel that names a key or an
 allowlist (argument or ``$FEDLAB_KEY``/``$FEDLAB_ALLOWLIST``) attaches only to a service using
 the same ones, so asking for encryption never ends on an insecure or differently keyed service.
+The bulk path is the service's too: it listens where the service was told (``fedlab researcher
+start --bulk``, else its ``$FEDLAB_BULK``), so a kernel's ``bulk=`` is not applied when it attaches,
+and a warning says so and how to change it; the transfer still works, on the service's setting.
 """
 
 from __future__ import annotations
@@ -51,8 +54,12 @@ def _label() -> str:
 
 
 def attach_transport(address: str, mode: str | None, key: str | os.PathLike[str] | None,
-                     allowlist: str | os.PathLike[str] | None) -> ServiceClientTransport | None:
-    """The transport through the service for ``address``, or None where this process should bind it."""
+                     allowlist: str | os.PathLike[str] | None, *,
+                     bulk: bool | str | None = None) -> ServiceClientTransport | None:
+    """The transport through the service for ``address``, or None where this process should bind it.
+
+    ``bulk`` is the kernel's own bulk setting (None when left to the environment); attached, the
+    service's is in force, and one given here is logged as not applied."""
     chosen = service_mode(mode)
     if chosen == "own":
         return None
@@ -73,6 +80,12 @@ def attach_transport(address: str, mode: str | None, key: str | os.PathLike[str]
     if info.public_key is None:
         log.warning("INSECURE: the researcher service for %s (pid %d) runs without a key: no encryption and no "
                     "authentication of its nodes. For local demos only", info.address, info.pid)
+    if bulk is not None:
+        log.warning("bulk=%r is not applied: this researcher attaches to the researcher service for %s (pid %d), "
+                    "whose bulk setting is in force (its --bulk, else its $FEDLAB_BULK). To change it, stop the "
+                    "service (`fedlab researcher stop --address %s`) and start it with `fedlab researcher start "
+                    "--bulk SETTING`, or pass service='own' with no service running", bulk, info.address, info.pid,
+                    info.address)
     log.info("attaching to the researcher service for %s (pid %d)", info.address, info.pid)
     return ServiceClientTransport(info, label=_label())
 

@@ -23,7 +23,7 @@ from types import FrameType
 from fedlab import __version__
 from fedlab.errors import FedlabConfigError, FedlabError, FedlabTransportError
 from fedlab.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from fedlab.researcher.researcher import security
+from fedlab.researcher.researcher import check_bulk, security
 from fedlab.transport import ZmqResearcherTransport
 from fedlab.transport.service_client import control
 from fedlab.transport.service_files import (
@@ -65,15 +65,20 @@ def _setup_logging(log_file: str | os.PathLike[str] | None) -> None:
 def run_service(address: str, *, key: str | os.PathLike[str] | None = None,
                 allowlist: str | os.PathLike[str] | None = None, heartbeat_interval: float = 1.0,
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                log_file: str | os.PathLike[str] | None = None) -> int:
-    """Serve ``address`` to the nodes and to this user's kernels until stopped; return 0."""
+                log_file: str | os.PathLike[str] | None = None, bulk: bool | str | None = None) -> int:
+    """Serve ``address`` to the nodes and to this user's kernels until stopped; return 0.
+
+    ``bulk`` is the encrypted service's bulk path, as for ``Researcher(bulk=...)`` (None: ``$FEDLAB_BULK``,
+    else on); every kernel attached works with it."""
+    check_bulk(bulk)
     keypair, nodes_allowed = security(key, allowlist)
     paths = service_paths(address)
     lock = lock_service(paths)  # before anything binds: a second service is refused here, by name
     try:
         _setup_logging(log_file)
         transport = ZmqResearcherTransport(address, heartbeat_interval=heartbeat_interval,
-                                           max_message_bytes=max_message_bytes, key=keypair, allowlist=nodes_allowed)
+                                           max_message_bytes=max_message_bytes, key=keypair, allowlist=nodes_allowed,
+                                           bulk=bulk)
         relay = ServiceRelay(transport, paths.endpoint)
         try:
             relay.start()
