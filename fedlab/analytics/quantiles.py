@@ -77,80 +77,30 @@ when neither its mean nor a degenerate bracket is given. Once a cell holds one v
 ``p + 1``-fold per round with its share ``p`` of the points: ``log(width w_k / 2 tol) / log(p + 1)``
 rounds; points are shared so that all cells finish in as few rounds as possible. More points,
 fewer rounds.
+
+The parts: ``quantile_counts`` keeps what the nodes answered, ``quantile_cells`` reads each order
+statistic's cell, estimate and tolerance off it, ``quantile_planning`` chooses the next round's
+thresholds; :class:`QuantileSearch` here takes the answers and gives the results.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from fedlab.analytics.grid import from_ordinal, grid_point, ordinal, snap
-from fedlab.errors import FedlabConfigError, FedlabDataQualityError, FedlabDatasetError, FedlabProtocolError
+from fedlab.analytics.grid import snap
+from fedlab.analytics.quantile_cells import fraction, order_statistics
+from fedlab.analytics.quantile_counts import NodeAnswer, SourceCounts, common_point, pool_counts
+from fedlab.analytics.quantile_planning import ThresholdPlanner
+from fedlab.errors import FedlabConfigError, FedlabDatasetError, FedlabProtocolError
 
 __all__ = ["NodeAnswer", "QuantileSearch", "pool_counts", "snap"]
 
-_DENSE = 16  # a cell with at least this many values is searched by interpolation too
-_MAX = 1.7976931348623157e308
-_SLACK = 1e-9  # relative: a cell one grid step wide, computed in floats, is one step wide
-_TIE_COUNT = 5  # a one-step cell holding at least this many values, and
-_TIE_RATIO = 8.0  # this many times denser than its neighbours, holds a tie: one value many times
 _POOLED = "\0pooled"  # the source of counts given to update(): the federation as one node
-_K = TypeVar("_K")
 
 
-class NodeAnswer(NamedTuple):
-    """One node's reply to a round of :meth:`QuantileSearch.update_nodes`: its ``below`` counts
-    (None where withheld), the grid ``resolution`` it rounded the thresholds to (None for none),
-    ``n``, how many values it holds (its ``NumericPartial.count`` of round 1), and ``at``, the
-    points it says it counted at (``NumericPartial.below_at``; None: the thresholds snapped to
-    ``resolution``)."""
-
-    below: Sequence[int | None]
-    resolution: float | None
-    n: int
-    at: Sequence[float] | None = None
-
-
-class _Counts:
-    """The counts one node (or the pooled federation) answered, at sorted points, and its ``n``."""
-
-    __slots__ = ("counts", "n", "points")
-
-    def __init__(self, n: int, points: Sequence[float] = (), counts: Sequence[int] = ()) -> None:
-        self.n = n
-        self.points = list(points)
-        self.counts = list(counts)
-
-    def low(self, t: float) -> int:
-        """The smallest count at ``t`` consistent with the answers: that at the last point <= t."""
-        j = bisect.bisect_right(self.points, t)
-        return self.counts[j - 1] if j else 0
-
-    def high(self, t: float) -> int:
-        """The largest count at ``t`` consistent with the answers: that at the first point >= t."""
-        j = bisect.bisect_left(self.points, t)
-        return self.counts[j] if j < len(self.points) else self.n
-
-    def with_answers(self, observed: Iterable[tuple[float, int]]) -> _Counts:
-        points, counts = list(self.points), list(self.counts)
-        for p, c in observed:
-            i = bisect.bisect_left(points, p)
-            if i < len(points) and points[i] == p:
-                if counts[i] != c:
-                    raise FedlabProtocolError(f"two counts ({counts[i]} and {c}) at the same point {p}: "
-                                              "nodes answered inconsistently", code="invalid_field", field="below")
-                continue
-            points.insert(i, p)
-            counts.insert(i, c)
-        if any(b < a for a, b in zip(counts, counts[1:], strict=False)):
-            raise FedlabProtocolError("counts of values <= t decrease as t grows: nodes answered inconsistently",
-                                      code="invalid_field", field="below")
-        return _Counts(self.n, points, counts)
-
-
-class QuantileSearch:
+class QuantileSearch(ThresholdPlanner):
     """Locate the pooled quantiles ``q`` of ``n`` values, one round of threshold counts at a time.
 
     Drive it with::
@@ -206,11 +156,11 @@ class QuantileSearch:
         # x_k enters a result with weight (1 - frac) or frac: x_k within tol / weight is enough
         self._weight: dict[int, float] = {}
         for x in self.q:
-            (lo_k, hi_k), frac = _order_statistics(x, self.n), _frac(x, self.n)
+            (lo_k, hi_k), frac = order_statistics(x, self.n), fraction(x, self.n)
             for k, w in ((lo_k, 1.0 - frac), (hi_k, frac)) if hi_k != lo_k else ((lo_k, 1.0),):
                 self._weight[k] = max(self._weight.get(k, 0.0), w)
         self._targets = sorted(self._weight)
-        self._sources: dict[str, _Counts] = {}  # per node (or _POOLED): the counts it answered
+        self._sources: dict[str, SourceCounts] = {}  # per node (or _POOLED): the counts it answered
         self._t: list[float] = []  # every point some source answered at, sorted
         self._lo: list[int] = []  # L(t): the pooled count at each is at least this, non-decreasing
         self._hi: list[int] = []  # U(t): and at most this, non-decreasing
@@ -258,7 +208,7 @@ class QuantileSearch:
         loose = {k for k in self._targets if k in self._stalled or not self._resolved(k)}
         out = []
         for x in self.q:
-            lo_k, hi_k = _order_statistics(x, self.n)
+            lo_k, hi_k = order_statistics(x, self.n)
             if lo_k in loose or (hi_k != lo_k and hi_k in loose):
                 out.append(x)
         return out
@@ -301,7 +251,7 @@ class QuantileSearch:
                 raise FedlabProtocolError(f"the point counted at for threshold {t} is NaN",
                                           code="invalid_field", field="at")
             observed.append((p, int(c)))
-        source = self._sources.get(_POOLED, _Counts(self.n)).with_answers(observed)
+        source = self._sources.get(_POOLED, SourceCounts(self.n)).with_answers(observed)
         self._commit({_POOLED: source}, [p for p, _ in observed],
                      [t for t, c in zip(pending, below_counts, strict=True) if c is None])
 
@@ -321,7 +271,7 @@ class QuantileSearch:
             raise FedlabProtocolError(f"answers from nodes {sorted(answers)}, but the search is over "
                                       f"{sorted(self._sources)}: start a new search", code="invalid_field",
                                       field="below")
-        sources: dict[str, _Counts] = {}
+        sources: dict[str, SourceCounts] = {}
         counted_at: list[set[float]] = [set() for _ in pending]
         withheld: set[float] = set()
         total = 0
@@ -356,12 +306,12 @@ class QuantileSearch:
                     raise FedlabProtocolError(f"node {node}'s count {c} below {t} is not within [0, {count}]",
                                               code="invalid_field", field="below")
                 observed.append((p, int(c)))
-            sources[node] = (known or _Counts(count)).with_answers(observed)
+            sources[node] = (known or SourceCounts(count)).with_answers(observed)
             total += count
         if total != self.n:
             raise FedlabProtocolError(f"the nodes hold {total} values, the search is over {self.n}",
                                       code="invalid_field", field="count")
-        self._commit(sources, [x for seen in counted_at if (x := _common(seen)) is not None], withheld)
+        self._commit(sources, [x for seen in counted_at if (x := common_point(seen)) is not None], withheld)
 
     def result(self) -> dict[float, float]:
         """``{q: quantile}`` with pandas' linear interpolation between order statistics (NaN where
@@ -375,8 +325,8 @@ class QuantileSearch:
             raise FedlabProtocolError("the quantile search is not finished", code="out_of_order")
         out = {}
         for x in self.q:
-            lo_k, hi_k = _order_statistics(x, self.n)
-            (a, ea), (b, eb), t = self._estimate(lo_k), self._estimate(hi_k), _frac(x, self.n)
+            lo_k, hi_k = order_statistics(x, self.n)
+            (a, ea), (b, eb), t = self._estimate(lo_k), self._estimate(hi_k), fraction(x, self.n)
             value = a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)  # numpy's lerp
             bound = ea if hi_k == lo_k else (1 - t) * ea + t * eb
             out[x] = (value, math.inf) if math.isnan(value) else (value, bound)
@@ -390,7 +340,7 @@ class QuantileSearch:
                                       code="out_of_order")
         return self._pending
 
-    def _commit(self, sources: dict[str, _Counts], counted_at: Iterable[float], withheld: Iterable[float]) -> None:
+    def _commit(self, sources: dict[str, SourceCounts], counted_at: Iterable[float], withheld: Iterable[float]) -> None:
         """Take the (checked) new counts; give up on the cells a round asked into without progress."""
         pending = self._waiting()
         cells = {k: self._bounds(self._cell(k)) for k in self._targets if not self._resolved(k)}
@@ -408,334 +358,3 @@ class QuantileSearch:
                 self._stalled.add(k)
         self._pending = None
         self.rounds += 1
-
-    def _cell(self, k: int) -> tuple[int, int]:
-        """``(i, j)``: x_k is in ``(t[i], t[j]]``, ``t[i]`` the last point with ``U <= k`` (i = -1
-        if none), ``t[j]`` the first with ``L >= k + 1`` (j = len(t) if none)."""
-        return bisect.bisect_right(self._hi, k) - 1, bisect.bisect_left(self._lo, k + 1)
-
-    def _bounds(self, cell: tuple[int, int]) -> tuple[float, float]:
-        """The cell as ``(a, b)``, -inf / inf where no known point bounds it."""
-        i, j = cell
-        return (self._t[i] if i >= 0 else -math.inf, self._t[j] if j < len(self._t) else math.inf)
-
-    def _bounded(self, cell: tuple[int, int]) -> bool:
-        return cell[0] >= 0 and cell[1] < len(self._t)
-
-    # -- the search ----------------------------------------------------------------------------
-
-    def _resolved(self, k: int) -> bool:
-        if k in self._stalled:
-            return True
-        cell = self._cell(k)
-        if not self._bounded(cell):
-            return False
-        a, b = self._bounds(cell)
-        tol = self._tolerance()
-        if (b - a) / 2 * self._weight_at(k, tol) <= tol or ordinal(b) - ordinal(a) == 1:
-            return True
-        return self._one_step(a, b)
-
-    def _weight_at(self, k: int, tol: float) -> float:
-        """x_k's weight in the tolerance test: 1 where the grid sets the tolerance, so that every
-        order statistic ends in a cell of one step (half a step from its estimate) wherever the
-        nodes answer; a lighter weight would leave a cell of two steps for a median between two."""
-        if self.resolution is not None and tol <= self.resolution / 2 * (1 + _SLACK):
-            return 1.0
-        return self._weight[k]
-
-    def _one_step(self, a: float, b: float) -> bool:
-        return self.resolution is not None and b - a <= self.resolution * (1 + _SLACK)
-
-    def _estimate(self, k: int) -> tuple[float, float]:
-        """x_k's estimate and how far from it x_k can be (NaN, inf: unknown; see the module's notes)."""
-        cell = self._cell(k)
-        a, b = self._bounds(cell)
-        if not (math.isfinite(a) and math.isfinite(b)):
-            return math.nan, math.inf
-        if k in self._stalled or not self._resolved(k):
-            free_lo, free_hi = self._lo[cell[0]] == 0, self._hi[cell[1]] == self.n
-            if (free_lo and free_hi) or (free_lo and k == 0) or (free_hi and k == self.n - 1):
-                return math.nan, math.inf
-            if free_lo:  # the values lie towards b, the end that is a cut
-                return b, b - a
-            if free_hi:  # towards a: at the first grid point above it
-                near = min(self._above(a), b)
-                return near, max(near - a, b - near)
-        if ordinal(b) - ordinal(a) == 1:
-            return b, 0.0
-        width = b - a
-        if self._tie(cell):
-            return b, width
-        if math.isfinite(width):
-            return a + width / 2, width / 2
-        return a / 2 + b / 2, b / 2 - a / 2
-
-    def _above(self, a: float) -> float:
-        """The first point of the grid above ``a`` (``a`` itself without a grid)."""
-        r = self.resolution
-        if r is None or not abs(a / r) < 2.0**52:
-            return a
-        m = round(a / r)
-        return g if (g := grid_point(m, r)) > a else grid_point(m + 1, r)
-
-    def _below(self, b: float) -> float:
-        """The last point of the grid below ``b`` (``b`` itself without a grid)."""
-        r = self.resolution
-        if r is None or not abs(b / r) < 2.0**52:
-            return b
-        m = round(b / r)
-        return g if (g := grid_point(m, r)) < b else grid_point(m - 1, r)
-
-    def _tie(self, cell: tuple[int, int]) -> bool:
-        """Whether the cell is one grid step holding a tie: many values, far denser than around it."""
-        i, j = cell
-        a, b = self._t[i], self._t[j]
-        inside = self._lo[j] - self._hi[i]  # values surely in (a, b]
-        if not self._one_step(a, b) or inside < _TIE_COUNT:
-            return False
-        density = inside / (b - a)
-        # the values surely in the known cells next to it, (t[i-1], a] and (b, t[j+1]]: far sparser?
-        if i > 0 and (self._lo[i] - self._hi[i - 1]) * _TIE_RATIO > density * (a - self._t[i - 1]):
-            return False
-        return not (j + 1 < len(self._t)
-                    and (self._lo[j + 1] - self._hi[j]) * _TIE_RATIO > density * (self._t[j + 1] - b))
-
-    def _tolerance(self) -> float:
-        if self.tol is not None:
-            return max(self.tol, self.min_tol)
-        below, above = bisect.bisect_right(self._hi, 0) - 1, bisect.bisect_left(self._lo, self.n)
-        if below >= 0 and above < len(self._t):  # (t[below], t[above]] holds every value
-            return max(self.rel_tol * (self._t[above] - self._t[below]), self.min_tol)
-        return max(self.rel_tol * (self.bracket[1] - self.bracket[0]), self.min_tol)
-
-    def _scale(self) -> float:
-        """A step for looking beyond the known thresholds."""
-        span = (self._t[-1] - self._t[0]) if self._t else self.bracket[1] - self.bracket[0]
-        step = span if span > 0 else (abs(self.bracket[0]) or 1.0) * 2.0**-32
-        return max(step, self.resolution or 0.0)
-
-    def _snap(self, t: float) -> float:
-        return snap(t, self.resolution) if self.resolution is not None else t
-
-    def _initial(self) -> list[float]:
-        lo, hi = self.bracket
-        p = self.points_per_round
-        # if all values equal the mean (or the degenerate bracket), [prev(c), c] proves it at once
-        exact = {c for m in {self.mean, lo if lo == hi else None} if m is not None
-                 for c in (from_ordinal(ordinal(m) - 1), m)}
-        p -= len(exact)
-        if lo == hi:
-            out = exact | set(_outward(lo, -self._scale(), p // 2)) | set(_outward(lo, self._scale(), p // 2))
-        else:
-            inner = p - 4 if p >= 8 else max(p, 2)
-            out = exact | {_between(lo, hi, i / (inner - 1)) for i in range(inner)}
-            if p >= 8:  # a first look outside, spares a round for skewed data
-                w = min(hi - lo, _MAX)
-                out |= {max(-_MAX, lo - f * w) for f in (0.25, 2.0)} | {min(_MAX, hi + f * w) for f in (0.25, 2.0)}
-        return sorted({self._snap(t) for t in out})
-
-    def _plan(self) -> list[float] | None:
-        if not self._t:  # every count so far was withheld: nothing to refine from
-            self._stalled.update(self._targets)
-            return None
-        while True:
-            cells: dict[tuple[int, int], list[int]] = {}
-            for k in self._targets:
-                if not self._resolved(k):
-                    cells.setdefault(self._cell(k), []).append(k)
-            if not cells:
-                return None
-            tol, total = self._tolerance(), self.points_per_round
-            # how many-fold each cell must still shrink; cells not yet bounded first
-            need = {c: math.inf if self._width(c) == math.inf
-                    else max(2.0, self._width(c) * max(self._weight_at(k, tol) for k in ks) / (2 * max(tol, 1e-300)))
-                    for c, ks in cells.items()}
-            order = sorted(cells, key=lambda c: -need[c])
-            if len(order) >= total:
-                points = dict.fromkeys(order[:total], 1)
-            else:
-                points = {c: total // len(order) for c in order if need[c] == math.inf}
-                points.update(_allocate({c: need[c] for c in order if c not in points},
-                                        total - sum(points.values())))
-            out: set[float] = set()
-            for c, p in points.items():
-                ends = self._ends(c)[:p]
-                fresh = self._fresh(c, ends + self._points(c, cells[c], max(p - len(ends), 0)))
-                if fresh:
-                    out.update(fresh)
-                else:  # no point left to ask in this cell (all asked and withheld, or off the grid)
-                    self._stalled.update(cells[c])
-            if out:
-                return sorted(out)
-
-    def _ends(self, cell: tuple[int, int]) -> list[float]:
-        """The grid point next to an end of the (bounded) cell where a node withheld the point two
-        steps in: nodes withhold stretches (a tail of few values, the points near an earlier cut),
-        and the point next to the stretch may still be answered, bringing the end up to a tie."""
-        r = self.resolution
-        if r is None or not self._bounded(cell):
-            return []
-        a, b = self._bounds(cell)
-        i, j = bisect.bisect_right(self._withheld, a), bisect.bisect_left(self._withheld, b)
-        if i >= j:  # nothing withheld inside
-            return []
-        near = 2 * r * (1 + _SLACK)
-        points = ([self._above(a)] if self._withheld[i] - a <= near else []) + (
-            [self._below(b)] if b - self._withheld[j - 1] <= near else [])
-        return [t for t in points if a < t < b and t not in self._asked]
-
-    def _fresh(self, cell: tuple[int, int], points: Iterable[float]) -> list[float]:
-        """The points, snapped to the grid, strictly inside the cell and never asked; if none is
-        left, the first other point of the cell that was never asked (if there is one)."""
-        a, b = self._bounds(cell)
-        out = {s for t in points if a < (s := self._snap(t)) < b and s not in self._asked}
-        if not out:
-            out = set(next(([s] for s in self._spares(cell, a, b) if a < s < b and s not in self._asked), []))
-        return sorted(out)
-
-    def _spares(self, cell: tuple[int, int], a: float, b: float) -> Iterator[float]:
-        """Other points of the cell, best first: further out for an unbounded cell, else from the
-        middle outwards (grid points with a grid)."""
-        if not self._bounded(cell):
-            start, step = (self._t[0], -self._scale()) if cell[0] < 0 else (self._t[-1], self._scale())
-            yield from (self._snap(t) for t in _outward(start, step, 40))
-            return
-        if self.resolution is None:
-            yield _between(a, b, 0.5)
-            yield from_ordinal((ordinal(a) + ordinal(b)) // 2)
-            return
-        middle = _between(a, b, 0.5) / self.resolution
-        if not abs(middle) < 2.0**52:
-            return
-        m = round(middle)
-        for j in range(64):
-            yield grid_point(m + j, self.resolution)
-            yield grid_point(m - j - 1, self.resolution)
-
-    def _width(self, cell: tuple[int, int]) -> float:
-        a, b = self._bounds(cell)
-        return b - a if self._bounded(cell) else math.inf
-
-    def _points(self, cell: tuple[int, int], targets: list[int], p: int) -> list[float]:
-        i, j = cell
-        if i < 0:  # no known point with few enough values below: look below every one
-            if self._t[0] <= -_MAX:
-                if j == 0:  # at least k + 1 values <= -max
-                    raise FedlabDataQualityError("the column holds -inf values: quantiles need finite values")
-                return []
-            return _outward(self._t[0], -self._scale(), p)
-        if j == len(self._t):
-            if self._t[-1] >= _MAX:
-                if i == len(self._t) - 1:  # at least n - k values > max
-                    raise FedlabDataQualityError("the column holds inf values: quantiles need finite values")
-                return []
-            return _outward(self._t[-1], self._scale(), p)
-        a, b = self._t[i], self._t[j]
-        oa, ob = ordinal(a), ordinal(b)
-        if ob - oa - 1 <= p:
-            return [from_ordinal(o) for o in range(oa + 1, ob)]
-        # the counts at the ends, as well as they are known (exact where every node answered)
-        ca, cb = (self._lo[i] + self._hi[i]) / 2, (self._lo[j] + self._hi[j]) / 2
-        # split the floats evenly when they are few, or when one cell holds every value (a constant
-        # column in a wide bracket: only adjacent floats resolve it, <= 64 bits to find)
-        if ob - oa - 1 <= 16 * p or (self._hi[i] == 0 and self._lo[j] == self.n and self.tol is None
-                                     and self.resolution is None):
-            return [from_ordinal(oa + (ob - oa) * f // (p + 1)) for f in range(1, p + 1)]
-        m = cb - ca
-        # interpolate only where the values look spread out: not if the density of the cell jumped
-        # since the last round (a tie / point mass: interpolation would aim at the wrong place)
-        density = m / (b - a)
-        before = min((self._density.get(k, math.inf) for k in targets), default=math.inf)
-        dense = m >= _DENSE and p >= 4 and density <= 4 * before
-        self._density.update(dict.fromkeys(targets, density))
-        even = p // 2 if dense else p
-        pts = [_between(a, b, f / (even + 1)) for f in range(1, even + 1)]
-        if dense:  # one window around where interpolation puts the cell's targets
-            lo_f = min(1.0, max(0.0, (min(targets) + 0.5 - ca) / m))
-            hi_f = min(1.0, max(0.0, (max(targets) + 0.5 - ca) / m))
-            lo_w = max(0.0, lo_f - 3 * math.sqrt(lo_f * (1 - lo_f) / m) - 1 / m)
-            hi_w = min(1.0, hi_f + 3 * math.sqrt(hi_f * (1 - hi_f) / m) + 1 / m)
-            pw = p - even
-            pts += [_between(a, b, lo_w + (hi_w - lo_w) * f / (pw - 1)) for f in range(pw)]
-        return [t for t in pts if a < t < b]
-
-
-def pool_counts(
-    thresholds: Sequence[float], answers: Iterable[tuple[Sequence[int | None], float | None]],
-) -> tuple[list[int | None], list[float | None]]:
-    """Pool the nodes' counts below ``thresholds`` for :meth:`QuantileSearch.update`.
-
-    ``answers``: per node, its ``below`` counts and its ``resolution`` (the grid it rounded each
-    threshold to, None for none). Returns ``(counts, at)``: per threshold the sum of the nodes'
-    counts, None where any node withheld it; and the point they all counted at, None where they
-    rounded it to different points (a sum over different points is no count at any one point).
-    """
-    counts: list[int | None] = [0] * len(thresholds)
-    points: list[set[float]] = [set() for _ in thresholds]
-    for below, resolution in answers:
-        if len(below) != len(thresholds):
-            raise FedlabProtocolError(f"{len(below)} counts for {len(thresholds)} thresholds",
-                                      code="invalid_field", field="below")
-        for j, (t, c) in enumerate(zip(thresholds, below, strict=True)):
-            points[j].add(snap(float(t), resolution))
-            total = counts[j]
-            counts[j] = None if c is None or total is None else total + int(c)
-    at: list[float | None] = []
-    for t, seen in zip(thresholds, points, strict=True):
-        if not seen:
-            at.append(float(t))
-        elif max(seen) - min(seen) <= 1e-12 * max(abs(max(seen)), abs(min(seen))):
-            at.append(max(seen))
-        else:
-            at.append(None)
-    return counts, at
-
-
-def _common(points: set[float]) -> float | None:
-    """The one point all nodes counted at (up to float rounding of a non-power-of-ten grid), or None."""
-    if not points:
-        return None
-    lo, hi = min(points), max(points)
-    return hi if hi - lo <= 1e-12 * max(abs(lo), abs(hi)) else None
-
-
-def _order_statistics(q: float, n: int) -> tuple[int, int]:
-    """The (0-based) order statistics that pandas' linear quantile q of n values interpolates."""
-    h = (n - 1) * q
-    lo = math.floor(h)
-    return lo, (min(lo + 1, n - 1) if h > lo else lo)
-
-
-def _between(a: float, b: float, f: float) -> float:
-    """The point a fraction f of the way from a to b (no overflow even from -max to max)."""
-    return a * (1 - f) + b * f if f < 1 else b
-
-
-def _frac(q: float, n: int) -> float:
-    h = (n - 1) * q
-    return h - math.floor(h)
-
-
-def _allocate(need: dict[_K, float], total: int) -> dict[_K, int]:
-    """Split ``total`` points so that every cell reaches its needed shrink factor in as few rounds
-    as possible: the fewest r with sum(need ** (1/r) - 1) <= total, then spare points to the
-    neediest."""
-    if not need:
-        return {}
-    r = 1
-    while True:
-        points = {i: max(1, math.ceil(f ** (1 / r) - 1 - 1e-9)) for i, f in need.items()}
-        if sum(points.values()) <= total:
-            break
-        r += 1
-    spare = total - sum(points.values())
-    order = sorted(need, key=lambda i: -need[i])
-    for j in range(spare):
-        points[order[j % len(order)]] += 1
-    return points
-
-
-def _outward(start: float, step: float, p: int) -> list[float]:
-    """p thresholds beyond ``start`` at ``step / 4, step, 4 step, ...`` (clipped to finite floats)."""
-    return [max(-_MAX, min(_MAX, start + step * 4.0 ** (j - 1))) for j in range(p)]
