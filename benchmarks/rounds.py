@@ -210,7 +210,7 @@ class TimedFedAvg(FedAvg):
         super().add(node_id, params, n_samples, aux_vars)
 
     def add_streamed(self, node_id: str, layout: Mapping[str, tuple[tuple[int, ...], np.dtype]], n_samples: int,
-                     chunks: Iterable[tuple[str, int, np.ndarray]]) -> None:
+                     chunks: Iterable[tuple[str, int, np.ndarray]], *, lock: Any = None) -> None:
         """A reply pulled in chunks (large models): it is all here when its last chunk is."""
 
         def timed() -> Iterator[tuple[str, int, np.ndarray]]:
@@ -218,7 +218,7 @@ class TimedFedAvg(FedAvg):
                 self.last_reply = time.perf_counter()
                 yield chunk
 
-        super().add_streamed(node_id, layout, n_samples, timed())
+        super().add_streamed(node_id, layout, n_samples, timed(), lock=lock)
 
 
 @dataclass

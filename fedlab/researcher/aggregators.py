@@ -34,8 +34,10 @@ in ``robust_aggregation``; both register their names in ``AGGREGATORS`` (docs/ag
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
+import threading
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -137,7 +139,7 @@ class _RunningSums:
         self.written: set[str] = set()
         self._slots: dict[str, list[_Slot]] = {}
         self._current: dict[str, _Slot] = {}
-        self._scratch: dict[np.dtype, np.ndarray] = {}
+        self._scratch: dict[tuple[np.dtype, int], np.ndarray] = {}  # by dtype and thread (pulls fold in two)
 
     def reset(self, like: Mapping[str, np.ndarray]) -> None:
         buffers, self._current = {}, {}
@@ -172,10 +174,23 @@ class _RunningSums:
         self.buffers, self.written, self._slots, self._current, self._scratch = {}, set(), {}, {}, {}
 
     def scratch(self, dtype: np.dtype) -> np.ndarray:
-        block = self._scratch.get(dtype)
+        key = (dtype, threading.get_ident())
+        block = self._scratch.get(key)
         if block is None:
-            block = self._scratch[dtype] = np.empty(_BLOCK, dtype)
+            block = self._scratch[key] = np.empty(_BLOCK, dtype)
         return block
+
+    def zero(self) -> None:
+        """Every sum to zero, so that any number of replies can be added into them in any order (pulls
+        fold chunks of two nodes at once): a sum's mapping is handed back to the system, whose pages
+        read as zeros (no pass over the memory), a small one is filled."""
+        for name, buffer in self.buffers.items():
+            slot = self._current.get(name)
+            if slot is not None and isinstance(slot.memory, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+                slot.memory.madvise(mmap.MADV_DONTNEED)
+            else:
+                buffer.fill(0)
+        self.written = set(self.buffers)
 
     def refusal(self, name: str, value: np.ndarray | np.dtype) -> str | None:
         """Why ``value`` (an array, or its dtype) cannot be added to ``name``'s sum (a complex array into
@@ -297,10 +312,10 @@ class Aggregator:
         self._sums.release()
 
     def _check(self, node_id: str, params: Mapping[str, np.ndarray]) -> None:
-        self._check_layout(node_id, {name: (np.shape(value), np.asarray(value).dtype)
+        self.check_layout(node_id, {name: (np.shape(value), np.asarray(value).dtype)
                                      for name, value in params.items()})
 
-    def _check_layout(self, node_id: str, layout: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    def check_layout(self, node_id: str, layout: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
         """That a reply's names, shapes and dtypes (``{name: (shape, dtype)}``) fit the global model."""
         missing = sorted(set(self._global) - set(layout))
         extra = sorted(set(layout) - set(self._global))
@@ -343,20 +358,22 @@ class Aggregator:
             and not self.needs_node_updates
 
     def add_streamed(self, node_id: str, layout: Mapping[str, tuple[tuple[int, ...], np.dtype]], n_samples: int,
-                     chunks: Iterable[tuple[str, int, np.ndarray]]) -> None:
+                     chunks: Iterable[tuple[str, int, np.ndarray]], *, lock: Any = None) -> None:
         """Fold one node's reply that arrives in chunks: ``layout`` is ``{name: (shape, dtype)}`` as the
         reply announced it, ``chunks`` yields ``(name, first_element, flat_values)`` covering every element
         once. The sums are written only by these chunks, so at most one chunk is held at a time.
 
         If ``chunks`` raises, the exception goes through; when other nodes were already added, the
         sums hold part of this node's update too and the round must be folded again without it
-        (``begin_round``, then the others): ``fedlab.researcher.held_fetch.fold_held`` does that."""
+        (``begin_round``, then the others): ``fedlab.researcher.held_fetch.PulledRound`` does that.
+        Several nodes may be folded at once from several threads once the sums are zeroed
+        (``zero_sums``), each chunk under a lock of its place, and ``lock`` around the bookkeeping."""
         self._require_open("add")
         if not self.streams:
             raise FedlabTrainingError(f"{type(self).__name__} needs whole replies; it cannot fold them in chunks")
         if n_samples <= 0:
             return
-        self._check_layout(node_id, layout)
+        self.check_layout(node_id, layout)
         weight = float(n_samples)
         first = {name: name not in self._sums.written for name in layout}
         filled = dict.fromkeys(layout, 0)
@@ -368,9 +385,15 @@ class Aggregator:
         short = [name for name, (shape, _) in layout.items() if filled[name] != math.prod(shape)]
         if short:
             raise FedlabTrainingError(f"node {node_id}'s reply did not cover every element of {short}")
-        self._sums.written.update(layout)
-        self._weight += weight
-        self.added.append(node_id)
+        with lock if lock is not None else contextlib.nullcontext():
+            self._sums.written.update(layout)
+            self._weight += weight
+            self.added.append(node_id)
+
+    def zero_sums(self) -> None:
+        """Start this round's sums at zero (right after ``begin_round``), for replies folded concurrently."""
+        self._require_open("zero_sums")
+        self._sums.zero()
 
     def add_secure(self, sums: Any, node_ids: list[str]) -> None:
         """Fold a secure aggregation's unmasked sum (``fedlab.secagg.train_vector.TrainingSums``) of

@@ -248,7 +248,8 @@ class Experiment:
 
         if self.secagg:
             run_secure_round(self, round_)
-        elif aggregator.streams:  # large replies stay on their nodes and are pulled one node at a time
+        elif aggregator.streams and sum(np.asarray(v).nbytes for v in self._params.values()) >= \
+                held_fetch.HOLD_MIN_BYTES:  # large replies stay on their nodes and are pulled, two nodes at a time
             pulled = PulledRound(aggregator, self.researcher.requests, self._params)
             results: dict[str, Any] = {}
             try:

@@ -4,12 +4,12 @@ A node asked with ``TrainRequest.hold_min_bytes`` keeps a large result and answe
 (``TrainReply.held``). ``ResultPuller.chunks`` then asks for it a chunk at a time, with a few
 chunks in flight so the wire stays busy, and yields each chunk as a flat read-only array that the
 aggregator adds into its running sums (``Aggregator.add_streamed``) before the next one is taken.
-The experiment pulls one node at a time, so the researcher holds the global model, the sums and a
+The experiment pulls two nodes at a time, so the researcher holds the global model, the sums and a
 few chunks, whatever the number of nodes: replies that finish together wait on their nodes.
 
 A node that dies, times out or answers wrongly while it is being pulled ends as a ``ResultLost``
 (named in the round's history, like a node that died mid-round). The sums then hold part of its
-update; ``fold_held`` starts the round's sums again and pulls the nodes already added once more
+update; ``PulledRound`` starts the round's sums again and pulls the nodes already added once more
 (they still hold their results), so the global model never includes part of a node.
 """
 
@@ -17,25 +17,30 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedlab.errors import FedlabError
 from fedlab.protocol.arrays import ALLOWED_DTYPES
+from fedlab.researcher.memory_tuning import tune_for_large_buffers
 from fedlab.researcher.policies import DiscardOnTimeout
 from fedlab.researcher.requests import FederatedRequest, MessagesByNode, Requests
 from fedlab.training.held_messages import ResultChunk, ResultFetchRequest, ResultReleaseReply, ResultReleaseRequest
 from fedlab.training.messages import TrainReply
 
-__all__ = ["CHUNK_BYTES", "HOLD_MIN_BYTES", "WINDOW", "HeldResult", "ResultLost", "ResultPuller", "fold_held"]
+__all__ = ["CHUNK_BYTES", "HOLD_MIN_BYTES", "PULLS", "WINDOW", "HeldResult", "PulledRound", "ResultLost",
+           "ResultPuller"]
 
 log = logging.getLogger("fedlab.researcher")
 HOLD_MIN_BYTES = 16 << 20  # replies from this size up are held by the node and pulled
 CHUNK_BYTES = 8 << 20  # bytes per chunk asked for
-WINDOW = 4  # chunks in flight from the node being pulled
+WINDOW = 4  # chunks in flight from each node being pulled
+PULLS = 2  # nodes pulled at once (each connection is decrypted, or copied, on its own thread)
 FETCH_TIMEOUT = 60.0  # seconds one chunk may take
 RELEASE_TIMEOUT = 5.0
 
@@ -144,93 +149,111 @@ class ResultPuller:
                              envelope.msg_type)
 
 
-def fold_held(aggregator: object, puller: ResultPuller, held: HeldResult, added: list[HeldResult],
-              global_params: Mapping[str, np.ndarray], lost: Callable[[ResultLost], None]) -> None:
-    """Pull ``held`` into ``aggregator`` (``add_streamed``); ``added`` lists the held results already in
-    its sums this round, and gets ``held`` once it is in.
-
-    When a pull fails after other nodes were added, the sums are started again (``begin_round`` with
-    ``global_params``) and the nodes of ``added`` pulled once more; one that fails then is dropped and
-    reported to ``lost``. The failure of ``held`` itself is raised (``ResultLost``)."""
-    from fedlab.researcher.aggregators import Aggregator
-
-    assert isinstance(aggregator, Aggregator)
-    folded = 0
-
-    def counted() -> Iterator[tuple[str, int, np.ndarray]]:
-        nonlocal folded
-        for chunk in puller.chunks(held):
-            yield chunk
-            folded += 1  # the aggregator took it before asking for the next
-
-    try:
-        aggregator.add_streamed(held.node_id, held.layout(), held.reply.n_samples, counted())
-    except FedlabError:
-        if added and folded:  # part of this node is in sums that others are in too
-            _refold(aggregator, puller, added, global_params, lost)
-        raise
-    added.append(held)
-
-
-def _refold(aggregator: object, puller: ResultPuller, added: list[HeldResult],
-            global_params: Mapping[str, np.ndarray], lost: Callable[[ResultLost], None]) -> None:
-    from fedlab.researcher.aggregators import Aggregator
-
-    assert isinstance(aggregator, Aggregator)
-    while True:
-        log.warning("folding this round's updates again without the lost one (%d nodes)", len(added))
-        aggregator.begin_round(global_params)
-        for index, other in enumerate(added):
-            try:
-                aggregator.add_streamed(other.node_id, other.layout(), other.reply.n_samples, puller.chunks(other))
-            except FedlabError as exc:
-                lost(exc if isinstance(exc, ResultLost) else ResultLost(other.node_id, "unexpected_reply", str(exc)))
-                del added[index]
-                break
-        else:
-            return
-
-
 class PulledRound:
     """One round's folding when nodes hold large results: ``fold`` is the job's ``on_reply``, ``finish``
-    releases what the nodes hold and names the nodes lost while being pulled in the round's results.
+    waits for the pulls, releases what the nodes hold and names the nodes lost while being pulled.
 
-    A whole reply (a node of an older fedlab, or one below ``HOLD_MIN_BYTES``) is added as it comes; it
-    cannot be pulled again, so if the sums must be started again after a loss, such a node is named as
-    left out of the round rather than folded in part."""
+    Up to ``PULLS`` nodes are pulled at once, each on its own thread: the sums start at zero and
+    each chunk is added under the lock of its place (the same for every node), so nodes that are
+    decrypted or copied in parallel never add into the same elements at once. A whole reply (a node
+    of an older fedlab, or one below ``HOLD_MIN_BYTES``) is added the same way, and cannot be pulled
+    again: if the sums must start again after a loss, such a node is named as left out of the round
+    rather than folded in part."""
 
-    def __init__(self, aggregator: object, requests: Requests, global_params: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, aggregator: object, requests: Requests, global_params: Mapping[str, np.ndarray],
+                 puller: ResultPuller | None = None, pulls: int | None = None) -> None:
         from fedlab.researcher.aggregators import Aggregator
 
         assert isinstance(aggregator, Aggregator)
         self.aggregator = aggregator
-        self.puller = ResultPuller(requests, chunk_bytes=CHUNK_BYTES, window=WINDOW)  # read now: tests set them
+        # read now, not at import: tests lower them
+        self.puller = puller or ResultPuller(requests, chunk_bytes=CHUNK_BYTES, window=WINDOW)
         self.global_params = global_params
-        self.added: list[HeldResult] = []
-        self.seen: list[HeldResult] = []
+        self.added: list[HeldResult] = []  # pulled whole into the sums
+        self.seen: list[HeldResult] = []  # every held result, to release
         self.lost: dict[str, ResultLost] = {}
         self.whole: list[str] = []
+        self._dirty = False  # a lost node had chunks in the sums
+        self._book = threading.Lock()
+        self._places: dict[tuple[str, int], threading.Lock] = {}
+        self._pool = ThreadPoolExecutor(max_workers=pulls or PULLS, thread_name_prefix="fedlab-pull")
+        self._futures: list[Future[None]] = []
+        self.aggregator.zero_sums()
+        tune_for_large_buffers()  # freed chunks go back to the system, not into per-thread arenas
 
     def fold(self, result: object) -> None:
         from fedlab.researcher.training_jobs import TrainResult
 
         assert isinstance(result, TrainResult)
-        if result.held is None:
-            self.aggregator.add(result.node_id, result.params, result.reply.n_samples, result.aux_vars)
-            self.whole.append(result.node_id)
+        node_id, n_samples = result.node_id, result.reply.n_samples
+        if result.held is None:  # a whole reply: its arrays, chunked like a pull, added now
+            params = {k: np.asarray(v) for k, v in result.params.items()}
+            layout = {name: (value.shape, value.dtype) for name, value in params.items()}
+            chunks = self._locked(_whole_chunks(params))
+            try:
+                self.aggregator.add_streamed(node_id, layout, n_samples, chunks, lock=self._book)
+            finally:
+                chunks.close()
+            self.whole.append(node_id)
             return
-        self.seen.append(result.held)
-        fold_held(self.aggregator, self.puller, result.held, self.added, self.global_params,
-                  lambda exc: self.lost.__setitem__(exc.node_id, exc))
+        held = result.held
+        self.aggregator.check_layout(node_id, held.layout())  # a wrong reply is refused now, as a whole one
+        with self._book:
+            self.seen.append(held)
+        self._futures.append(self._pool.submit(self._pull, held))
+
+    def _pull(self, held: HeldResult) -> None:
+        folded = 0
+
+        def counted() -> Iterator[tuple[str, int, np.ndarray]]:
+            nonlocal folded
+            for chunk in self.puller.chunks(held):
+                yield chunk
+                folded += 1  # the aggregator took it before asking for the next
+
+        chunks = self._locked(counted())
+        try:
+            self.aggregator.add_streamed(held.node_id, held.layout(), held.reply.n_samples, chunks, lock=self._book)
+        except FedlabError as exc:
+            lost = exc if isinstance(exc, ResultLost) else ResultLost(held.node_id, "unexpected_reply", str(exc))
+            with self._book:
+                self.lost[held.node_id] = lost
+                self._dirty = self._dirty or folded > 0
+            return
+        finally:
+            chunks.close()  # now, not when the exception is collected: its place's lock is let go
+        with self._book:
+            self.added.append(held)
+
+    def _locked(self, chunks: Iterator[tuple[str, int, np.ndarray]]) -> Generator[tuple[str, int, np.ndarray]]:
+        """``chunks``, each held under the lock of its place while the aggregator adds it."""
+        for name, start, values in chunks:
+            with self._book:
+                place = self._places.setdefault((name, start), threading.Lock())
+            with place:
+                yield name, start, values
 
     def finish(self, results: dict[str, object]) -> None:
-        """Release the held results; mark in ``results`` (node id -> ``NodeRound``) the nodes dropped."""
+        """Wait for the pulls; fold again without the lost nodes if part of one is in the sums; release the
+        held results; mark in ``results`` (node id -> ``NodeRound``) the nodes left out."""
         from fedlab.researcher.training_jobs import NodeRound
 
         try:
-            self.puller.release(self.seen)
-        except FedlabError as failure:  # the nodes forget them at the next round anyway
-            log.warning("could not release the nodes' held results: %s", failure)
+            self._wait()
+            while self._dirty:  # part of a lost node is in the sums: start them again with the others
+                log.warning("folding this round's updates again without %s (%d nodes)", sorted(self.lost),
+                            len(self.added))
+                again, self.added, self._dirty = self.added, [], False
+                self.aggregator.begin_round(self.global_params)
+                self.aggregator.zero_sums()
+                self._futures = [self._pool.submit(self._pull, held) for held in again]
+                self._wait()
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                self.puller.release(self.seen)
+            except FedlabError as failure:  # the nodes forget them at the next round anyway
+                log.warning("could not release the nodes' held results: %s", failure)
         for node_id, lost in self.lost.items():
             log.warning("node %s left out of the round: %s", node_id, lost)
             results[node_id] = NodeRound(node_id, "missing", reason=f"{lost.reason}: {lost.detail}")
@@ -239,3 +262,17 @@ class PulledRound:
                 results[node_id] = NodeRound(
                     node_id, "missing", reason="refolded: another node's update was lost while it was being "
                                                "received, and this node's whole reply could not be folded again")
+
+    def _wait(self) -> None:
+        futures, self._futures = self._futures, []
+        for future in futures:
+            future.result()  # each chunk's wait has its deadline (FETCH_TIMEOUT); a bug is raised here
+
+
+def _whole_chunks(params: Mapping[str, np.ndarray]) -> Iterator[tuple[str, int, np.ndarray]]:
+    """A whole reply's arrays in the places a pull of ``CHUNK_BYTES`` would give them."""
+    for name, value in params.items():
+        flat = value.reshape(-1)
+        step = max(1, CHUNK_BYTES // max(1, value.dtype.itemsize))
+        for start in range(0, flat.size, step):
+            yield name, start, flat[start:start + step]

@@ -9,9 +9,10 @@ from fedlab.errors import FedlabProtocolError, FedlabTrainingError
 from fedlab.node.held_results import HeldResults
 from fedlab.protocol import make_envelope
 from fedlab.researcher.aggregators import FedAvg, FedProx, Scaffold
-from fedlab.researcher.held_fetch import HeldResult, ResultLost, ResultPuller, fold_held
+from fedlab.researcher.held_fetch import HeldResult, PulledRound, ResultLost, ResultPuller
 from fedlab.researcher.robust_aggregation import Median
 from fedlab.researcher.server_optimizers import FedAdam
+from fedlab.researcher.training_jobs import TrainResult
 from fedlab.training.held_messages import ResultFetchRequest, ResultReleaseRequest
 from fedlab.training.messages import TrainReply
 from fedlab.training.tensors import pack_named
@@ -123,7 +124,7 @@ class FakePuller(ResultPuller):
     """Chunks from in-memory replies; ``broken`` nodes break off after their first chunk."""
 
     def __init__(self, data: dict[str, dict[str, np.ndarray]], broken: set[str]) -> None:
-        self.data, self.broken, self.pulls = data, broken, []
+        self.data, self.broken, self.pulls, self.released = data, broken, [], []
 
     def chunks(self, held):
         self.pulls.append(held.node_id)
@@ -132,45 +133,76 @@ class FakePuller(ResultPuller):
                 raise ResultLost(held.node_id, "disconnected", "the node went offline")
             yield chunk
 
+    def release(self, helds):
+        self.released += [h.node_id for h in helds]
 
-def held(node_id: str, params: dict[str, np.ndarray], n: int) -> HeldResult:
+
+def held_reply(node_id: str, params: dict[str, np.ndarray], n: int) -> TrainResult:
     specs, _ = pack_named(params)
-    return HeldResult(node_id, f"req-{node_id}", TrainReply(experiment_id="e", round=1, dataset_id="d",
-                                                            params=specs, n_samples=n, held=True))
+    reply = TrainReply(experiment_id="e", round=1, dataset_id="d", params=specs, n_samples=n, held=True)
+    return TrainResult(node_id, {}, {}, reply, 0.0, held=HeldResult(node_id, f"req-{node_id}", reply))
+
+
+def fedavg_of(data, nodes, start):
+    expected = FedAvg()
+    expected.begin_round(start)
+    for i in nodes:
+        expected.add(f"n{i}", *data[i])
+    return expected.end_round(len(nodes))
+
+
+def pulled_round(data, broken, pulls=2):
+    start = {k: np.zeros_like(v) for k, v in data[0][0].items()}
+    puller = FakePuller({f"n{i}": p for i, (p, _) in enumerate(data)}, broken=broken)
+    aggregator = FedAvg()
+    aggregator.begin_round(start)
+    return start, puller, aggregator, PulledRound(aggregator, None, start, puller=puller, pulls=pulls)
+
+
+@pytest.mark.parametrize("pulls", [1, 2])
+def test_pulled_nodes_sum_to_fedavg_of_whole_replies(pulls):
+    data = replies(3)
+    start, puller, aggregator, round_ = pulled_round(data, set(), pulls)
+    for i, (params, n) in enumerate(data):
+        round_.fold(held_reply(f"n{i}", params, n))
+    results: dict = {}
+    round_.finish(results)
+    assert not results and sorted(puller.released) == ["n0", "n1", "n2", "n3"]
+    want, got = fedavg_of(data, range(4), start), aggregator.end_round(4)
+    for name, value in want.items():  # the same float64 additions, maybe in another order
+        np.testing.assert_allclose(got[name], value, rtol=1e-6)
 
 
 def test_a_node_lost_mid_pull_is_left_out_and_the_others_are_folded_again():
     data = replies(1)
-    start = {k: np.zeros_like(v) for k, v in data[0][0].items()}
-    puller = FakePuller({f"n{i}": p for i, (p, _) in enumerate(data)}, broken={"n2"})
-    aggregator, added, lost = FedAvg(), [], []
-    aggregator.begin_round(start)
+    start, puller, aggregator, round_ = pulled_round(data, {"n2"}, pulls=1)
     for i, (params, n) in enumerate(data):
-        try:
-            fold_held(aggregator, puller, held(f"n{i}", params, n), added, start, lost.append)
-        except ResultLost as exc:
-            assert exc.node_id == "n2" and i == 2
-    assert [h.node_id for h in added] == ["n0", "n1", "n3"] and not lost
-    assert puller.pulls == ["n0", "n1", "n2", "n0", "n1", "n3"]  # n0 and n1 again, into fresh sums
-    expected = FedAvg()
-    expected.begin_round(start)
-    for i in (0, 1, 3):
-        expected.add(f"n{i}", *data[i])
-    want, got = expected.end_round(3), aggregator.end_round(3)
+        round_.fold(held_reply(f"n{i}", params, n))
+    results: dict = {}
+    round_.finish(results)
+    assert set(results) == {"n2"} and results["n2"].status == "missing" and "disconnected" in results["n2"].reason
+    assert sorted(aggregator.added) == ["n0", "n1", "n3"]
+    assert puller.pulls[:4] == ["n0", "n1", "n2", "n3"] and sorted(puller.pulls[4:]) == ["n0", "n1", "n3"]
+    want, got = fedavg_of(data, (0, 1, 3), start), aggregator.end_round(3)
     for name, value in want.items():
-        np.testing.assert_array_equal(got[name], value)
+        np.testing.assert_allclose(got[name], value, rtol=1e-6)
 
 
-def test_a_node_lost_while_the_others_are_folded_again_is_reported():
+def test_a_node_lost_while_the_others_are_folded_again_is_reported_and_a_whole_reply_named():
     data = replies(2)
-    start = {k: np.zeros_like(v) for k, v in data[0][0].items()}
-    puller = FakePuller({f"n{i}": p for i, (p, _) in enumerate(data)}, broken=set())
-    aggregator, added, lost = FedAvg(), [], []
-    aggregator.begin_round(start)
-    for i in (0, 1):
-        fold_held(aggregator, puller, held(f"n{i}", *data[i]), added, start, lost.append)
+    start, puller, aggregator, round_ = pulled_round(data, {"n2"}, pulls=1)
+    round_.fold(held_reply("n0", *data[0]))
+    round_.fold(held_reply("n1", *data[1]))
+    whole = TrainResult("n3", data[3][0], {}, TrainReply(experiment_id="e", round=1, dataset_id="d", params=[],
+                                                         n_samples=data[3][1]), 0.0)
+    round_.fold(whole)  # an older node's whole reply: it cannot be pulled again
+    round_._wait()
     puller.broken = {"n1", "n2"}  # n2 breaks off; when the sums start again, n1 has gone too
-    with pytest.raises(ResultLost):
-        fold_held(aggregator, puller, held("n2", *data[2]), added, start, lost.append)
-    assert [h.node_id for h in added] == ["n0"] and [e.node_id for e in lost] == ["n1"]
+    round_.fold(held_reply("n2", *data[2]))
+    results: dict = {}
+    round_.finish(results)
+    assert sorted(results) == ["n1", "n2", "n3"] and "refolded" in results["n3"].reason
     assert aggregator.added == ["n0"]
+    want, got = fedavg_of(data, (0,), start), aggregator.end_round(1)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-6)
