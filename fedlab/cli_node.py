@@ -34,6 +34,7 @@ def _registry(directory: str) -> DatasetRegistry:
 
     return DatasetRegistry(load_config(directory).db_path)
 
+
 def _allowlist_line(config: NodeConfig) -> str:
     from fedlab.transport.keys import load_keypair
 
@@ -104,6 +105,7 @@ def _cmd_dataset_add(args: argparse.Namespace) -> int:
     )
     return 0
 
+
 def _cmd_dataset_list(args: argparse.Namespace) -> int:
     records = _registry(args.dir).list()
     if not records:
@@ -131,6 +133,8 @@ def _cmd_dataset_remove(args: argparse.Namespace) -> int:
         f"removed dataset {record.name!r} ({record.dataset_id}); its files at {record.path} were not touched"
     )
     return 0
+
+
 def _cmd_node_start(args: argparse.Namespace) -> int:
     from fedlab.node.config import validate_researcher_address
     from fedlab.node.runtime import run_node
@@ -215,6 +219,7 @@ def _cmd_node_privacy(args: argparse.Namespace) -> int:
         print(f"{exhausted} budget{'s are' if exhausted != 1 else ' is'} spent: the node refuses further DP "
               "requests there")
     return 0
+
 
 def add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     node = sub.add_parser("node", help="set up and run a node that holds datasets")

@@ -25,6 +25,7 @@ def _approvals(directory: str) -> tuple[ApprovalRegistry, bool]:
     config = load_config(directory)
     return ApprovalRegistry(config.db_path), config.require_approval
 
+
 def _cmd_plan_list(args: argparse.Namespace) -> int:
     approvals, required = _approvals(args.dir)
     records = approvals.list()
@@ -78,6 +79,7 @@ def _cmd_plan_approve(args: argparse.Namespace) -> int:
 def _cmd_plan_reject(args: argparse.Namespace) -> int:
     approvals, _ = _approvals(args.dir)
     return _decided(approvals.reject(args.plan_id, note=args.note), "rejected")
+
 
 def add_plan_commands(node_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     plan = node_sub.add_parser("plan", help="review, approve and reject the training plans sent to the node")

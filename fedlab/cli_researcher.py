@@ -27,6 +27,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     print(f"     FEDLAB_KEY={shlex.quote(str(secret))} and FEDLAB_ALLOWLIST=allowlist.txt for notebooks")
     return 0
 
+
 def _cmd_researcher_start(args: argparse.Namespace) -> int:
     from fedlab.node.config import validate_researcher_address
 

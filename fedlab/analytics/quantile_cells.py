@@ -152,6 +152,7 @@ def order_statistics(q: float, n: int) -> tuple[int, int]:
     lo = math.floor(h)
     return lo, (min(lo + 1, n - 1) if h > lo else lo)
 
+
 def fraction(q: float, n: int) -> float:
     h = (n - 1) * q
     return h - math.floor(h)
