@@ -24,7 +24,8 @@ from types import ModuleType
 __all__ = ["BLOCKED", "NodeApiGuard", "install"]
 
 # fedlab packages that belong to the node, the researcher or the command line, never to a plan.
-BLOCKED = ("fedlab.node", "fedlab.cli", "fedlab.researcher", "fedlab.transport", "fedlab.notebook", "fedlab.demo")
+BLOCKED = ("fedlab.node", "fedlab.cli", "fedlab.cli_node", "fedlab.cli_plans", "fedlab.cli_researcher",
+           "fedlab.cli_format", "fedlab.researcher", "fedlab.transport", "fedlab.notebook", "fedlab.demo")
 
 
 def _blocked(name: str) -> str | None:
