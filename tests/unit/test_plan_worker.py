@@ -133,8 +133,8 @@ import_guard.install()  # once
 assert sum(isinstance(f, import_guard.NodeApiGuard) for f in sys.meta_path) == 1
 assert not [m for m in sys.modules if m.startswith("fedlab.node")]
 import fedlab
-for name in ("fedlab.node.config", "fedlab.node.registry", "fedlab.cli", "fedlab.cli_node", "fedlab.cli_researcher", "fedlab.researcher",
-             "fedlab.transport.zmq_node", "fedlab.notebook"):
+for name in ("fedlab.node.config", "fedlab.node.registry", "fedlab.cli", "fedlab.cli_node",
+             "fedlab.cli_researcher", "fedlab.researcher", "fedlab.transport.zmq_node", "fedlab.notebook"):
     try:
         importlib.import_module(name)
     except ImportError as exc:
