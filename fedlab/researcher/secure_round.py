@@ -112,7 +112,8 @@ def run_secure_round(exp: Experiment, round_: int) -> None:
         exp._record(round_, "training", results)
         exp._raise_if_none_ok(results, f"round {round_}")
     try:
-        total = secure.unmask(job.masked_sum, job.masked_nodes) if job.masked_sum is not None else None
+        why = {n: f"{r.status}: {r.reason}" for n, r in results.items() if n not in job.masked_nodes}
+        total = secure.unmask(job.masked_sum, job.masked_nodes, why) if job.masked_sum is not None else None
     except FedlabSecaggError as exc:
         for node_id in job.masked_nodes:  # their figures were masked and stay so: nothing of this round counts
             results[node_id] = NodeRound(node_id, "error", reason=f"secure aggregation: {exc}")

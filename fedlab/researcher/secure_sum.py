@@ -95,9 +95,14 @@ class SecureSum:
         return SecaggInput(session_id=self.session_id, blobs=self.server.blobs_for(node_id), **encoding)
 
     # -- step 4 ------------------------------------------------------------------------------
-    def unmask(self, masked_sum: np.ndarray, survivors: Sequence[str]) -> np.ndarray:
-        """The sum of the survivors' vectors, from the sum of their masked vectors (uint64)."""
+    def unmask(self, masked_sum: np.ndarray, survivors: Sequence[str], why: Mapping[str, str] | None = None
+               ) -> np.ndarray:
+        """The sum of the survivors' vectors, from the sum of their masked vectors (uint64); ``why`` says,
+        for nodes whose masked vector did not come, what happened to them (for the error below t)."""
         survivors = [n for n in self.ready if n in set(survivors)]
+        for node_id in self.ready:
+            if node_id not in survivors:
+                self._leave(node_id, f"masked input step: {(why or {}).get(node_id, 'no masked vector came')}")
         self._need(survivors, "the masked input step")
         dropped = [n for n in self.ready if n not in set(survivors)]
         replies = self._ask({n: SecaggUnmaskRequest(session_id=self.session_id, survivors=survivors, dropped=dropped)

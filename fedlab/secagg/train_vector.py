@@ -80,9 +80,11 @@ def vector_length(fields: list[SecaggField]) -> int:
 
 
 def bound(fields: list[SecaggField], n_nodes: int) -> float:
-    """The largest absolute error of the weighted sum ``sum_k (n_k / W) x_k`` of any value (times
-    ``W / sum(n_k)`` for the weighted mean): ``n_nodes * 2**-(frac_bits + 1)`` of the coarsest field."""
-    return max((n_nodes * math.ldexp(1.0, -(f.frac_bits + 1)) for f in fields), default=0.0)
+    """The largest absolute error of the sum of a float value over the nodes (``sum_k (n_k / W) x_k``
+    for a parameter: times ``W / sum(n_k)`` for the weighted mean): ``n_nodes * 2**-(frac_bits + 1)``
+    of the coarsest float field. Integer buffers (clip 2**40, 62 - ceil(log2 n) - 40 fraction bits) are
+    left out: their mean is rounded to an integer anyway."""
+    return max((n_nodes * math.ldexp(1.0, -(f.frac_bits + 1)) for f in fields if f.clip != INT_CLIP), default=0.0)
 
 
 def encode(fields: list[SecaggField], params: Mapping[str, np.ndarray],

@@ -83,8 +83,9 @@ def pooled(n: int) -> pd.DataFrame:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("aggregator", ["fedavg", "scaffold"])
-def test_secure_training_ends_where_plain_training_does(address, nodes, aggregator):
+@pytest.mark.parametrize(("aggregator", "arguments"), [("fedavg", {}), ("scaffold", {}),
+                                                       ("fedavg", {"ring_bits": 32, "clip": 4.0})])
+def test_secure_training_ends_where_plain_training_does(address, nodes, aggregator, arguments):
     nodes(3)
     options = {"model_args": MODEL_ARGS, "training_args": ARGS, "rounds": 3, "round_timeout": 120,
                "aggregator": aggregator, "disconnect_grace": 10.0}
@@ -92,14 +93,20 @@ def test_secure_training_ends_where_plain_training_does(address, nodes, aggregat
         researcher.wait_for_nodes(3, timeout=60)
         plain = Experiment(researcher, list(TAGS), SlowLogReg, **options)
         plain.run()
-        secure = Experiment(researcher, list(TAGS), SlowLogReg, secagg=True, **options)
+        secure = Experiment(researcher, list(TAGS), SlowLogReg, secagg=True, secagg_arguments=arguments, **options)
         history = secure.run()
     assert (history["status"] == "ok").all(), history
     assert history["n_samples"].isna().all()  # hidden: only their sum is known
     assert [sorted(r["survivors"]) for r in secure.secagg_rounds] == [sorted(secure.node_ids)] * 3
-    assert secure.secagg_rounds[0]["n_samples"] == sum(len(f) for f in cancer_sites(3))
+    sizes = [len(f) for f in cancer_sites(3)]
+    assert secure.secagg_rounds[0]["n_samples"] == sum(sizes)
+    for record in secure.secagg_rounds:
+        assert record["clipped"] == 0 and record["ring_bits"] == arguments.get("ring_bits", 64)
+        # the stated bound of a round's weighted mean (train_vector.bound * W / sum n): 64-bit words ~1e-14,
+        # 32-bit lanes with clip 4 at 3 nodes 3 * 2**-27 * W / sum n ~ 1e-8; the tolerance below is far above both
+        assert record["bound"] * max(sizes) / sum(sizes) < 1e-7
     for name, value in plain.params.items():
-        # the fixed-point bound (train_vector: n * 2**-48 * W / sum n) is ~1e-14; float32 rounding dominates
+        # float32 rounding of the nodes' training dominates the 64-bit bound; 32-bit lanes add theirs
         np.testing.assert_allclose(secure.params[name], value, rtol=1e-6, atol=1e-6)
     assert not np.array_equal(plain.history["train_loss"].to_numpy()[:3], np.zeros(3))
 

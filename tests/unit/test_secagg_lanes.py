@@ -124,7 +124,8 @@ def test_a_32_bit_layout_takes_half_the_words_except_for_integers() -> None:
     assert [(f.name, f.lanes, f.frac_bits) for f in narrow] == [("w", 2, 30 - 2 - 3), ("b", 2, 25), ("steps", 1, 20)]
     assert train_vector.vector_length(wide) == 15 + 3 + 1 + train_vector.TAIL
     assert train_vector.vector_length(narrow) == 8 + 2 + 1 + train_vector.TAIL
-    assert train_vector.bound(narrow, 3) == 3 * 2.0**-21  # the integer field's 20 bits are the coarsest
+    assert train_vector.bound(narrow, 3) == 3 * 2.0**-26  # float fields only (the integer one has 20 bits)
+    assert train_vector.bound(wide, 3) == 3 * 2.0**-58
     with pytest.raises(FedlabSecaggError, match="64 or 32"):
         train_vector.layout(g, {}, 3, ring_bits=16)
 
