@@ -142,11 +142,12 @@ def tree_rss(pid: int) -> int:
     return total + shmem
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by these processes and everything below them."""
+def cpu_seconds(pids: list[int], *, below: bool = True) -> float:
+    """User + system CPU seconds used so far by these processes and (``below``) everything below them.
+    The researcher's is counted with ``below=False``: the nodes this benchmark starts are its children."""
     total = 0
     for pid in pids:
-        for p in _descendants(pid):
+        for p in _descendants(pid) if below else [pid]:
             try:
                 with open(f"/proc/{p}/stat", encoding="ascii") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
@@ -299,7 +300,7 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, mode: str = "plain
             hwm = reset_high_water_mark()
             sampler.start()
             times, tails = [], []
-            cpu_before = (cpu_seconds([os.getpid()]), cpu_seconds([p.pid for p in procs]))
+            cpu_before = (cpu_seconds([os.getpid()], below=False), cpu_seconds([p.pid for p in procs]))
             try:
                 for _ in range(rounds):
                     t0 = time.perf_counter()
@@ -309,7 +310,7 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, mode: str = "plain
                     tails.append(t1 - aggregator.last_reply)
             finally:
                 sampler.stop()
-            cpu = ((cpu_seconds([os.getpid()]) - cpu_before[0]) / rounds,
+            cpu = ((cpu_seconds([os.getpid()], below=False) - cpu_before[0]) / rounds,
                    (cpu_seconds([p.pid for p in procs]) - cpu_before[1]) / rounds)
             researcher_peak = max(sampler.researcher_peak, _status("self").get("VmHWM", 0) if hwm else 0)
             history = exp.history
