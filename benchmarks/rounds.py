@@ -31,9 +31,10 @@ Columns:
   node        the largest node's peak RSS, the node process plus its training worker child,
               minus its RSS after the warm-up round (the worker, with torch, starts there).
               Sampled every ~20 ms; the node/worker shared-memory file is counted once.
-  cpu ms      CPU time (user + system) per timed round of the researcher process (every thread,
-              the sampler's included) and of all node processes with their training workers: on a
-              machine with fewer cores than busy processes, it is what the round waits for.
+  cpu ms      CPU time (user + system) per timed round of the researcher process alone (every
+              thread, the sampler's included; not the nodes, though they are its children) and of
+              all node processes with their training workers: on a machine with fewer cores than
+              busy processes, their sum over the cores is a floor under the round's time.
   vs plain    with ``--encrypted``: each configuration runs twice more with CurveZMQ keys (nodes
               made with a researcher key, a keyed researcher with an allowlist): ``curve`` with
               the bulk path off (every byte through CURVE), ``bulk`` with it on (messages of 1 MiB
@@ -94,6 +95,7 @@ MODELS = {  # name: (n_in, n_out) -> parameters = n_in * n_out + n_out
     "large": (5000, 5000),  # 25,005,000 parameters, 100 MB
 }
 SAMPLE_S = 0.02
+TREE_S = 1.0  # how often the sampler looks for new processes under a node (its worker)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -131,11 +133,12 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def tree_rss(pid: int) -> int:
-    """RSS of ``pid`` and its descendants; shared memory (the node/worker frames file, mapped by
-    both) is counted once: anonymous and file pages summed, the largest shmem figure added."""
+def tree_rss(pid: int, tree: list[int] | None = None) -> int:
+    """RSS of ``pid`` and its descendants (``tree``, when the caller knows them); shared memory (the
+    node/worker frames file, mapped by both) is counted once: anonymous and file pages summed, the
+    largest shmem figure added."""
     total, shmem = 0, 0
-    for p in _descendants(pid):
+    for p in tree if tree is not None else _descendants(pid):
         s = _status(p)
         total += s.get("RssAnon", 0) + s.get("RssFile", 0)
         shmem = max(shmem, s.get("RssShmem", 0))
@@ -182,14 +185,21 @@ class MemorySampler(threading.Thread):
         self.node_peaks = dict.fromkeys(node_pids, 0)
         self._done = threading.Event()
 
-    def sample(self) -> None:
+    def sample(self, trees: dict[int, list[int]] | None = None) -> None:
         self.researcher_peak = max(self.researcher_peak, own_rss())
         for pid in self.node_pids:
-            self.node_peaks[pid] = max(self.node_peaks[pid], tree_rss(pid))
+            self.node_peaks[pid] = max(self.node_peaks[pid], tree_rss(pid, (trees or {}).get(pid)))
 
     def run(self) -> None:
+        # the process trees are walked once a second, not at every sample: walking every thread's
+        # children list of 8 nodes and their workers each 20 ms took a third of a core and the
+        # researcher's GIL with it, slowing the very rounds it measured (small models at N = 8)
+        trees: dict[int, list[int]] = {}
+        walked = 0.0
         while not self._done.wait(SAMPLE_S):
-            self.sample()
+            if time.monotonic() - walked > TREE_S:
+                trees, walked = {pid: _descendants(pid) for pid in self.node_pids}, time.monotonic()
+            self.sample(trees)
 
     def stop(self) -> None:
         self._done.set()

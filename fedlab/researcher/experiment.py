@@ -239,6 +239,12 @@ class Experiment:
 
     def run_once(self) -> pd.DataFrame:
         """Run one round; return its rows of the history."""
+        round_ = self._run_round()
+        return history_frame([r for r in self._records if r["round"] == round_ and r["kind"] == "training"])
+
+    def _run_round(self) -> int:
+        """Run one round and return its number. ``run`` calls this, not ``run_once``: building the round's
+        DataFrame costs milliseconds of pandas per round, as much as a small model's whole aggregation."""
         round_ = self.round_current + 1
         aggregator = self.aggregator
         aggregator.begin_round(self._params)
@@ -267,7 +273,7 @@ class Experiment:
         log.info("round %d done: %d of %d nodes contributed", round_, len(aggregator.added), len(self.node_ids))
         if self.breakpoint_dir is not None:
             self.save_breakpoint()
-        return history_frame([r for r in self._records if r["round"] == round_ and r["kind"] == "training"])
+        return round_
 
     def validate(self) -> pd.DataFrame:
         """Have every node validate the current global model on its test split (no training)."""
@@ -291,7 +297,7 @@ class Experiment:
             self.rounds = self.round_current + todo
         try:
             for _ in range(max(todo, 0)):
-                self.run_once()
+                self._run_round()
         finally:
             self.aggregator.release()  # the sums it keeps from round to round: not needed between runs
             self._secagg_buffer = None
