@@ -15,9 +15,9 @@ N = 8; researcher peak RSS during rounds <= 3 x the model; an encrypted 100 MB r
 (``bulk``) within 1.5 x the plain round of the same run.
 
 Columns:
-  round ms    min / median / max of the timed rounds, researcher side (``run_once``).
+  round ms    min / median / max of the timed rounds, researcher side (one round of ``run``).
   tail ms     median time from the moment the last reply of a round is handed to the
-              aggregator until ``run_once`` returns: folding it in, the mean, the next global
+              aggregator until the round returns: folding it in, the mean, the next global
               model. Nothing of it overlaps the network.
   compute ms  the median time a node spent in the plan's round (its ``compute_seconds``):
               loading the parameters, one forward and backward pass and one optimizer step. For
@@ -314,7 +314,7 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, mode: str = "plain
             try:
                 for _ in range(rounds):
                     t0 = time.perf_counter()
-                    exp.run_once()
+                    exp._run_round()  # a round as Experiment.run does it (run_once also builds its rows' DataFrame)
                     t1 = time.perf_counter()
                     times.append(t1 - t0)
                     tails.append(t1 - aggregator.last_reply)
