@@ -64,7 +64,9 @@ def test_bad_epsilon_is_refused(epsilon: float) -> None:
 
 def test_sum_noise_is_laplace_with_the_stated_scale() -> None:
     """Kolmogorov-Smirnov against the Laplace law of the stated scale over many releases; the same sample
-    rejects a law 30% wider, so the test has the power to fail."""
+    rejects a law 50% wider, so the test has the power to fail. (The noise is drawn from a secret seed, so
+    both checks are random: each fails by chance about once in 10^4 runs. A law 30% wider, checked at
+    p < 1e-6, was too close to call with 3000 draws: its p-value passed 1e-6 in about one run of ten.)"""
     values = np.array([0.25, -0.5, 1.0, 0.75])
     true = float(np.clip(values, -1, 1).sum())
     query = [mech.sum_query("s", values, -1.0, 1.0)]
@@ -72,7 +74,7 @@ def test_sum_noise_is_laplace_with_the_stated_scale() -> None:
     scale = draws[0].scales["s"]
     noise = np.array([d.values["s"][0] for d in draws]) - true
     assert scipy_stats.kstest(noise, "laplace", args=(0.0, scale)).pvalue > 1e-4
-    assert scipy_stats.kstest(noise, "laplace", args=(0.0, 1.3 * scale)).pvalue < 1e-6
+    assert scipy_stats.kstest(noise, "laplace", args=(0.0, 1.5 * scale)).pvalue < 1e-4
     assert abs(noise.mean()) < 5 * scale * math.sqrt(2 / noise.size)
 
 
