@@ -1,7 +1,8 @@
 """The datasets a node has agreed to share, kept in the node's SQLite database.
 
 The command line adds and removes datasets while a running node answers researchers from the
-same file, so every operation opens its own connection, runs in one transaction and the
+same file, so every operation runs in one transaction (on its thread's connection, kept open
+between operations: :mod:`fedlab.node.db_connections`) and the
 database is in WAL mode with a busy timeout: a reader never sees a half-registered dataset
 and a writer waits for a moment instead of failing. A dataset is inspected before it is
 registered (see :mod:`fedlab.node.inspect_data`), and its path stays on the node: what
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlab.errors import FedlabConfigError, FedlabDatasetError
+from fedlab.node.db_connections import pooled_connection
 from fedlab.node.inspect_data import inspect_csv, inspect_images
 from fedlab.protocol.messages import DatasetInfo
 
@@ -134,20 +136,26 @@ def _translate(exc: sqlite3.Error, db_path: Path) -> Exception:
 
 @contextmanager
 def _connect(db_path: Path, *, create: bool = False) -> Iterator[sqlite3.Connection]:
-    """A fresh connection in autocommit mode (transactions are explicit), translated errors."""
+    """A connection in autocommit mode (transactions are explicit), translated errors: the thread's
+    pooled one (:mod:`fedlab.node.db_connections`), or a fresh one for ``create``."""
     if not create and not db_path.is_file():
         raise FedlabConfigError(
             f"no dataset registry at {db_path}: run "
             "`fedlab node init DIR --name NAME --researcher-key FILE` first (or `--insecure` for a local demo)"
         )
     try:
+        if not create:  # this thread's open connection, if it has one (fedlab.node.db_connections)
+            with pooled_connection(db_path, _BUSY_TIMEOUT_S) as conn:
+                yield conn
+            return
         with closing(sqlite3.connect(db_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)) as conn:
             conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
-            if create:  # WAL is a property of the file: set once, when the database is made
-                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA journal_mode = WAL")  # a property of the file: set once, when it is made
             yield conn
     except sqlite3.Error as exc:
         raise _translate(exc, db_path) from exc
+    except FileNotFoundError as exc:  # removed between the check above and the open
+        raise FedlabConfigError(f"no dataset registry at {db_path} any more ({exc})") from exc
 
 
 def create_tables(db_path: Path, *statements: str) -> None:
