@@ -402,8 +402,15 @@ def _plan_id(source: str) -> str:
     return plan_id(source)
 
 
+_TORCH_FOUND = False  # once found it stays installed for the node's life: no search of sys.path per round
+
+
 def _require_torch(node_name: str) -> None:
-    if importlib.util.find_spec("torch") is None:
+    global _TORCH_FOUND
+    if _TORCH_FOUND:
+        return
+    _TORCH_FOUND = importlib.util.find_spec("torch") is not None
+    if not _TORCH_FOUND:
         raise FedlabConfigError(
             f"node {node_name} cannot train: torch is not installed in its Python environment. Its operator "
             "installs the training extra (`pip install 'fedlab-research[torch]'`) and restarts the node "

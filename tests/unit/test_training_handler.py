@@ -299,6 +299,7 @@ def test_bad_training_args_are_a_plan_error(node: Node) -> None:
 def test_missing_torch_tells_the_operator_how_to_install_it(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     node.approve()
     real = handler_module.importlib.util.find_spec
+    monkeypatch.setattr(handler_module, "_TORCH_FOUND", False)  # an earlier round in this process found it
     monkeypatch.setattr(handler_module.importlib.util, "find_spec",
                         lambda name, *a: None if name == "torch" else real(name, *a))
     error = error_of(node.train())
