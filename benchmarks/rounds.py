@@ -30,7 +30,8 @@ Columns:
               timed rounds) or the sampler's, whichever is higher.
   node        the largest node's peak RSS, the node process plus its training worker child,
               minus its RSS after the warm-up round (the worker, with torch, starts there).
-              Sampled every ~20 ms; the node/worker shared-memory file is counted once.
+              Sampled every ~20 ms (every 250 ms for models under 16 MiB, whose rounds the
+              sampler would slow); the node/worker shared-memory file is counted once.
   cpu ms      CPU time (user + system) per timed round of the researcher process alone (every
               thread, the sampler's included; not the nodes, though they are its children) and of
               all node processes with their training workers: on a machine with fewer cores than
@@ -94,7 +95,9 @@ MODELS = {  # name: (n_in, n_out) -> parameters = n_in * n_out + n_out
     "small": (316, 316),  # 100,172 parameters, 0.4 MB
     "large": (5000, 5000),  # 25,005,000 parameters, 100 MB
 }
-SAMPLE_S = 0.02
+SAMPLE_S = 0.02  # for models of SMALL_MODEL_BYTES and more; smaller ones every SMALL_SAMPLE_S
+SMALL_SAMPLE_S = 0.25  # reading 17 /proc files every 20 ms costs a small model's round a few ms of GIL
+SMALL_MODEL_BYTES = 16 << 20
 TREE_S = 1.0  # how often the sampler looks for new processes under a node (its worker)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -176,11 +179,12 @@ def reset_high_water_mark() -> bool:
 
 
 class MemorySampler(threading.Thread):
-    """Samples this process's RSS and each node's (node + worker) every ``SAMPLE_S``, keeping the peaks."""
+    """Samples this process's RSS and each node's (node + worker) every ``interval`` s, keeping the peaks."""
 
-    def __init__(self, node_pids: list[int]) -> None:
+    def __init__(self, node_pids: list[int], interval: float = SAMPLE_S) -> None:
         super().__init__(name="rss-sampler", daemon=True)
         self.node_pids = node_pids
+        self.interval = interval
         self.researcher_peak = 0
         self.node_peaks = dict.fromkeys(node_pids, 0)
         self._done = threading.Event()
@@ -196,7 +200,7 @@ class MemorySampler(threading.Thread):
         # researcher's GIL with it, slowing the very rounds it measured (small models at N = 8)
         trees: dict[int, list[int]] = {}
         walked = 0.0
-        while not self._done.wait(SAMPLE_S):
+        while not self._done.wait(self.interval):
             if time.monotonic() - walked > TREE_S:
                 trees, walked = {pid: _descendants(pid) for pid in self.node_pids}, time.monotonic()
             self.sample(trees)
@@ -302,7 +306,9 @@ def bench_rounds(root: Path, n: int, model: str, rounds: int, mode: str = "plain
             researcher_base = own_rss()
             exp.run_once()  # warm-up: torch and the plan load on the nodes, their workers start
             exp.round_timeout = 60.0  # a timed round that loses a reply says so within a minute
-            sampler = MemorySampler([p.pid for p in procs])
+            model_bytes = sum(int(np.asarray(p).nbytes) for p in exp.params.values())
+            sampler = MemorySampler([p.pid for p in procs],
+                                    SAMPLE_S if model_bytes >= SMALL_MODEL_BYTES else SMALL_SAMPLE_S)
             sampler.sample()
             node_base = dict(sampler.node_peaks)
             sampler.researcher_peak = 0
