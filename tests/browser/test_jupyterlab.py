@@ -37,7 +37,8 @@ WATCH_BARS_JS = """() => {
             window.fedlabBarWidths.push(Math.round(parseFloat(e.style.width || '0') * 10) / 10); });
     record();
     window.fedlabBarWatch = new MutationObserver(record);
-    window.fedlabBarWatch.observe(document.body, {subtree: true, attributes: true, attributeFilter: ['style', 'class']});
+    window.fedlabBarWatch.observe(document.body,
+                                  {subtree: true, attributes: true, attributeFilter: ['style', 'class']});
 }"""
 WATCHED_WIDTHS_JS = "() => { window.fedlabBarWatch.disconnect(); return window.fedlabBarWidths; }"
 # the labels of the first approval panel only (a notebook may show a second one later)
