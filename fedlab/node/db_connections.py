@@ -55,7 +55,10 @@ _pool = _Pool()
 
 
 def _file_of(db_path: Path) -> tuple[int, int]:
-    st = os.stat(db_path)
+    try:
+        st = os.stat(db_path)
+    except OSError as exc:  # removed since the caller looked: as SQLite itself would say it
+        raise sqlite3.OperationalError(f"unable to open database file ({exc.strerror})") from exc
     return st.st_dev, st.st_ino
 
 

@@ -154,8 +154,6 @@ def _connect(db_path: Path, *, create: bool = False) -> Iterator[sqlite3.Connect
             yield conn
     except sqlite3.Error as exc:
         raise _translate(exc, db_path) from exc
-    except FileNotFoundError as exc:  # removed between the check above and the open
-        raise FedlabConfigError(f"no dataset registry at {db_path} any more ({exc})") from exc
 
 
 def create_tables(db_path: Path, *statements: str) -> None:

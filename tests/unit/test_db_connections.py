@@ -120,3 +120,11 @@ def test_a_thread_keeps_at_most_a_few_connections(tmp_path) -> None:
             pass
     assert open_ones == db_connections.PER_THREAD
     assert _read(paths[0]) == ["0"]  # an evicted one opens again
+
+
+def test_a_file_that_is_gone_is_an_error_sqlite_would_give(tmp_path) -> None:
+    db = _make(tmp_path / "node.db", "a")
+    assert _read(db) == ["a"]
+    db.unlink()
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
+        _read(db)
