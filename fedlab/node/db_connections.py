@@ -19,8 +19,8 @@ relies on still holds:
   transaction is never committed or rolled back by the inner one.
 - *No damage kept.* A block that ends in a SQLite error closes and forgets its connection.
 
-Connections never cross threads (SQLite's default check stays on) or processes (the training
-worker is a separate program, never a fork).
+Connections never cross threads (SQLite's default check stays on) or processes: the training
+worker is a separate program, and a forked child would open its own (the parent's are left alone).
 """
 
 from __future__ import annotations
@@ -49,9 +49,19 @@ class _Entry:
 class _Pool(threading.local):
     def __init__(self) -> None:
         self.entries: OrderedDict[str, _Entry] = OrderedDict()
+        self.pid = os.getpid()
 
 
 _pool = _Pool()
+_inherited: list[_Entry] = []  # a forked child's copies of its parent's connections: never used nor closed
+
+
+def _entries() -> OrderedDict[str, _Entry]:
+    """This thread's entries; in a forked child none of the parent's (SQLite forbids using them there)."""
+    if _pool.pid != os.getpid():
+        _inherited.extend(_pool.entries.values())
+        _pool.entries, _pool.pid = OrderedDict(), os.getpid()
+    return _pool.entries
 
 
 def _file_of(db_path: Path) -> tuple[int, int]:
@@ -69,7 +79,7 @@ def _open(db_path: Path, timeout: float) -> sqlite3.Connection:
 
 
 def _forget(key: str) -> None:
-    entry = _pool.entries.pop(key, None)
+    entry = _entries().pop(key, None)
     if entry is not None:
         entry.conn.close()
 
@@ -80,7 +90,8 @@ def pooled_connection(db_path: Path, timeout: float) -> Iterator[sqlite3.Connect
     opened if it has none for that file or is already using it; sqlite errors propagate."""
     key = os.fspath(db_path)
     file = _file_of(db_path)
-    entry = _pool.entries.get(key)
+    entries = _entries()
+    entry = entries.get(key)
     if entry is not None and not entry.busy and entry.file != file:
         _forget(key)  # the path names another file now
         entry = None
@@ -93,11 +104,11 @@ def pooled_connection(db_path: Path, timeout: float) -> Iterator[sqlite3.Connect
         return
     if entry is None:
         entry = _Entry(_open(db_path, timeout), file)
-        _pool.entries[key] = entry
-        for old in [k for k, e in _pool.entries.items() if not e.busy and k != key][:max(
-                0, len(_pool.entries) - PER_THREAD)]:
+        entries[key] = entry
+        idle = [k for k, e in entries.items() if not e.busy and k != key]  # least recently used first
+        for old in idle[:max(0, len(entries) - PER_THREAD)]:
             _forget(old)
-    _pool.entries.move_to_end(key)
+    entries.move_to_end(key)
     entry.busy = True
     try:
         yield entry.conn
@@ -118,6 +129,7 @@ def pooled_connection(db_path: Path, timeout: float) -> Iterator[sqlite3.Connect
 
 def close_all() -> None:
     """Close this thread's pooled connections (tests; a thread that ends has its closed with it)."""
-    for key in list(_pool.entries):
-        if not _pool.entries[key].busy:
+    entries = _entries()
+    for key in list(entries):
+        if not entries[key].busy:
             _forget(key)

@@ -128,3 +128,26 @@ def test_a_file_that_is_gone_is_an_error_sqlite_would_give(tmp_path) -> None:
     db.unlink()
     with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
         _read(db)
+
+
+def test_a_forked_child_opens_its_own_connection(tmp_path) -> None:
+    import os
+
+    db = _make(tmp_path / "node.db", "a")
+    with pooled_connection(db, 5.0) as parents:
+        pass
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh connection, and the right rows
+        try:
+            with pooled_connection(db, 5.0) as conn:
+                ok = conn is not parents and [r[0] for r in conn.execute("SELECT v FROM t")] == ["a"]
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+    with pooled_connection(db, 5.0) as again:
+        assert again is parents  # the parent's own is untouched
