@@ -151,6 +151,24 @@ def test_operator_approves_and_rejects_with_the_cli_while_the_node_runs(federati
     assert "Traceback" not in unknown.stderr
 
 
+def test_a_dataset_removed_with_the_cli_while_the_node_runs_is_refused_at_once(federation):
+    """The node's threads keep node.db open between requests (fedlab.node.db_connections): the removal
+    by another process must still be seen by the very next request, and by every one after it."""
+    researcher, node = federation
+    approve_in_process(node, PLAN)
+    request = train_request(node)
+    for _ in range(3):  # the training thread's connection is opened, then reused
+        assert isinstance(ask(researcher, node, request), TrainReply)
+    removed = fedlab_cli("node", "dataset", "remove", node.directory, request.dataset_id)
+    assert removed.returncode == 0, removed.stderr
+    for round_ in range(3):
+        refused = ask(researcher, node, TrainRequest(**{**{f: getattr(request, f) for f in request.__struct_fields__},
+                                                       "round": round_}))
+        assert isinstance(refused, ErrorReply), refused
+        assert refused.code == "dataset_error" and f"no dataset named {request.dataset_id!r}" in refused.message, \
+            refused
+
+
 def test_plan_error_comes_back_with_the_plans_message_and_the_node_keeps_serving(federation):
     researcher, node = federation
     approve_in_process(node, FAILING_PLAN)
